@@ -1,0 +1,3 @@
+from ecgfm_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Reading raw ECG files and reading/writing ecgfm's artifacts (Parquet, Arrow IPC, NPZ)."""

@@ -1,0 +1,75 @@
+"""The in-memory form of one raw ECG record, as every reader returns it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class RejectedRecord(Exception):
+    """A file (or a record inside it) that cannot be read as an ECG.
+
+    ``reason`` is a short stable code (see ``REASONS``); ``detail`` is one line for humans.
+    """
+
+    def __init__(self, reason: str, detail: str, path: str = "", record_id: str | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.path = path
+        self.record_id = record_id
+
+
+#: Reason codes written to the rejects table (stage ingest or segment).
+REASONS = {
+    "unreadable": "the file is corrupt, truncated or not in the format its extension claims",
+    "not_ecg": "the file is not an ECG record of a known layout",
+    "missing_data": "a header names a signal file that does not exist",
+    "size_mismatch": "the signal file holds fewer samples than the header declares",
+    "bad_sample_rate": "the sampling rate is missing, zero, negative or absurd (> 20 kHz or < 50 Hz)",
+    "duplicate_lead": "two signals carry the same (canonical) lead name",
+    "unknown_lead": "no signal has a recognisable lead name (use --lead-map)",
+    "duplicate_record_id": "another record in this run already has this record_id",
+    "empty": "the record has no samples",
+    "nan_lead": "a lead contains NaN and --nan drop was chosen",
+    "too_short": "shorter than one window after resampling (use --pad to keep it)",
+}
+
+
+@dataclass
+class RawRecord:
+    """One ECG record as read from disk, before any preprocessing.
+
+    signal: (n_leads, n_samples) float32 in physical units (usually mV); NaN marks missing
+        samples (WFDB's invalid-sample value).
+    digital / gain / baseline: when the source stores integers, the lossless ADC values
+        (n_leads, n_samples) int32 with physical = (digital - baseline) / gain.
+    leads: names as stored in the file (not canonicalised).
+    """
+
+    record_id: str
+    source_path: str
+    source_format: str
+    sample_rate: float
+    leads: list[str]
+    signal: np.ndarray
+    units: list[str] | None = None
+    digital: np.ndarray | None = None
+    gain: list[float] | None = None
+    baseline: list[int] | None = None
+    patient_id: str | None = None
+    study_id: str | None = None
+    age: float | None = None
+    sex: str | None = None  # "M", "F" or None
+    dx_codes: list[str] = field(default_factory=list)
+    comments: dict[str, str] = field(default_factory=dict)
+    base_datetime: str | None = None
+
+    @property
+    def n_leads(self) -> int:
+        return int(self.signal.shape[0])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.signal.shape[1])

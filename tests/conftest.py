@@ -1,0 +1,25 @@
+"""Shared fixtures: the committed sample data and, when present, ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "sample_data"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """Small real records committed in the repo (see sample_data/ATTRIBUTION.md)."""
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The full read-only corpus beside the clone; tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
