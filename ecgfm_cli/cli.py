@@ -1,0 +1,68 @@
+"""The ``ecgfm`` command: registers one function per subcommand (ecgfm_cli/commands/)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ecgfm_cli.console import UsageError
+
+app = typer.Typer(
+    name="ecgfm",
+    help="ECG foundation models from the command line: ingest -> segment -> pretrain/finetune/embed -> "
+    "probe -> evaluate. Commands pass Parquet/Arrow files; `-` is stdin/stdout.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from ecgfm_cli.commands import ingest, segment
+
+    app.command("ingest", no_args_is_help=True)(ingest.ingest_command)
+    app.command("segment")(segment.segment_command)
+    for name in ("convert", "embed", "pretrain", "finetune", "probe", "evaluate"):
+        try:
+            module = __import__(f"ecgfm_cli.commands.{name}", fromlist=["x"])
+        except ModuleNotFoundError as e:
+            if e.name != f"ecgfm_cli.commands.{name}":
+                raise
+            continue
+        app.command(name, no_args_is_help=True)(getattr(module, f"{name}_command"))
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point: one-line errors with exit status 2 instead of tracebacks."""
+    prog = "ecgfm " + (sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "")
+    try:
+        app(standalone_mode=False)
+    except UsageError as e:
+        print(f"{prog.strip()}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(f"{prog.strip()}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""``ecgfm ingest``: raw ECG files -> records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def ingest_command(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders, searched recursively: WFDB (.hea + .dat/.mat, "
+                                                "incl. MIMIC-IV-ECG and PTB-XL layouts), CPSC-2018 .mat, ECG-FM .mat, "
+                                                "HDF5 (CODE-15%, SPH), CSV/TXT tables (.gz allowed).")],
+    output: Annotated[str | None, typer.Option("-o", "--output", help="DIR (Parquet shards), FILE.parquet, "
+                                               "FILE.arrow, or - for an Arrow stream. Omitted: stream to stdout "
+                                               "when it is a pipe.")] = None,
+    workers: Annotated[int, typer.Option(help="Reader processes.", min=1)] = 1,
+    shard: Annotated[str, typer.Option(help="I/N: read only shard I of N (0-based, stable by file path), "
+                                       "e.g. $SLURM_ARRAY_TASK_ID/64. A rerun skips finished shards.")] = "0/1",
+    fs: Annotated[float | None, typer.Option(help="Sampling rate (Hz) of header-less files (CSV).")] = None,
+    leads: Annotated[str | None, typer.Option(help="Comma-separated lead names of header-less CSV columns "
+                                              "(default: I,II,III,aVR,aVL,aVF,V1-V6).")] = None,
+    gain: Annotated[float | None, typer.Option(help="ADC units per mV of header-less integer CSV values.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="CSV/Parquet with a record_id column: your own label columns, "
+                                                "joined into the labels table.")] = None,
+    rejects: Annotated[Path | None, typer.Option(help="Where to write the rejects table (default: next to the "
+                                                 "output; with a stream output, reasons go to stderr).")] = None,
+    store_digital: Annotated[bool, typer.Option("--store-digital", help="Also keep lossless ADC integers with "
+                                                "gain and baseline where the source has them.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 if any file is rejected.")] = False,
+) -> None:
+    """Find ECG records under PATHS and write one row per record (signal, leads, rate, metadata,
+    per-lead quality flags), a labels table from the headers, and a rejects table."""
+    from ecgfm_cli.console import fail, info
+    from ecgfm_cli.ingest import IngestOptions, parse_shard, report, run_ingest
+    from ecgfm_cli.io.artifacts import resolve_output
+    from ecgfm_cli.io.readers import ReadOptions
+
+    out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "ingest")
+    shard_t = parse_shard(shard)
+    if shard_t[1] > 1 and out.format != "dir":
+        fail("--shard needs -o DIR: each shard writes its own files into the directory")
+    if fs is not None and not (0 < fs <= 20000):
+        fail(f"--fs {fs}: expected a sampling rate in Hz (0 < fs <= 20000)")
+    lead_list = [s.strip() for s in leads.split(",")] if leads else None
+    opts = IngestOptions(read=ReadOptions(fs=fs, leads=lead_list, gain=gain, store_digital=store_digital),
+                         workers=workers, shard=shard_t, strict=strict, labels_csv=labels, rejects_path=rejects)
+    summary = run_ingest(paths, out, opts)
+    if summary.skipped_shard:
+        return
+    info(report(summary, out))
+    if summary.records == 0:
+        fail("no record was read" + (" (every file was rejected; see the rejects table)" if summary.rejected
+                                     else f" under {', '.join(map(str, paths))}: no ECG files found"))
+    if strict and summary.rejected:
+        raise typer.Exit(1)

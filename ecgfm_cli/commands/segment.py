@@ -1,0 +1,67 @@
+"""``ecgfm segment``: records -> 5 s model-input windows (ECG-FM preprocessing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def segment_command(
+    input: Annotated[str, typer.Argument(help="records from `ecgfm ingest`: DIR, FILE.parquet/.arrow, or - "
+                                         "(stdin stream, the default).")] = "-",
+    output: Annotated[str | None, typer.Option("-o", "--output", help="DIR (Parquet shards), FILE.parquet, "
+                                               "FILE.arrow, or - (stream).")] = None,
+    seconds: Annotated[float, typer.Option(help="Window length in seconds.", min=0.1)] = 5.0,
+    sample_rate: Annotated[int, typer.Option("--sample-rate", help="Resample every record to this rate (Hz).",
+                                             min=1)] = 500,
+    stride: Annotated[float | None, typer.Option(help="Seconds between window starts (default: --seconds, "
+                                                 "i.e. non-overlapping, as ECG-FM). Smaller values give "
+                                                 "overlapping inference windows.")] = None,
+    lead_map: Annotated[list[str] | None, typer.Option("--lead-map", help="NAME=LEAD: treat stored lead NAME as "
+                                                       "standard LEAD, e.g. --lead-map ECG=I (repeatable).")] = None,
+    nan: Annotated[str, typer.Option(help="A lead holding NaN: 'zero' (zero it, flag it in lead_present) or "
+                                     "'drop' (reject the record, as ECG-FM's training splits do).")] = "zero",
+    pad: Annotated[bool, typer.Option("--pad", help="Zero-pad records shorter than one window instead of "
+                                      "rejecting them.")] = False,
+    dtype: Annotated[str, typer.Option(help="Sample type of the windows: float32 or float16.")] = "float32",
+    shard: Annotated[str, typer.Option(help="I/N: process only every N-th input file starting at I.")] = "0/1",
+    rejects: Annotated[Path | None, typer.Option(help="Where to write the rejects table (default: next to "
+                                                 "the output).")] = None,
+) -> None:
+    """Reorder leads by name to I..V6 (absent leads zero-filled and flagged), resample linearly to
+    500 Hz, z-score each lead over the whole record, cut non-overlapping 5 s windows."""
+    from ecgfm_cli.console import fail, info
+    from ecgfm_cli.contract import STANDARD_LEADS
+    from ecgfm_cli.ingest import parse_shard
+    from ecgfm_cli.io.artifacts import open_artifact, resolve_output
+    from ecgfm_cli.preprocess import SegmentOptions
+    from ecgfm_cli.segment import report, run_segment
+
+    out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "segment")
+    if nan not in ("zero", "drop"):
+        fail(f"--nan {nan!r}: expected zero or drop")
+    if dtype not in ("float32", "float16"):
+        fail(f"--dtype {dtype!r}: expected float32 or float16")
+    pairs = []
+    for item in lead_map or []:
+        name, sep, lead = item.partition("=")
+        if not sep or not name or lead.strip().upper() not in {x.upper() for x in STANDARD_LEADS}:
+            fail(f"--lead-map {item!r}: expected NAME=LEAD with LEAD one of {', '.join(STANDARD_LEADS)}")
+        pairs.append((name, lead))
+    window = round(seconds * sample_rate)
+    step = round((stride if stride is not None else seconds) * sample_rate)
+    if step < 1:
+        fail(f"--stride {stride}: must be at least one sample")
+    shard_t = parse_shard(shard)
+    reader = open_artifact(input, "records", "segment")
+    opts = SegmentOptions(sample_rate=sample_rate, window=window, stride=step, lead_map=tuple(pairs), nan=nan,
+                          pad=pad)
+    summary = run_segment(reader, out, opts, dtype=dtype, shard=shard_t, rejects_path=rejects)
+    if summary.skipped_shard:
+        return
+    info(report(summary, out))
+    if summary.segments == 0:
+        fail("no segment was written" + (" (every record was rejected; see the rejects table)"
+                                         if summary.rejects else ": the input holds no records"))

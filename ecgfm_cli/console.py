@@ -1,0 +1,34 @@
+"""Talking to the user: one-line errors, summaries and progress bars, all on stderr."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import NoReturn, TypeVar
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A bad input or option: printed as one line, exit status 2, no traceback."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UsageError(message)
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Wrap ``items`` in a tqdm bar on stderr, shown only when stderr is a terminal."""
+    from tqdm import tqdm
+
+    yield from tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr,
+                    disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+
+
+def count_summary(counts: dict[str, int]) -> str:
+    """``{"unreadable": 2, "too_short": 1}`` -> ``"unreadable 2, too_short 1"`` (largest first)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -1,0 +1,214 @@
+"""`ecgfm ingest`: find raw ECG files, read them, write a ``records`` artifact (+ labels, rejects)."""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import pyarrow as pa
+
+from ecgfm_cli.console import count_summary, fail, info, progress
+from ecgfm_cli.io.artifacts import (
+    ArtifactWriter,
+    Output,
+    done_marker,
+    shard_tag,
+    sidecar_path,
+    write_done_marker,
+    write_table,
+)
+from ecgfm_cli.io.readers import ReadOptions, Source, discover, read_source
+from ecgfm_cli.io.record import RawRecord, RejectedRecord
+from ecgfm_cli.io.schema import LABELS, REJECTS, RECORDS, records_to_batch
+
+
+@dataclass
+class IngestOptions:
+    read: ReadOptions = field(default_factory=ReadOptions)
+    workers: int = 1
+    shard: tuple[int, int] = (0, 1)
+    strict: bool = False
+    labels_csv: Path | None = None
+    rejects_path: Path | None = None
+    batch_records: int = 64
+
+
+@dataclass
+class IngestSummary:
+    files: int = 0
+    records: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    skipped_shard: bool = False
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects.values())
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"3/8"`` -> (3, 8); shards are numbered from 0 (a SLURM array index works as is)."""
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        fail(f"--shard {text!r}: expected I/N, e.g. 0/8 (shards are numbered 0..N-1)")
+    if not (n >= 1 and 0 <= i < n):
+        fail(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def in_shard(src: Source, shard: tuple[int, int]) -> bool:
+    """Stable assignment of a source file to a shard, by a hash of its path below its root
+    (adding files elsewhere does not move existing ones between shards)."""
+    i, n = shard
+    if n == 1:
+        return True
+    try:
+        rel = src.path.relative_to(src.root).as_posix()
+    except ValueError:
+        rel = src.path.name
+    return zlib.crc32(rel.encode()) % n == i
+
+
+def _read_all(args: tuple[Source, ReadOptions]) -> list[RawRecord | RejectedRecord]:
+    src, opts = args
+    try:
+        return list(read_source(src, opts))
+    except Exception as e:  # a reader bug must not kill a million-record run: reject and go on
+        return [RejectedRecord("unreadable", f"{type(e).__name__}: {e}", str(src.path))]
+
+
+def _results(sources: list[Source], opts: IngestOptions) -> Iterator[list[RawRecord | RejectedRecord]]:
+    work = [(s, opts.read) for s in sources]
+    if opts.workers <= 1:
+        yield from map(_read_all, work)
+        return
+    with get_context("spawn").Pool(opts.workers) as pool:
+        yield from pool.imap(_read_all, work, chunksize=4)
+
+
+def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> IngestSummary:
+    """Read every record under ``paths`` into ``output``; see docs/commands/ingest.md."""
+    for p in paths:
+        if not p.exists():
+            fail(f"ingest: {p} does not exist")
+    summary = IngestSummary()
+    if output.format == "dir":
+        marker = done_marker(output.path, opts.shard)
+        if marker.exists():
+            info(f"ingest: shard {opts.shard[0]}/{opts.shard[1]} is already complete in {output.path} "
+                 f"({marker.name}); nothing to do")
+            summary.skipped_shard = True
+            return summary
+        for stale in output.path.glob(f"*-{shard_tag(opts.shard)}*.parquet"):
+            stale.unlink()  # parts of an interrupted run of this shard: redo the shard
+    sources = [s for s in discover(list(paths)) if in_shard(s, opts.shard)]
+    summary.files = len(sources)
+    writer = ArtifactWriter(output, "records", RECORDS, shard=opts.shard)
+    rejects: list[dict] = []
+    labels: list[dict] = []
+    seen: set[str] = set()
+    pending: list[RawRecord] = []
+    try:
+        for results in progress(_results(sources, opts), "ingest", total=len(sources), unit="file"):
+            for item in results:
+                if isinstance(item, RejectedRecord):
+                    rejects.append(_reject_row(item))
+                    continue
+                if item.record_id in seen:
+                    rejects.append(_reject_row(RejectedRecord(
+                        "duplicate_record_id", f"record_id {item.record_id!r} was already read from another file",
+                        item.source_path, item.record_id)))
+                    continue
+                seen.add(item.record_id)
+                labels.append({"record_id": item.record_id, "patient_id": item.patient_id, "codes": item.dx_codes})
+                pending.append(item)
+                if len(pending) >= opts.batch_records:
+                    writer.write(records_to_batch(pending))
+                    summary.records += len(pending)
+                    pending = []
+        if pending:
+            writer.write(records_to_batch(pending))
+            summary.records += len(pending)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    summary.rejects = Counter(r["reason"] for r in rejects)
+    _write_sidecars(output, opts, labels, rejects)
+    if output.format == "dir":
+        write_done_marker(output.path, opts.shard, {
+            "kind": "records", "shard": list(opts.shard), "files": summary.files, "records": summary.records,
+            "rejects": dict(summary.rejects), "parts": [f.name for f in writer.files]})
+    return summary
+
+
+def _reject_row(r: RejectedRecord) -> dict:
+    return {"stage": "ingest", "source_path": r.path, "record_id": r.record_id, "reason": r.reason,
+            "detail": r.detail}
+
+
+def _write_sidecars(output: Output, opts: IngestOptions, labels: list[dict], rejects: list[dict]) -> None:
+    label_table = pa.Table.from_pylist(labels, schema=LABELS)
+    if opts.labels_csv is not None:
+        label_table = join_user_labels(label_table, opts.labels_csv)
+    rej_table = pa.Table.from_pylist(rejects, schema=REJECTS)
+    labels_path = sidecar_path(output, "labels", opts.shard)
+    rejects_path = opts.rejects_path or sidecar_path(output, "rejects", opts.shard)
+    if labels_path is not None:
+        write_table(label_table, labels_path, "labels")
+    if rejects_path is not None:
+        write_table(rej_table, rejects_path, "rejects")
+    elif rejects:
+        for r in rejects[:20]:
+            info(f"ingest: skipped {r['source_path']}: {r['reason']}: {r['detail']}")
+        if len(rejects) > 20:
+            info(f"ingest: ... and {len(rejects) - 20} more (pass --rejects FILE.parquet to keep them all)")
+
+
+def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
+    """Left-join the user's label columns (a CSV/Parquet keyed by ``record_id``) onto ``table``."""
+    user = read_user_table(csv_path)
+    if "record_id" not in user.column_names:
+        fail(f"--labels {csv_path}: no record_id column (columns: {', '.join(user.column_names[:10])})")
+    user = user.cast(pa.schema([f.with_type(pa.string()) if f.name == "record_id" else f for f in user.schema]))
+    clash = [c for c in user.column_names if c in ("patient_id", "codes")]
+    if clash:
+        user = user.rename_columns([f"user_{c}" if c in clash else c for c in user.column_names])
+    known = set(table.column("record_id").to_pylist())
+    unmatched = sum(1 for r in user.column("record_id").to_pylist() if r not in known)
+    if unmatched:
+        info(f"ingest: --labels {csv_path}: {unmatched} of {user.num_rows} rows name a record_id that was not "
+             f"ingested (kept out of the labels table)")
+    return table.join(user, "record_id", join_type="left outer").sort_by("record_id")
+
+
+def read_user_table(path: Path) -> pa.Table:
+    """A user's CSV (gzip allowed) or Parquet table."""
+    if not path.exists():
+        fail(f"{path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path)
+    import pyarrow.csv as pacsv
+
+    try:
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={"record_id": pa.string(), "patient_id": pa.string()}))
+    except pa.ArrowInvalid as e:
+        fail(f"{path}: not a readable CSV table ({e})")
+
+
+def report(summary: IngestSummary, output: Output) -> str:
+    where = "stdout" if output.format == "stream" else str(output.path)
+    line = f"ingest: {summary.records} records from {summary.files} files -> {where}"
+    if summary.rejected:
+        line += f"; {summary.rejected} skipped ({count_summary(summary.rejects)})"
+        rej = sidecar_path(output, "rejects")
+        if rej is not None:
+            line += f", see {rej.parent / ('rejects-*.parquet' if output.format == 'dir' else rej.name)}"
+    return line

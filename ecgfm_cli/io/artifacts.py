@@ -1,0 +1,333 @@
+"""Reading and writing ecgfm artifacts: Parquet shard directories, single files and Arrow IPC streams.
+
+The output path's extension decides the format (see docs/artifacts.md). Every file is written under
+a temporary name in its final directory and renamed when complete, so a reader never accepts a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from ecgfm_cli import __version__
+from ecgfm_cli.console import fail
+
+SCHEMA_VERSION = 1
+KINDS = ("records", "segments", "labels", "rejects", "embeddings", "predictions")
+
+# Parquet compression per column: big float payloads compress poorly and cost time; metadata is tiny.
+_UNCOMPRESSED = {"signal", "digital", "embedding"}
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where and how an artifact is written. ``format`` is one of
+    ``stream`` (Arrow IPC on stdout), ``dir`` (Parquet shards), ``parquet``, ``arrow``, ``npz``."""
+
+    format: str
+    path: Path | None
+
+
+def resolve_output(path: str | None, allowed: tuple[str, ...], command: str) -> Output:
+    """Decide the output format from ``path`` before any work starts; refuse what ``command`` can't write.
+
+    ``None`` means stdout, which must then be a pipe: binary is never written to a terminal.
+    """
+    if path is None or path == "-":
+        if "stream" not in allowed:
+            fail(f"{command} needs -o OUT ({', '.join(_describe(a) for a in allowed)})")
+        if sys.stdout.isatty():
+            fail(f"{command} writes binary Arrow data to stdout, and stdout is a terminal: "
+                 f"pipe it (`ecgfm {command} ... | ecgfm segment -o segments/`) or pass -o DIR")
+        return Output("stream", None)
+    p = Path(path)
+    suffix = p.suffix.lower()
+    fmt = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".npz": "npz"}.get(suffix)
+    if fmt is None:
+        if suffix and not p.is_dir():
+            fail(f"cannot write {path!r}: unknown extension {suffix!r}; {command} writes "
+                 + ", ".join(_describe(a) for a in allowed))
+        fmt = "dir"
+    if fmt not in allowed:
+        fail(f"cannot write {path!r}: {command} does not write {_describe(fmt)}; it writes "
+             + ", ".join(_describe(a) for a in allowed))
+    parent = p if fmt == "dir" else p.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        fail(f"cannot write {path!r}: {probe} is not writable")
+    if probe.is_file():
+        fail(f"cannot write {path!r}: {probe} is a file, not a directory")
+    return Output(fmt, p)
+
+
+def _describe(fmt: str) -> str:
+    return {"stream": "an Arrow stream to a pipe (-o omitted or -)", "dir": "a directory of Parquet shards",
+            "parquet": "a .parquet file", "arrow": "an .arrow/.feather file", "npz": "an .npz file"}[fmt]
+
+
+def artifact_metadata(kind: str, extra: dict[str, str] | None = None) -> dict[bytes, bytes]:
+    meta = {"ecgfm.kind": kind, "ecgfm.schema_version": str(SCHEMA_VERSION), "ecgfm.version": __version__}
+    meta.update(extra or {})
+    return {k.encode(): v.encode() for k, v in meta.items()}
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def shard_tag(shard: tuple[int, int]) -> str:
+    i, n = shard
+    return f"s{i:05d}of{n:05d}"
+
+
+def done_marker(directory: Path, shard: tuple[int, int]) -> Path:
+    return directory / f"_done-{shard_tag(shard)}.json"
+
+
+def _compression(schema: pa.Schema) -> dict[str, str]:
+    return {name: ("NONE" if name in _UNCOMPRESSED else "SNAPPY") for name in schema.names}
+
+
+@dataclass
+class ArtifactWriter:
+    """Streams record batches of one artifact kind to an :class:`Output`.
+
+    A ``dir`` output gets ``<kind>-<shard>-pNNNNN.parquet`` parts, a new part after
+    ``part_bytes``; call :meth:`close` to finish (a ``dir`` output's done-marker is written
+    by the caller with :func:`write_done_marker` once every artifact of the shard is closed).
+    """
+
+    output: Output
+    kind: str
+    schema: pa.Schema
+    shard: tuple[int, int] = (0, 1)
+    row_group_rows: int = 256
+    part_bytes: int = 512 << 20
+    rows: int = 0
+    files: list[Path] = field(default_factory=list)
+    _writer: object = None
+    _tmp: Path | None = None
+    _final: Path | None = None
+    _part: int = 0
+    _part_bytes_written: int = 0
+    _sink: object = None
+
+    def __post_init__(self) -> None:
+        self.schema = self.schema.with_metadata({**(self.schema.metadata or {}), **artifact_metadata(self.kind)})
+
+    def _open(self) -> None:
+        fmt = self.output.format
+        if fmt == "stream":
+            self._sink = sys.stdout.buffer
+            self._writer = ipc.new_stream(self._sink, self.schema)
+            return
+        if fmt == "dir":
+            self._final = self.output.path / f"{self.kind}-{shard_tag(self.shard)}-p{self._part:05d}.parquet"
+        else:
+            self._final = self.output.path
+        self._final.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = _tmp_name(self._final)
+        if fmt == "arrow":
+            self._sink = pa.OSFile(str(self._tmp), "wb")
+            self._writer = ipc.new_file(self._sink, self.schema)
+        else:
+            self._writer = pq.ParquetWriter(str(self._tmp), self.schema, compression=_compression(self.schema))
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            self._open()
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        batch = batch.replace_schema_metadata(self.schema.metadata)
+        if isinstance(self._writer, pq.ParquetWriter):
+            self._writer.write_table(batch, row_group_size=self.row_group_rows)
+        else:
+            self._writer.write_table(batch)
+        self.rows += batch.num_rows
+        self._part_bytes_written += batch.nbytes
+        if self.output.format == "dir" and self._part_bytes_written >= self.part_bytes:
+            self._finish_file()
+            self._part += 1
+            self._part_bytes_written = 0
+
+    def _finish_file(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        if self.output.format == "stream":
+            sys.stdout.buffer.flush()
+        else:
+            if self._sink is not None:
+                self._sink.close()
+            os.replace(self._tmp, self._final)
+            self.files.append(self._final)
+        self._writer = self._sink = self._tmp = None
+
+    def close(self, write_empty: bool = True) -> None:
+        """Finish the current file. With ``write_empty``, an artifact with no rows still gets one
+        (empty) file so that readers see its schema."""
+        if self._writer is None and self.rows == 0 and write_empty:
+            self._open()
+        self._finish_file()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._writer is not None:
+                self._writer.close()
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+        self._writer = None
+
+
+def write_done_marker(directory: Path, shard: tuple[int, int], summary: dict) -> None:
+    marker = done_marker(directory, shard)
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def sidecar_path(output: Output, kind: str, shard: tuple[int, int] = (0, 1)) -> Path | None:
+    """Where a companion table (``labels``, ``rejects``) of ``output`` goes: inside a shard
+    directory, or ``NAME.<kind>.parquet`` beside a single file; None for a stream."""
+    if output.format == "stream" or output.path is None:
+        return None
+    if output.format == "dir":
+        return output.path / f"{kind}-{shard_tag(shard)}.parquet"
+    return output.path.with_name(output.path.stem + f".{kind}.parquet")
+
+
+def write_table(table: pa.Table, path: Path, kind: str, extra_meta: dict[str, str] | None = None) -> None:
+    """Write a small table atomically as one Parquet file (or CSV/JSON by extension)."""
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **artifact_metadata(kind, extra_meta)})
+    with atomic_path(path) as tmp:
+        if path.suffix == ".csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, str(tmp))
+        else:
+            pq.write_table(table, str(tmp), compression=_compression(table.schema))
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ArtifactReader:
+    """Reads an artifact from a shard directory, a ``.parquet``/``.arrow`` file or ``-`` (stdin stream)."""
+
+    path: str
+    kind: str | None = None
+    files: list[Path] = field(default_factory=list)
+    schema: pa.Schema | None = None
+    _stream: object = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        raw = (self.schema.metadata or {}) if self.schema is not None else {}
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def num_rows(self) -> int | None:
+        """Row count from Parquet footers (None for streams)."""
+        if self._stream is not None:
+            return None
+        total = 0
+        for f in self.files:
+            if f.suffix == ".parquet":
+                total += pq.ParquetFile(str(f)).metadata.num_rows
+            else:
+                return None
+        return total
+
+    def iter_batches(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            for batch in stream:
+                yield batch.select(columns) if columns else batch
+            return
+        for f in self.files:
+            if f.suffix == ".parquet":
+                pf = pq.ParquetFile(str(f))
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+            else:
+                with pa.memory_map(str(f)) as src:
+                    reader = ipc.open_file(src)
+                    for i in range(reader.num_record_batches):
+                        b = reader.get_batch(i)
+                        yield b.select(columns) if columns else b
+
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        batches = list(self.iter_batches(columns))
+        schema = self.schema if not columns else pa.schema([self.schema.field(c) for c in columns])
+        return pa.Table.from_batches(batches, schema=schema)
+
+
+def open_artifact(path: str | Path, kind: str, command: str = "ecgfm") -> ArtifactReader:
+    """Open an artifact of ``kind`` for reading, with one clear error if it is missing or of another kind."""
+    spath = str(path)
+    if spath == "-":
+        if sys.stdin.isatty():
+            fail(f"{command}: no input: give a path, or pipe `ecgfm ingest ... |` into it")
+        try:
+            stream = ipc.open_stream(sys.stdin.buffer)
+        except pa.ArrowInvalid as e:
+            fail(f"{command}: stdin is not an Arrow stream from ecgfm ({e})")
+        reader = ArtifactReader(spath, kind, schema=stream.schema, _stream=stream)
+    else:
+        p = Path(spath)
+        if p.is_dir():
+            files = sorted(p.glob(f"{kind}-*.parquet"))
+            if not files:
+                others = sorted({f.name.split("-")[0] for f in p.glob("*-*.parquet")})
+                hint = f" (it holds {', '.join(others)} artifacts)" if others else ""
+                fail(f"{command}: {p} holds no {kind} files ({kind}-*.parquet){hint}")
+        elif p.is_file():
+            files = [p]
+        else:
+            fail(f"{command}: {p} does not exist")
+        reader = ArtifactReader(spath, kind, files=files)
+        try:
+            reader.schema = _read_schema(files[0])
+        except (pa.ArrowInvalid, OSError) as e:
+            fail(f"{command}: {files[0]} is not a Parquet or Arrow file ({e})")
+    meta = reader.metadata
+    found = meta.get("ecgfm.kind")
+    if found is not None and found != kind:
+        fail(f"{command}: {spath} holds {found}, not {kind}")
+    version = int(meta.get("ecgfm.schema_version", SCHEMA_VERSION))
+    if version > SCHEMA_VERSION:
+        fail(f"{command}: {spath} has schema version {version}; this ecgfm ({__version__}) reads up to "
+             f"{SCHEMA_VERSION}: upgrade ecgfm")
+    return reader
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    if path.suffix in (".arrow", ".feather"):
+        with pa.memory_map(str(path)) as src:
+            return ipc.open_file(src).schema
+    return pq.read_schema(str(path))

@@ -1,0 +1,151 @@
+"""ECG-FM's preprocessing as pure numpy functions (reference: shared/reference/ecg-fm.md section 3).
+
+raw (n_leads, n) at fs Hz
+  -> reorder_leads: rows in contract order by lead NAME, absent leads zero-filled and flagged
+  -> resample_linear: to 500 Hz, n_new = int(n * 500 / fs), endpoints aligned (interp1d semantics)
+  -> zscore: per lead over the whole record; a constant lead becomes 0
+  -> windows: non-overlapping 2500-sample windows from the start, remainder dropped, not re-normalised
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ecgfm_cli.contract import canonical_lead
+
+
+class PreprocessError(ValueError):
+    """A record that cannot become model input; ``reason`` is a rejects-table code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def reorder_leads(signal: np.ndarray, leads: Sequence[str], order: Sequence[str],
+                  lead_map: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``signal`` (n_leads, n) rearranged into ``order`` by lead name.
+
+    Returns (out (len(order), n) float64, present (len(order),) bool). Absent leads are zero rows
+    with present False; stored leads that are not in ``order`` are ignored. Raises
+    :class:`PreprocessError` when no lead is recognised or two stored leads map to the same name.
+    """
+    out = np.zeros((len(order), signal.shape[1]), dtype=np.float64)
+    present = np.zeros(len(order), dtype=bool)
+    slot = {name: i for i, name in enumerate(order)}
+    seen: dict[str, str] = {}
+    for row, name in enumerate(leads):
+        canon = canonical_lead(name, lead_map)
+        if canon is None or canon not in slot:
+            continue
+        if canon in seen:
+            raise PreprocessError("duplicate_lead", f"leads {seen[canon]!r} and {name!r} are both {canon}")
+        seen[canon] = name
+        out[slot[canon]] = signal[row]
+        present[slot[canon]] = True
+    if not present.any():
+        raise PreprocessError(
+            "unknown_lead",
+            f"no recognisable lead among {list(leads)}; name them with --lead-map, e.g. --lead-map {leads[0]}=I"
+            if len(leads) else "the record has no leads")
+    return out, present
+
+
+def resampled_length(n: int, fs: float, target_fs: float) -> int:
+    """ECG-FM's output length: ``int(n * target_fs / fs)``."""
+    return int(n * target_fs / fs)
+
+
+def resample_linear(signal: np.ndarray, fs: float, target_fs: float) -> np.ndarray:
+    """Linear-interpolation resampling of (n_leads, n) to ``int(n * target_fs / fs)`` samples.
+
+    Same function as ECG-FM's ``interp1d(linspace(0, n_new - 1, n), x)(arange(n_new))``: the
+    first and last input samples land on the first and last output samples.
+    """
+    n = signal.shape[1]
+    n_new = resampled_length(n, fs, target_fs)
+    if n_new == n:
+        return signal
+    if n < 2 or n_new < 2:
+        return signal[:, :max(n_new, 0)] if n_new <= n else np.repeat(signal[:, :1], n_new, axis=1)
+    x_old = np.linspace(0.0, n_new - 1, n)
+    t = np.arange(n_new, dtype=np.float64)
+    hi = np.clip(np.searchsorted(x_old, t, side="left"), 1, n - 1)
+    lo = hi - 1
+    slope = (signal[:, hi] - signal[:, lo]) / (x_old[hi] - x_old[lo])
+    return slope * (t - x_old[lo]) + signal[:, lo]
+
+
+def zscore(signal: np.ndarray) -> np.ndarray:
+    """Each lead of (n_leads, n) minus its mean, divided by its (population) std; constant leads -> 0."""
+    mean = signal.mean(axis=1, keepdims=True)
+    centred = signal - mean
+    std = np.sqrt((centred * centred).mean(axis=1, keepdims=True))
+    safe = np.where(std > 0, std, 1.0)
+    return np.where(std > 0, centred / safe, 0.0)
+
+
+def window_starts(n: int, window: int, stride: int) -> np.ndarray:
+    """Start samples of the full windows of length ``window`` every ``stride`` samples."""
+    if n < window:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(0, n - window + 1, stride, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How records become windows (ECG-FM's defaults)."""
+
+    sample_rate: int = 500
+    window: int = 2500
+    stride: int = 2500
+    leads: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+    lead_map: tuple[tuple[str, str], ...] = ()
+    nan: str = "zero"  # "zero": zero a lead holding NaN and flag it absent; "drop": reject the record
+    pad: bool = False  # zero-pad a record shorter than one window instead of rejecting it
+
+
+@dataclass
+class Segmented:
+    """The windows of one record: ``windows`` (n_windows, n_leads, window) float32, ``starts``
+    (n_windows,) int64, ``present`` (n_leads,) bool, ``padded`` True when zero-padded."""
+
+    windows: np.ndarray
+    starts: np.ndarray
+    present: np.ndarray
+    padded: bool
+    nan_leads: list[str]
+
+
+def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: SegmentOptions) -> Segmented:
+    """Apply ECG-FM's preprocessing to one record (n_leads, n) -> windows; see module docstring."""
+    if not fs or fs <= 0 or not np.isfinite(fs):
+        raise PreprocessError("bad_sample_rate", f"sampling rate {fs!r}")
+    x, present = reorder_leads(np.asarray(signal, dtype=np.float64), leads, opts.leads, dict(opts.lead_map))
+    nan_rows = np.isnan(x).any(axis=1)
+    nan_leads = [opts.leads[i] for i in np.flatnonzero(nan_rows)]
+    if nan_leads:
+        if opts.nan == "drop":
+            raise PreprocessError("nan_lead", f"NaN in lead(s) {', '.join(nan_leads)} (--nan zero keeps the record)")
+        x[nan_rows] = 0.0
+        present &= ~nan_rows
+    x = zscore(resample_linear(x, fs, opts.sample_rate))
+    n = x.shape[1]
+    padded = False
+    if n < opts.window:
+        if not opts.pad:
+            raise PreprocessError(
+                "too_short", f"{n} samples at {opts.sample_rate} Hz < one {opts.window}-sample window (--pad keeps it)")
+        if n == 0:
+            raise PreprocessError("empty", "no samples")
+        x = np.pad(x, ((0, 0), (0, opts.window - n)))
+        padded = True
+        n = opts.window
+    starts = window_starts(n, opts.window, opts.stride)
+    idx = starts[:, None] + np.arange(opts.window)[None, :]
+    windows = x[:, idx].transpose(1, 0, 2).astype(np.float32)
+    return Segmented(windows, starts, present, padded, nan_leads)
