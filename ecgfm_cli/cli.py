@@ -41,7 +41,7 @@ def main() -> None:
     """Entry point: one-line errors with exit status 2 instead of tracebacks."""
     prog = "ecgfm " + (sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
     except UsageError as e:
         print(f"{prog.strip()}: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -62,6 +62,7 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

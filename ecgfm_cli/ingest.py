@@ -23,7 +23,7 @@ from ecgfm_cli.io.artifacts import (
 )
 from ecgfm_cli.io.readers import ReadOptions, Source, discover, read_source
 from ecgfm_cli.io.record import RawRecord, RejectedRecord
-from ecgfm_cli.io.schema import LABELS, REJECTS, RECORDS, records_to_batch
+from ecgfm_cli.io.schema import LABELS, RECORDS, REJECTS, records_to_batch
 
 
 @dataclass
@@ -178,12 +178,17 @@ def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
     clash = [c for c in user.column_names if c in ("patient_id", "codes")]
     if clash:
         user = user.rename_columns([f"user_{c}" if c in clash else c for c in user.column_names])
-    known = set(table.column("record_id").to_pylist())
-    unmatched = sum(1 for r in user.column("record_id").to_pylist() if r not in known)
+    rows = {r["record_id"]: r for r in user.to_pylist()}
+    ids = table.column("record_id").to_pylist()
+    unmatched = len(rows.keys() - set(ids))
     if unmatched:
         info(f"ingest: --labels {csv_path}: {unmatched} of {user.num_rows} rows name a record_id that was not "
              f"ingested (kept out of the labels table)")
-    return table.join(user, "record_id", join_type="left outer").sort_by("record_id")
+    for name in user.column_names:
+        if name != "record_id":
+            values = [rows[i][name] if i in rows else None for i in ids]
+            table = table.append_column(user.schema.field(name), pa.array(values, type=user.schema.field(name).type))
+    return table
 
 
 def read_user_table(path: Path) -> pa.Table:

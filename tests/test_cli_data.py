@@ -1,0 +1,230 @@
+"""`ecgfm ingest` and `ecgfm segment` driven through the CLI, on the committed sample records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from ecgfm_cli.cli import app
+from ecgfm_cli.contract import Contract
+from ecgfm_cli.io.artifacts import open_artifact
+
+runner = CliRunner()
+
+
+def invoke(*args: str, input: bytes | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ecgfm_cli", *map(str, args)], input=stdin,
+                          capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def records_dir(sample_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ingest") / "records"
+    res = invoke("ingest", sample_data, "--fs", "500", "-o", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def table(path: Path, kind: str) -> pa.Table:
+    return open_artifact(path, kind).read_all()
+
+
+def test_ingest_reads_every_sample_source(records_dir):
+    t = table(records_dir, "records")
+    formats = set(t.column("source_format").to_pylist())
+    assert {"wfdb-mat", "wfdb", "csv", "sph-hdf5", "fairseq-mat"} <= formats, formats
+    ids = t.column("record_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 41
+    row = t.filter(pa.compute.equal(t.column("record_id"), "challenge2021/A0003")).to_pylist()[0]
+    assert row["sample_rate"] == 500 and row["n_leads"] == 12 and row["sex"] in ("M", "F")
+    assert "164889003" in row["dx_codes"]  # atrial fibrillation
+    assert len(row["signal"]) == 12 * row["n_samples"] and row["units"][0] == "mV"
+    ptbxl = [i for i in ids if i.startswith("ptbxl/")]
+    assert len(ptbxl) == 6  # 500 Hz and 100 Hz versions stay distinct records
+    labels = table(records_dir, "labels")
+    assert labels.num_rows == 41 and set(labels.column_names) >= {"record_id", "patient_id", "codes"}
+    assert table(records_dir, "rejects").num_rows == 0
+    done = json.loads((records_dir / "_done-s00000of00001.json").read_text())
+    assert done["records"] == 41
+
+
+def test_ingest_values_equal_wfdb(records_dir, sample_data):
+    import wfdb
+
+    t = table(records_dir, "records")
+    for rid in ("challenge2021/JS00001", "ptbxl/records100/00000/00841_lr", "code15_wfdb/1111"):
+        row = t.filter(pa.compute.equal(t.column("record_id"), rid)).to_pylist()[0]
+        ref = wfdb.rdsamp(str(sample_data / rid))[0].T
+        got = np.asarray(row["signal"], dtype=np.float32).reshape(row["n_leads"], row["n_samples"])
+        np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+def test_pipe_ingest_into_segment(sample_data, tmp_path):
+    ing = run_cli("ingest", sample_data / "challenge2021", sample_data / "code15_wfdb")
+    assert ing.returncode == 0, ing.stderr.decode()
+    assert b"22 records" in ing.stderr or b"26 records" in ing.stderr
+    seg = run_cli("segment", "-", "-o", tmp_path / "seg", stdin=ing.stdout)
+    assert seg.returncode == 0, seg.stderr.decode()
+    reader = open_artifact(tmp_path / "seg", "segments")
+    assert Contract.from_json(reader.metadata["ecgfm.contract"]) == Contract()
+    t = reader.read_all()
+    assert t.schema.field("signal").type.list_size == 12 * 2500
+    code15 = t.filter(pa.compute.starts_with(t.column("record_id"), "1111")).to_pylist()
+    assert code15, "400 Hz CODE-15 records are segmented"
+    # 2934 samples at 400 Hz -> 3667 at 500 Hz -> one window; 4096 -> 5120 -> two
+    assert {r["segment_index"] for r in code15} <= {0, 1}
+
+
+def test_segment_matches_ecgfm_reference_through_cli(sample_data, tmp_path):
+    import scipy.io as sio
+
+    out = tmp_path / "seg.parquet"
+    ing = run_cli("ingest", sample_data / "ecgfm_reference" / "org")
+    seg = run_cli("segment", "-o", out, stdin=ing.stdout)
+    assert seg.returncode == 0, seg.stderr.decode()
+    rows = pq.read_table(out).to_pylist()
+    assert [r["segment_index"] for r in rows] == [0, 1]
+    for r in rows:
+        ref = sio.loadmat(sample_data / "ecgfm_reference" / "segmented" / f"code_15_1594286_{r['segment_index']}.mat")
+        got = np.asarray(r["signal"], dtype=np.float32).reshape(12, 2500)
+        assert np.abs(ref["feats"] - got).max() <= 1e-4
+
+
+def test_segment_options_float16_stride_pad_leadmap(records_dir, tmp_path):
+    res = invoke("segment", records_dir, "-o", tmp_path / "s16.parquet", "--dtype", "float16", "--stride", "2.5")
+    assert res.exit_code == 0, res.output
+    t = pq.read_table(tmp_path / "s16.parquet")
+    assert t.schema.field("signal").type.value_type == pa.float16()
+    row = t.filter(pa.compute.equal(t.column("record_id"), "challenge2021/A0002")).to_pylist()
+    assert [r["start_sample"] for r in row] == [0, 1250, 2500]  # 10 s record, 2.5 s stride
+    # cpsc2021 is two-lead: the other ten are zero-filled and flagged
+    cp = t.filter(pa.compute.starts_with(t.column("record_id"), "cpsc2021")).to_pylist()[0]
+    assert cp["lead_present"] == [True, True] + [False] * 10
+
+
+def test_single_lead_csv_needs_lead_map(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savetxt(tmp_path / "holter.csv", rng.standard_normal((3000, 1)), delimiter=",", header="ECG", comments="")
+    rec = tmp_path / "rec.parquet"
+    assert invoke("ingest", tmp_path / "holter.csv", "--fs", "250", "-o", rec).exit_code == 0
+    res = run_cli("segment", rec, "-o", tmp_path / "a.parquet")
+    assert res.returncode == 2 and b"unknown_lead" in res.stderr
+    rejects = pq.read_table(tmp_path / "a.rejects.parquet").to_pylist()
+    assert rejects[0]["reason"] == "unknown_lead" and "--lead-map" in rejects[0]["detail"]
+    res = run_cli("segment", rec, "-o", tmp_path / "b.parquet", "--lead-map", "ECG=I")
+    assert res.returncode == 0, res.stderr.decode()
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    assert len(rows) == 2 and rows[0]["lead_present"] == [True] + [False] * 11
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_run_continues(sample_data, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(sample_data / "challenge2021" / "A0002.hea", src)
+    shutil.copy(sample_data / "challenge2021" / "A0002.mat", src)
+    (src / "broken.hea").write_text("broken 1 500 5000\nbroken.dat 16 1000/mV 16 0 0 0 0 I\n")  # no .dat
+    (src / "short.hea").write_text("short 1 500 5000\nshort.dat 16 1000/mV 16 0 0 0 0 I\n")
+    (src / "short.dat").write_bytes(b"\0" * 100)
+    (src / "zero.hea").write_text("zero 1 0 10\nzero.dat 16 1000/mV 16 0 0 0 0 I\n")
+    (src / "zero.dat").write_bytes(b"\0" * 20)
+    (src / "notes.csv").write_text("hello,world\nfoo,bar\n")
+    out = tmp_path / "rec"
+    res = run_cli("ingest", src, "-o", out)
+    assert res.returncode == 0, res.stderr.decode()
+    assert b"1 records from" in res.stderr and b"4 skipped" in res.stderr
+    reasons = {r["source_path"].rsplit("/", 1)[-1]: r["reason"] for r in table(out, "rejects").to_pylist()}
+    assert reasons == {"broken.hea": "missing_data", "short.hea": "size_mismatch", "zero.hea": "bad_sample_rate",
+                       "notes.csv": "not_ecg"}, reasons
+    strict = run_cli("ingest", src, "-o", tmp_path / "strict", "--strict")
+    assert strict.returncode == 1
+    nothing = run_cli("ingest", src / "notes.csv", "-o", tmp_path / "none")
+    assert nothing.returncode == 2 and b"no record was read" in nothing.stderr
+
+
+def test_output_extension_decides_format_and_is_checked_first(sample_data, tmp_path):
+    res = run_cli("ingest", sample_data / "sph", "-o", tmp_path / "x.csv")
+    assert res.returncode == 2 and b"unknown extension" in res.stderr
+    assert not (tmp_path / "x.csv").exists()
+    res = run_cli("ingest", sample_data / "sph", "-o", tmp_path / "x.npz")
+    assert res.returncode == 2 and b"does not write" in res.stderr
+    res = run_cli("ingest", sample_data / "sph", "-o", tmp_path / "r.arrow")
+    assert res.returncode == 0
+    assert open_artifact(tmp_path / "r.arrow", "records").read_all().num_rows == 2
+    # binary is never written to a terminal: the CLI checks isatty (CliRunner's stdout is not one)
+    wrong = run_cli("segment", tmp_path / "r.arrow", "-o", tmp_path / "seg")
+    assert wrong.returncode == 0
+    again = run_cli("segment", tmp_path / "seg", "-o", tmp_path / "seg2")
+    assert again.returncode == 2 and b"holds no records" in again.stderr
+
+
+def test_shards_partition_and_rerun_skips_finished(sample_data, tmp_path):
+    out = tmp_path / "sharded"
+    for i in range(3):
+        res = invoke("ingest", sample_data, "--fs", "500", "-o", out, "--shard", f"{i}/3")
+        assert res.exit_code == 0, res.output
+    ids = table(out, "records").column("record_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 41
+    part = next(out.glob("records-s00001of00003-*.parquet"))
+    mtime = part.stat().st_mtime_ns
+    res = run_cli("ingest", sample_data, "--fs", "500", "-o", out, "--shard", "1/3")
+    assert res.returncode == 0 and b"already complete" in res.stderr and part.stat().st_mtime_ns == mtime
+    # an interrupted shard (no done marker) is redone from scratch, never appended to
+    (out / "_done-s00002of00003.json").unlink()
+    assert invoke("ingest", sample_data, "--fs", "500", "-o", out, "--shard", "2/3").exit_code == 0
+    assert table(out, "records").num_rows == 41
+
+
+def test_interrupted_writer_leaves_no_readable_file(tmp_path):
+    from ecgfm_cli.io.artifacts import ArtifactWriter, Output
+    from ecgfm_cli.io.schema import REJECTS
+
+    w = ArtifactWriter(Output("dir", tmp_path), "rejects", REJECTS)
+    w.write(pa.Table.from_pylist([{"stage": "x", "source_path": "p", "record_id": None, "reason": "r",
+                                   "detail": "d"}], schema=REJECTS))
+    assert not list(tmp_path.glob("rejects-*.parquet"))  # only a hidden temporary exists mid-write
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
+def test_user_labels_joined(sample_data, tmp_path):
+    (tmp_path / "mine.csv").write_text("record_id,lvef\nSPH00001,55\nSPH00007,30\nnope,1\n")
+    out = tmp_path / "rec"
+    res = run_cli("ingest", sample_data / "sph", "-o", out, "--labels", tmp_path / "mine.csv")
+    assert res.returncode == 0 and b"1 of 3 rows" in res.stderr
+    rows = {r["record_id"]: r["lvef"] for r in table(out, "labels").to_pylist()}
+    assert rows == {"SPH00001": 55, "SPH00007": 30}
+
+
+def test_data_commands_do_not_import_torch(sample_data, tmp_path):
+    script = f"""
+import sys
+from ecgfm_cli.cli import main
+for argv in (['ingest', {str(sample_data / "sph")!r}, '-o', {str(tmp_path / "r")!r}],
+             ['segment', {str(tmp_path / "r")!r}, '-o', {str(tmp_path / "s")!r}]):
+    sys.argv = ['ecgfm', *argv]
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code == 0, e.code
+assert 'torch' not in sys.modules, 'torch imported'
+print('ok')
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "ok", res.stderr
+    helps = subprocess.run([sys.executable, "-c", "import sys; import ecgfm_cli.cli; "
+                            "print(sorted(m for m in ('torch','sklearn','pyarrow','matplotlib') if m in sys.modules))"],
+                           capture_output=True, text=True)
+    assert helps.stdout.strip() == "[]", helps.stdout + helps.stderr
