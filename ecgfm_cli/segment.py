@@ -20,7 +20,7 @@ from ecgfm_cli.io.artifacts import (
     write_done_marker,
     write_table,
 )
-from ecgfm_cli.io.schema import CARRIED, LABELS, REJECTS, iter_records, segments_schema
+from ecgfm_cli.io.schema import LABELS, REJECTS, iter_records, segments_schema
 from ecgfm_cli.preprocess import PreprocessError, SegmentOptions, segment_record
 
 
@@ -40,7 +40,7 @@ def contract_of(opts: SegmentOptions) -> Contract:
 
 
 def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dtype: str = "float32",
-                shard: tuple[int, int] = (0, 1), rejects_path=None) -> SegmentSummary:
+                shard: tuple[int, int] = (0, 1), rejects_path=None, workers: int = 1) -> SegmentSummary:
     """Segment every record of ``reader`` into ``output``; see docs/commands/segment.md."""
     summary = SegmentSummary()
     if output.format == "dir":
@@ -58,34 +58,17 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
     writer = ArtifactWriter(output, "segments", schema, shard=shard, row_group_rows=128)
     rejects: list[dict] = []
     labels: list[dict] = []
-    np_dtype = np.float16 if dtype == "float16" else np.float32
     try:
-        for batch in progress(reader.iter_batches(batch_size=64), "segment", total=None, unit="batch"):
-            rows: list[dict] = []
-            windows: list[np.ndarray] = []
-            for rec in iter_records(batch):
-                summary.records += 1
-                try:
-                    seg = segment_record(rec.signal, rec.leads, rec.sample_rate, opts)
-                except PreprocessError as e:
-                    rejects.append({"stage": "segment", "source_path": rec.row.get("source_path"),
-                                    "record_id": rec.record_id, "reason": e.reason, "detail": e.detail})
-                    continue
-                summary.nan_zeroed += bool(seg.nan_leads)
-                summary.missing_leads += int(not seg.present.all())
-                summary.padded += int(seg.padded)
-                labels.append({"record_id": rec.record_id, "patient_id": rec.patient_id,
-                               "codes": rec.row.get("dx_codes") or []})
-                present = seg.present.tolist()
-                for k, start in enumerate(seg.starts.tolist()):
-                    row = {name: rec.row.get(name) for name in CARRIED}
-                    row.update(segment_index=k, start_sample=start, lead_present=present,
-                               sample_rate_orig=rec.sample_rate, padded=seg.padded)
-                    rows.append(row)
-                windows.append(seg.windows.reshape(len(seg.starts), -1).astype(np_dtype, copy=False))
-            if rows:
-                writer.write(_segment_batch(rows, windows, schema))
-                summary.segments += len(rows)
+        for result in progress(_results(reader, schema, opts, workers), "segment", unit="batch"):
+            if result.batch is not None:
+                writer.write(result.batch)
+            rejects += result.rejects
+            labels += result.labels
+            summary.records += result.records
+            summary.segments += result.batch.num_rows if result.batch is not None else 0
+            summary.nan_zeroed += result.nan_zeroed
+            summary.missing_leads += result.missing_leads
+            summary.padded += result.padded
         writer.close()
     except BaseException:
         writer.abort()
@@ -107,18 +90,95 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
     return summary
 
 
-def _segment_batch(rows: list[dict], windows: list[np.ndarray], schema: pa.Schema) -> pa.RecordBatch:
-    flat = np.concatenate(windows, axis=0)
-    n, size = flat.shape
-    signal_type = schema.field("signal").type
-    signal = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), type=signal_type.value_type), size)
-    arrays = []
-    for f in schema:
-        if f.name == "signal":
-            arrays.append(signal)
-        else:
-            arrays.append(pa.array([r[f.name] for r in rows], type=f.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+@dataclass
+class BatchResult:
+    """What one input batch of records became."""
+
+    batch: pa.RecordBatch | None
+    rejects: list[dict]
+    labels: list[dict]
+    records: int = 0
+    nan_zeroed: int = 0
+    missing_leads: int = 0
+    padded: int = 0
+
+
+def segment_batch(batch: pa.RecordBatch, schema: pa.Schema, opts: SegmentOptions) -> BatchResult:
+    """Segment every record of a ``records`` batch into one ``segments`` batch (pure: no I/O).
+
+    Per-record work is the numpy preprocessing; the carried metadata columns are gathered with one
+    Arrow ``take`` per column, so the cost per segment row stays small.
+    """
+    out = BatchResult(None, [], [])
+    np_dtype = np.float16 if schema.field("signal").type.value_type == pa.float16() else np.float32
+    ids = batch.column("record_id").to_pylist()
+    rec_of_row: list[int] = []
+    seg_index: list[np.ndarray] = []
+    starts: list[np.ndarray] = []
+    present: list[np.ndarray] = []
+    padded: list[bool] = []
+    windows: list[np.ndarray] = []
+    kept: list[int] = []
+    for i, rec in enumerate(iter_records(batch, full_rows=False)):
+        out.records += 1
+        try:
+            seg = segment_record(rec.signal, rec.leads, rec.sample_rate, opts)
+        except PreprocessError as e:
+            out.rejects.append({"stage": "segment", "source_path": batch.column("source_path")[i].as_py(),
+                                "record_id": ids[i], "reason": e.reason, "detail": e.detail})
+            continue
+        kept.append(i)
+        k = len(seg.starts)
+        out.nan_zeroed += bool(seg.nan_leads)
+        out.missing_leads += int(not seg.present.all())
+        out.padded += int(seg.padded)
+        rec_of_row += [i] * k
+        seg_index.append(np.arange(k, dtype=np.int32))
+        starts.append(seg.starts)
+        present.append(np.broadcast_to(seg.present, (k, len(seg.present))))
+        padded += [seg.padded] * k
+        windows.append(seg.windows.reshape(k, -1).astype(np_dtype, copy=False))
+    if kept:
+        kept_idx = pa.array(kept, type=pa.int32())
+        out.labels = pa.table({"record_id": batch.column("record_id").take(kept_idx),
+                               "patient_id": batch.column("patient_id").take(kept_idx),
+                               "codes": batch.column("dx_codes").take(kept_idx)}).to_pylist()
+    if rec_of_row:
+        take = pa.array(rec_of_row, type=pa.int32())
+        flat = np.concatenate(windows, axis=0)
+        signal_type = schema.field("signal").type
+        present_type = schema.field("lead_present").type
+        made = {
+            "signal": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), type=signal_type.value_type),
+                                                        type=signal_type),
+            "segment_index": pa.array(np.concatenate(seg_index)),
+            "start_sample": pa.array(np.concatenate(starts).astype(np.int64)),
+            "lead_present": pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(present).ravel()),
+                                                              type=present_type),
+            "sample_rate_orig": batch.column("sample_rate").take(take),
+            "padded": pa.array(padded, type=pa.bool_()),
+        }
+        arrays = [made[f.name] if f.name in made else batch.column(f.name).take(take).cast(f.type)
+                  for f in schema]
+        out.batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
+    return out
+
+
+def _segment_worker(args: tuple[pa.RecordBatch, pa.Schema, SegmentOptions]) -> BatchResult:
+    return segment_batch(*args)
+
+
+def _results(reader: ArtifactReader, schema: pa.Schema, opts: SegmentOptions, workers: int):
+    batches = reader.iter_batches(batch_size=32)
+    if workers <= 1:
+        for b in batches:
+            yield segment_batch(b, schema, opts)
+        return
+    from multiprocessing import get_context
+
+    with get_context("spawn").Pool(workers) as pool:
+        # imap keeps input order, so the output is the same whatever the worker count
+        yield from pool.imap(_segment_worker, ((b, schema, opts) for b in batches))
 
 
 def report(summary: SegmentSummary, output: Output) -> str:

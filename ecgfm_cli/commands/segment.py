@@ -27,6 +27,8 @@ def segment_command(
                                       "rejecting them.")] = False,
     dtype: Annotated[str, typer.Option(help="Sample type of the windows: float32 or float16.")] = "float32",
     shard: Annotated[str, typer.Option(help="I/N: process only every N-th input file starting at I.")] = "0/1",
+    workers: Annotated[int, typer.Option(help="Worker processes (output order does not depend on it).",
+                                         min=1)] = 1,
     rejects: Annotated[Path | None, typer.Option(help="Where to write the rejects table (default: next to "
                                                  "the output).")] = None,
 ) -> None:
@@ -58,7 +60,7 @@ def segment_command(
     reader = open_artifact(input, "records", "segment")
     opts = SegmentOptions(sample_rate=sample_rate, window=window, stride=step, lead_map=tuple(pairs), nan=nan,
                           pad=pad)
-    summary = run_segment(reader, out, opts, dtype=dtype, shard=shard_t, rejects_path=rejects)
+    summary = run_segment(reader, out, opts, dtype=dtype, shard=shard_t, rejects_path=rejects, workers=workers)
     if summary.skipped_shard:
         return
     info(report(summary, out))

@@ -109,8 +109,12 @@ def done_marker(directory: Path, shard: tuple[int, int]) -> Path:
     return directory / f"_done-{shard_tag(shard)}.json"
 
 
-def _compression(schema: pa.Schema) -> dict[str, str]:
-    return {name: ("NONE" if name in _UNCOMPRESSED else "SNAPPY") for name in schema.names}
+def _parquet_options(schema: pa.Schema) -> dict:
+    """Writer options: big float payloads are stored plain (no compression, dictionary or statistics:
+    they cost time and save nothing on signals); small columns get the usual treatment."""
+    small = [n for n in schema.names if n not in _UNCOMPRESSED]
+    return {"compression": {n: ("NONE" if n in _UNCOMPRESSED else "SNAPPY") for n in schema.names},
+            "use_dictionary": small, "write_statistics": small}
 
 
 @dataclass
@@ -156,7 +160,7 @@ class ArtifactWriter:
             self._sink = pa.OSFile(str(self._tmp), "wb")
             self._writer = ipc.new_file(self._sink, self.schema)
         else:
-            self._writer = pq.ParquetWriter(str(self._tmp), self.schema, compression=_compression(self.schema))
+            self._writer = pq.ParquetWriter(str(self._tmp), self.schema, **_parquet_options(self.schema))
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         if batch.num_rows == 0:
@@ -231,7 +235,7 @@ def write_table(table: pa.Table, path: Path, kind: str, extra_meta: dict[str, st
 
             pacsv.write_csv(table, str(tmp))
         else:
-            pq.write_table(table, str(tmp), compression=_compression(table.schema))
+            pq.write_table(table, str(tmp), **_parquet_options(table.schema))
 
 
 # ----------------------------------------------------------------------------------------------- reading

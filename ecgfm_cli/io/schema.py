@@ -11,6 +11,12 @@ import pyarrow as pa
 
 from ecgfm_cli.io.record import RawRecord
 
+
+def _values(t: pa.DataType) -> pa.Field:
+    # non-nullable items: Parquet then stores no per-value definition levels (2-3x faster to read)
+    return pa.field("item", t, nullable=False)
+
+
 RECORDS = pa.schema([
     ("record_id", pa.string()),
     ("patient_id", pa.string()),
@@ -22,8 +28,8 @@ RECORDS = pa.schema([
     ("n_leads", pa.int32()),
     ("leads", pa.list_(pa.string())),
     ("units", pa.list_(pa.string())),
-    ("signal", pa.list_(pa.float32())),
-    ("digital", pa.list_(pa.int32())),
+    ("signal", pa.list_(_values(pa.float32()))),
+    ("digital", pa.list_(_values(pa.int32()))),
     ("gain", pa.list_(pa.float64())),
     ("baseline", pa.list_(pa.int64())),
     ("age", pa.float32()),
@@ -61,7 +67,7 @@ def segments_schema(n_leads: int, window: int, dtype: str = "float32") -> pa.Sch
     return pa.schema(carried[:3] + [
         ("segment_index", pa.int32()),
         ("start_sample", pa.int64()),
-        ("signal", pa.list_(value, n_leads * window)),
+        pa.field("signal", pa.list_(_values(value), n_leads * window), nullable=False),
         ("lead_present", pa.list_(pa.bool_(), n_leads)),
         ("sample_rate_orig", pa.float64()),
         ("padded", pa.bool_()),
@@ -123,7 +129,11 @@ def records_to_batch(records: Sequence[RawRecord]) -> pa.RecordBatch:
         if f.name == "signal":
             arrays.append(_list_array(signals, pa.float32()))
         elif f.name == "digital":
-            arrays.append(pa.array(cols["digital"], type=f.type))
+            present = [d for d in cols["digital"] if d is not None]
+            if len(present) == len(records) and present:
+                arrays.append(_list_array(present, pa.int32()))
+            else:
+                arrays.append(pa.array(cols["digital"], type=f.type))
         else:
             arrays.append(pa.array(cols[f.name], type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=RECORDS)
@@ -135,7 +145,8 @@ def _list_array(chunks: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(chunks) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate(chunks) if chunks else np.zeros(0, dtype=value_type.to_pandas_dtype())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type),
+                                    type=pa.list_(_values(value_type)))
 
 
 @dataclass
@@ -150,17 +161,20 @@ class RecordView:
     row: dict
 
 
-def iter_records(batch: pa.RecordBatch) -> Iterator[RecordView]:
+def iter_records(batch: pa.RecordBatch, full_rows: bool = True) -> Iterator[RecordView]:
     """Rows of a ``records`` batch; the physical signal comes from ``signal`` or, when stored
-    digitally, from ``(digital - baseline) / gain``."""
+    digitally, from ``(digital - baseline) / gain``. With ``full_rows=False`` the ``row`` dict
+    holds only what preprocessing needs (ids, rate, gain, baseline)."""
     names = batch.schema.names
     n_leads = batch.column("n_leads").to_numpy()
     n_samples = batch.column("n_samples").to_numpy()
     sig_col = batch.column("signal")
     sig_values = sig_col.values.to_numpy(zero_copy_only=False)
     sig_offsets = sig_col.offsets.to_numpy()
-    carried = {name: batch.column(name).to_pylist() for name in names
-               if name not in ("signal", "digital", "leads", "lead_nan", "lead_flat", "lead_clipped")}
+    wanted = (n for n in names if n not in ("signal", "digital", "leads", "lead_nan", "lead_flat", "lead_clipped"))
+    if not full_rows:
+        wanted = (n for n in ("record_id", "patient_id", "sample_rate", "gain", "baseline") if n in names)
+    carried = {name: batch.column(name).to_pylist() for name in wanted}
     leads = batch.column("leads").to_pylist()
     digital = batch.column("digital") if "digital" in names else None
     sig_valid = sig_col.is_valid().to_numpy(zero_copy_only=False)

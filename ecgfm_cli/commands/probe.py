@@ -1,0 +1,92 @@
+"""``ecgfm probe``: linear probes (logistic / ridge regression) on frozen embeddings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _fail(msg: str) -> typer.Exit:
+    typer.echo(f"ecgfm probe: error: {msg}", err=True)
+    return typer.Exit(2)
+
+
+def _grid(text: str, name: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if not vals or any(v <= 0 for v in vals):
+        raise typer.BadParameter(f"{name} must be comma-separated positive numbers, got {text!r}")
+    return vals
+
+
+def probe_command(
+    embeddings: Annotated[Path, typer.Argument(
+        help="Embeddings from `ecgfm embed` (.npz, .parquet or a shard directory).")],
+    labels: Annotated[Path, typer.Option(
+        "--labels", "-l", help="Labels table (CSV/Parquet): record_id + one 0/1 or continuous column per label "
+        "[+ split], or ingest's long table with --label-map.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Predictions file to write (.parquet).")],
+    label_map: Annotated[str | None, typer.Option("--label-map", help="code,label CSV turning the 'codes' column into "
+                                                  "named labels, or a packaged map: challenge2021.")] = None,
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="Embeddings of a random-init encoder (`ecgfm embed --random-init`); probed with the same "
+        "splits.")] = None,
+    baseline_output: Annotated[Path | None, typer.Option(
+        "--baseline-output", help="Where to write the baseline predictions [default: OUTPUT with "
+        ".baseline.parquet].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the patient-grouped split.")] = 0,
+    split_fractions: Annotated[str, typer.Option(help="train,valid,test fractions of the patient-grouped split "
+                                                 "(used when the labels have no split column).")] = "0.8,0.1,0.1",
+    c_grid: Annotated[str, typer.Option(help="Inverse regularisation strengths C tried for logistic regression; "
+                                        "the best valid average precision wins.")] = "1e-4,1e-3,1e-2,0.1,1,10,100",
+    alpha_grid: Annotated[str, typer.Option(help="Ridge alphas tried for continuous targets; the lowest valid MSE "
+                                            "wins.")] = "1e-3,1e-2,0.1,1,10,100,1e3,1e4",
+    max_iter: Annotated[int, typer.Option(help="Iteration limit of each logistic regression fit.")] = 1000,
+) -> None:
+    """Fit a linear probe per label on frozen embeddings (patient-grouped train/valid/test split) and write
+    predictions for every split."""
+    from ecgfm_cli.labels import LabelError, load_labels
+    from ecgfm_cli.probe import ProbeError, baseline_path, probe_files
+    from ecgfm_cli.provenance import build_provenance
+    from ecgfm_cli.splits import parse_fractions
+
+    if output.suffix.lower() != ".parquet":
+        raise _fail(f"-o {output}: predictions are written as one Parquet file; use a name ending in .parquet")
+    if baseline is not None and (baseline_output or baseline_path(output)).resolve() == output.resolve():
+        raise _fail("--baseline-output must differ from -o")
+    try:
+        fractions = parse_fractions(split_fractions)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--split-fractions") from e
+    cs, alphas = _grid(c_grid, "--c-grid"), _grid(alpha_grid, "--alpha-grid")
+    for p, what in ((embeddings, "EMBEDDINGS"), (labels, "--labels"), (baseline, "--baseline")):
+        if p is not None and not p.exists():
+            raise _fail(f"{what} {p}: no such file or directory")
+
+    def log(msg: str) -> None:
+        typer.echo(f"ecgfm probe: {msg}", err=True)
+
+    def bar(total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"probe {desc}", unit="label", disable=not sys.stderr.isatty())
+
+    try:
+        table = load_labels(labels, label_map)
+        lm_input = label_map if label_map and Path(label_map).is_file() else None
+        prov = build_provenance(
+            {"embeddings": embeddings, "labels": labels, "label_map": lm_input, "baseline": baseline},
+            seed=seed,
+            extra={"split_fractions": fractions, "c_grid": cs, "alpha_grid": alphas, "max_iter": max_iter,
+                   "label_map": label_map},
+        )
+        probe_files(embeddings, table, output, prov, baseline=baseline, baseline_out=baseline_output,
+                    fractions=fractions, seed=seed, c_grid=cs, alpha_grid=alphas, max_iter=max_iter, log=log,
+                    progress_factory=bar)
+    except (LabelError, ProbeError) as e:
+        raise _fail(str(e)) from None

@@ -1,0 +1,301 @@
+"""The ECG-FM encoder (wav2vec 2.0 "ECGTransformer") in plain PyTorch, layer for layer as released.
+
+Module names are a contract: ``EcgEncoder().state_dict()`` has exactly the fairseq-signals pretrained
+encoder keys (``feature_extractor.conv_layers.0.0.weight``, ``layer_norm.*``, ``post_extract_proj.*``,
+``conv_pos.pos_conv.0.*``, ``encoder.layer_norm.*``, ``encoder.layers.{i}.self_attn.q_proj.*`` ...), so
+official weights load without renaming (weight-norm namings aside, see ``checkpoint.py``).
+
+The positional conv keeps torch's weight-norm parametrisation (``dim=2``), so its keys are
+``conv_pos.pos_conv.0.parametrizations.weight.original0`` (g, shape (1, 1, K)) and ``...original1``
+(v, shape (D, D/groups, K)) and training it behaves as in fairseq.
+
+Shapes: B batch, C in_channels (leads), L samples, T tokens (L // 16 for ECG-FM), D embed_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ecgfm_cli.model.config import EncoderConfig
+
+
+class GradMultiply(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradient by ``scale`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+class Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 (as fairseq), result cast back to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type_as(x)
+
+
+class Fp32GELU(nn.Module):
+    """Exact (erf) GELU computed in float32, as fairseq's transformer layers do."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x.float()).type_as(x)
+
+
+class ConvFeatureExtractor(nn.Module):
+    """Strided conv stack: (B, C, L) -> (B, conv_dim, T).
+
+    Block i is ``Sequential(Conv1d(no bias), Dropout(0), [GroupNorm(ch, ch) only in block 0], GELU)``;
+    the Dropout(0) placeholder keeps fairseq's key indices (``conv_layers.0.2`` is the GroupNorm).
+    """
+
+    def __init__(self, in_channels: int, conv_layers: tuple[tuple[int, int, int], ...]):
+        super().__init__()
+        blocks = []
+        ch_in = in_channels
+        for i, (ch, kernel, stride) in enumerate(conv_layers):
+            conv = nn.Conv1d(ch_in, ch, kernel, stride=stride, bias=False)
+            nn.init.kaiming_normal_(conv.weight)
+            parts: list[nn.Module] = [conv, nn.Dropout(0.0)]
+            if i == 0:
+                parts.append(Fp32GroupNorm(ch, ch, affine=True))
+            parts.append(nn.GELU())
+            blocks.append(nn.Sequential(*parts))
+            ch_in = ch
+        self.conv_layers = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.conv_layers:
+            x = block(x)
+        return x
+
+
+class SamePad(nn.Module):
+    """Drop the last output frame when the kernel is even, so output length equals input length."""
+
+    def __init__(self, kernel_size: int):
+        super().__init__()
+        self.remove = 1 if kernel_size % 2 == 0 else 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., : x.shape[-1] - self.remove] if self.remove else x
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """(B, T, D) -> (B, T, D) = GELU(SamePad(WeightNorm(grouped Conv1d)))(x); the caller ADDS it to x."""
+
+    def __init__(self, dim: int, kernel: int, groups: int):
+        super().__init__()
+        conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel * dim)))
+        nn.init.zeros_(conv.bias)
+        conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.pos_conv = nn.Sequential(conv, SamePad(kernel), nn.GELU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (fairseq key names)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, D), padding_mask (B, T) True = padded -> (out (B, T, D), head-averaged
+        attention probabilities (B, T, T) when ``need_weights`` else None)."""
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        p_drop = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.float().softmax(-1).type_as(q)
+            weights = probs.mean(1)
+            out = F.dropout(probs, p_drop, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), weights
+
+
+class TransformerLayer(nn.Module):
+    """Post-LN block: x = LN(x + drop(MHA(x))); x = LN(x + drop(fc2(drop_act(GELU(fc1(x))))))."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.self_attn = SelfAttention(d, cfg.heads, cfg.attention_dropout)
+        self.dropout1 = nn.Dropout(cfg.dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.ffn_dim)
+        self.activation = Fp32GELU()
+        self.dropout2 = nn.Dropout(cfg.activation_dropout)
+        self.fc2 = nn.Linear(cfg.ffn_dim, d)
+        self.dropout3 = nn.Dropout(cfg.dropout)
+        self.final_layer_norm = nn.LayerNorm(d)
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        attn, weights = self.self_attn(x, padding_mask, need_weights)
+        x = self.self_attn_layer_norm(x + self.dropout1(attn))
+        h = self.fc2(self.dropout2(self.activation(self.fc1(x))))
+        x = self.final_layer_norm(x + self.dropout3(h))
+        return x, weights
+
+
+class TransformerEncoder(nn.Module):
+    """Input LayerNorm + dropout, then post-LN layers; no output LayerNorm. (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.layers))
+        for module in self.layers.modules():
+            if isinstance(module, nn.Linear):  # BERT init, as fairseq's init_bert_params
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        x = self.dropout(self.layer_norm(x))
+        maps = []
+        for layer in self.layers:
+            x, weights = layer(x, padding_mask, need_weights)
+            if weights is not None:
+                maps.append(weights)
+        return x, maps
+
+
+class EcgEncoder(nn.Module):
+    """ECG-FM encoder: (B, in_channels, L) -> (B, T, D) contextual token embeddings.
+
+    A 12 x 2500 input (5 s at 500 Hz) gives 156 x 768 with the ``base`` config.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_extractor = ConvFeatureExtractor(cfg.in_channels, cfg.conv_layers)
+        self.layer_norm = nn.LayerNorm(cfg.conv_dim)
+        self.post_extract_proj = nn.Linear(cfg.conv_dim, cfg.embed_dim)
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.conv_pos = ConvPositionalEmbedding(cfg.embed_dim, cfg.conv_pos, cfg.conv_pos_groups)
+        self.encoder = TransformerEncoder(cfg)
+
+    def conv_features(self, x: Tensor) -> Tensor:
+        """(B, in_channels, L) -> (B, T, conv_dim) conv features BEFORE ``layer_norm``.
+
+        Applies ``cfg.feature_grad_mult``: 0 runs the stack under ``torch.no_grad`` (frozen), any value
+        other than 1 scales the gradients flowing into it.
+        """
+        mult = self.cfg.feature_grad_mult
+        if mult > 0:
+            features = self.feature_extractor(x)
+            if mult != 1.0 and features.requires_grad:
+                features = GradMultiply.apply(features, mult)
+        else:
+            with torch.no_grad():
+                features = self.feature_extractor(x)
+        return features.transpose(1, 2)
+
+    def project(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, conv_dim) -> (normed = layer_norm(features) (B, T, conv_dim),
+        x = dropout_input(post_extract_proj(normed)) (B, T, D))."""
+        normed = self.layer_norm(features)
+        return normed, self.dropout_input(self.post_extract_proj(normed))
+
+    def contextualize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """(B, T, D) -> (B, T, D): add the conv positional embedding, then run the transformer.
+
+        ``padding_mask`` (B, T) bool, True = padded token: those tokens are zeroed after the positional
+        embedding and ignored as attention keys (fairseq behaviour).
+        """
+        return self._contextualize(x, padding_mask, need_weights=False)[0]
+
+    def _contextualize(
+        self, x: Tensor, padding_mask: Tensor | None, need_weights: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        x = x + self.conv_pos(x)
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        return self.encoder(x, padding_mask, need_weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, L) -> (B, T, D)."""
+        return self.contextualize(self.project(self.conv_features(x))[1])
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, in_channels, L) -> (B, D): mean over time of :meth:`forward` (ECG-FM's segment embedding)."""
+        return self.forward(x).mean(dim=1)
+
+    def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, in_channels, L) -> (out (B, T, D), attention (B, layers, T, T)), attention probabilities
+        averaged over heads (query x key), as ECG-FM's saliency maps use them."""
+        out, maps = self._contextualize(self.project(self.conv_features(x))[1], None, need_weights=True)
+        return out, torch.stack(maps, dim=1)
+
+
+class EcgClassifier(nn.Module):
+    """ECG-FM finetuning wrapper: encoder -> dropout -> mean over time -> Linear ``proj`` -> logits.
+
+    State keys are ``encoder.<encoder keys>`` + ``proj.weight`` / ``proj.bias``, the layout of the
+    official finetuned checkpoints. fairseq pools with sum / count-of-nonzeros, identical to the plain
+    mean used here unless an output is exactly 0.
+    """
+
+    def __init__(
+        self,
+        cfg: EncoderConfig,
+        n_labels: int,
+        final_dropout: float = 0.0,
+        encoder: EcgEncoder | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder if encoder is not None else EcgEncoder(cfg)
+        self.final_dropout = nn.Dropout(final_dropout)
+        self.proj = nn.Linear(cfg.embed_dim, n_labels)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    @property
+    def n_labels(self) -> int:
+        return self.proj.out_features
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """(B, in_channels, L) -> (B, D) pooled embedding fed to ``proj``."""
+        return self.final_dropout(self.encoder(x)).mean(dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, L) -> logits (B, n_labels)."""
+        return self.proj(self.pooled(x))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (weight-norm g and v counted separately, as in fairseq's counts)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,112 @@
+"""Gumbel-softmax product quantizer producing wav2vec 2.0 targets (fairseq ``GumbelVectorQuantizer`` semantics)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _perplexity(probs: Tensor) -> Tensor:
+    """``exp(entropy)`` of each group's distribution, summed over groups: ``probs (G, V)`` -> scalar.
+
+    Uses fairseq's ``p * log(p + 1e-7)`` form (not ``xlogy``) for parity with the reference.
+    """
+    return torch.exp(-torch.sum(probs * torch.log(probs + 1e-7), dim=-1)).sum()
+
+
+def gumbel_softmax_hard(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+    """Straight-through Gumbel-softmax over the last dim: forward is one-hot, backward is the soft sample's grad.
+
+    Same estimator as ``F.gumbel_softmax(hard=True)``, with an optional generator for reproducible noise.
+    """
+    if generator is not None and generator.device != logits.device:
+        noise = torch.empty(logits.shape, dtype=logits.dtype).exponential_(generator=generator).to(logits.device)
+    else:
+        noise = torch.empty_like(logits).exponential_(generator=generator)
+    gumbels = -noise.log()
+    soft = ((logits + gumbels) / tau).softmax(dim=-1)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft
+
+
+class GumbelVectorQuantizer(nn.Module):
+    """``groups`` codebooks of ``num_vars`` entries; a frame's code is the concat of one entry per group.
+
+    Parameters (state-dict keys as in fairseq): ``vars (1, groups*num_vars, vq_dim/groups)`` init U[0, 1),
+    ``weight_proj`` Linear(dim -> groups*num_vars) init N(0, 1), bias 0.
+
+    ``num_updates`` is a plain attribute (not in the state dict, so fairseq checkpoints load strictly): the
+    trainer sets it every update with :meth:`set_num_updates` and restores it from its step counter on resume.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_vars: int = 320,
+        groups: int = 2,
+        vq_dim: int = 256,
+        temp: tuple[float, float, float] = (2.0, 0.5, 0.999995),
+    ) -> None:
+        super().__init__()
+        if vq_dim % groups:
+            raise ValueError(f"vq_dim {vq_dim} must be divisible by groups {groups}")
+        self.groups = groups
+        self.num_vars = num_vars
+        self.vq_dim = vq_dim
+        self.max_temp, self.min_temp, self.temp_decay = (float(t) for t in temp)
+        self.vars = nn.Parameter(torch.empty(1, groups * num_vars, vq_dim // groups))
+        self.weight_proj = nn.Linear(dim, groups * num_vars)
+        self.num_updates = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.vars)
+        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
+        nn.init.zeros_(self.weight_proj.bias)
+
+    @property
+    def total_vars(self) -> int:
+        """G * V, the normaliser of the diversity loss (640 for ECG-FM)."""
+        return self.groups * self.num_vars
+
+    @property
+    def temperature(self) -> float:
+        """Current Gumbel temperature ``max(max_temp * decay ** num_updates, min_temp)``."""
+        return max(self.max_temp * self.temp_decay**self.num_updates, self.min_temp)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = int(num_updates)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Quantize ``x (B, T, dim)``.
+
+        Training: straight-through hard Gumbel-softmax at the current temperature; eval: argmax one-hot.
+
+        Returns:
+            ``quantized (B, T, vq_dim)`` and stats: ``prob_perplexity`` (perplexity of the batch-averaged softmax,
+            summed over groups; differentiable, drives the diversity loss), ``code_perplexity`` (of the argmax
+            codes, no grad), ``temperature`` (0-d tensor), ``codes (B, T, groups)`` long argmax indices.
+        """
+        bsz, tsz, _ = x.shape
+        logits = self.weight_proj(x).view(bsz * tsz, self.groups, self.num_vars)
+        with torch.no_grad():
+            codes = logits.argmax(dim=-1)
+            hard = torch.zeros_like(logits).scatter_(-1, codes.unsqueeze(-1), 1.0)
+            code_ppl = _perplexity(hard.float().mean(dim=0))
+        prob_ppl = _perplexity(logits.float().softmax(dim=-1).mean(dim=0))
+
+        if self.training:
+            onehot = gumbel_softmax_hard(logits.float(), self.temperature, generator).type_as(logits)
+        else:
+            onehot = hard
+        # (B*T, G, V) x (G, V, d) -> (B*T, G, d); a contraction instead of fairseq's broadcast-multiply-sum,
+        # which materialises a (B*T, G, V, d) tensor.
+        codebook = self.vars.view(self.groups, self.num_vars, -1)
+        q = torch.einsum("ngv,gvd->ngd", onehot, codebook).reshape(bsz, tsz, self.vq_dim)
+        stats = {
+            "prob_perplexity": prob_ppl,
+            "code_perplexity": code_ppl,
+            "temperature": torch.tensor(self.temperature, device=x.device),
+            "codes": codes.view(bsz, tsz, self.groups),
+        }
+        return q, stats

@@ -1,0 +1,430 @@
+"""Pretraining objective (W2V + CMSC + RLM): masks, quantizer, negatives, losses, and parity with transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ecgfm_cli.model.config import EncoderConfig, preset
+from ecgfm_cli.model.masking import apply_lead_mask, compute_span_mask, random_lead_mask
+from ecgfm_cli.model.pretraining import (
+    PretrainConfig,
+    Wav2Vec2Pretrainer,
+    cmsc_loss,
+    contrastive_logits,
+    contrastive_loss,
+    from_fairseq_state_dict,
+    gather_negatives,
+    pool_time,
+    sample_negative_indices,
+    sample_negatives,
+    to_fairseq_state_dict,
+    total_loss,
+)
+from ecgfm_cli.model.quantizer import GumbelVectorQuantizer
+
+L = 2500  # 5 s at 500 Hz -> T = 156 frames
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_model(seed: int = 0, **cfg_overrides) -> Wav2Vec2Pretrainer:
+    torch.manual_seed(seed)
+    return Wav2Vec2Pretrainer(preset("tiny"), PretrainConfig(**cfg_overrides))
+
+
+def runs(row: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D bool tensor."""
+    out, n = [], 0
+    for v in row.tolist():
+        if v:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
+    return out + ([n] if n else [])
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def test_span_mask_single_row_is_union_of_full_spans():
+    for seed in range(50):
+        m = compute_span_mask((1, 156), generator=gen(seed))[0]
+        # a single row is never sub-sampled: every run is a union of whole 10-frame spans
+        assert all(r >= 10 for r in runs(m))
+        assert 10 <= int(m.sum()) <= 11 * 10  # 10 or 11 spans
+        assert not m[-1]  # starts are < T - 10, so the last frame is never covered
+
+
+def test_span_mask_expected_fraction_and_equalisation():
+    counts = torch.stack([compute_span_mask((1, 156), generator=gen(s)).sum() for s in range(300)]).float()
+    assert 70 < counts.mean() < 84  # reference simulation: ~77/156 before equalisation
+    m = compute_span_mask((128, 156), generator=gen(1))
+    per_row = m.sum(1)
+    assert (per_row == per_row[0]).all()
+    assert 0.28 < per_row[0] / 156 < 0.42  # ~35 % after equalising over 128 segments
+
+
+def test_span_mask_min_masks_and_edge_cases():
+    m = compute_span_mask((1, 156), mask_prob=1e-4, generator=gen(0))
+    assert 10 < int(m.sum()) <= 20  # 2 spans of 10 (possibly overlapping)
+    assert not compute_span_mask((3, 156), mask_prob=0.0).any()
+    short = compute_span_mask((4, 12), generator=gen(0))  # spans do not fit: start range is shrunk
+    assert short.shape == (4, 12) and (short.sum(1) == short.sum(1)[0]).all() and short.sum(1)[0] >= 2
+
+
+def test_span_mask_determinism():
+    a = compute_span_mask((8, 156), generator=gen(3))
+    b = compute_span_mask((8, 156), generator=gen(3))
+    c = compute_span_mask((8, 156), generator=gen(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_random_lead_mask():
+    keep = random_lead_mask(4000, generator=gen(0))
+    assert keep.shape == (4000, 12) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.5) < 0.02
+    # independent per row (the two segments of a pair differ) and per lead
+    assert not torch.equal(keep[0::2], keep[1::2])
+    corr = torch.corrcoef(keep.float().T)
+    assert (corr - torch.eye(12)).abs().max() < 0.1
+    assert random_lead_mask(10, apply_prob=0.0, generator=gen(0)).all()
+    assert torch.equal(random_lead_mask(6, generator=gen(5)), random_lead_mask(6, generator=gen(5)))
+    x = torch.randn(6, 12, 50)
+    k = random_lead_mask(6, generator=gen(5))
+    y = apply_lead_mask(x, k)
+    assert torch.equal(y[~k], torch.zeros_like(y[~k])) and torch.equal(y[k], x[k])
+
+
+# ------------------------------------------------------------------------------------------------ negatives
+
+
+def test_negatives_exclude_self_and_stay_in_row():
+    bsz, tm, n = 5, 40, 100
+    idx = sample_negative_indices(bsz, tm, n, generator=gen(0))
+    assert idx.shape == (bsz, tm, n) and idx.min() >= 0 and idx.max() < tm
+    assert not (idx == torch.arange(tm)[None, :, None]).any()
+    # uniform over the other T'-1 frames: each is drawn ~ N / (T'-1) times per frame
+    own = torch.arange(tm)[None, :, None].expand(bsz, -1, n)
+    hits = torch.zeros(tm, tm).index_put_((own.reshape(-1), idx.reshape(-1)), torch.tensor(1.0), accumulate=True)
+    off_diag = hits[~torch.eye(tm, dtype=torch.bool)]
+    expected = bsz * n / (tm - 1)
+    assert off_diag.min() >= 1 and off_diag.max() < 3 * expected
+    # values encode (row, frame): the lookup must come from the same row at the drawn frame
+    y = (torch.arange(bsz)[:, None, None] * 1000 + torch.arange(tm)[None, :, None]).float().expand(-1, -1, 3)
+    negs = gather_negatives(y, idx)
+    assert negs.shape == (n, bsz, tm, 3)
+    assert torch.equal(negs[..., 0], (torch.arange(bsz)[:, None, None] * 1000 + idx).permute(2, 0, 1).float())
+    negs2, idx2 = sample_negatives(y, n, generator=gen(0))
+    assert torch.equal(idx2, idx) and torch.equal(negs2, negs)
+    with pytest.raises(ValueError):
+        sample_negative_indices(2, 1, 10)
+
+
+def test_contrastive_logits_neg_equal_pos_is_masked():
+    torch.manual_seed(0)
+    pred, pos = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    negs = torch.randn(3, 2, 4, 8)
+    negs[1, 0, 2] = pos[0, 2]
+    logits = contrastive_logits(pred, pos, negs, 0.1)
+    assert logits.shape == (2, 4, 4)
+    assert torch.isinf(logits[0, 2, 2]) and torch.isfinite(logits).sum() == logits.numel() - 1
+    cos = torch.nn.functional.cosine_similarity(pred[1, 3], pos[1, 3], dim=-1)
+    assert torch.allclose(logits[1, 3, 0], cos / 0.1)
+    expected = -sum(logits[b, t].log_softmax(-1)[0] for b in range(2) for t in range(4))
+    assert torch.allclose(contrastive_loss(logits), expected)
+
+
+# ------------------------------------------------------------------------------------------------ quantizer
+
+
+def test_temperature_schedule():
+    q = GumbelVectorQuantizer(8, num_vars=4, groups=2, vq_dim=4)
+    assert q.temperature == 2.0
+    q.set_num_updates(1000)
+    assert math.isclose(q.temperature, 2.0 * 0.999995**1000)
+    q.set_num_updates(277_000)  # 2 * 0.999995^n hits 0.5 at n ~= 277,258
+    assert q.temperature > 0.5
+    q.set_num_updates(278_000)
+    assert q.temperature == 0.5
+    assert "num_updates" not in str(list(q.state_dict()))  # fairseq checkpoints load strictly
+
+
+def test_quantizer_init_eval_and_train():
+    q = GumbelVectorQuantizer(256)  # reference sizes: 164,480 + 81,920 parameters
+    assert sum(p.numel() for p in q.parameters()) == 164_480 + 81_920
+    assert q.vars.min() >= 0 and q.vars.max() < 1 and q.weight_proj.bias.abs().max() == 0
+    assert 0.9 < q.weight_proj.weight.std() < 1.1
+    x = torch.randn(3, 7, 256)
+    q.eval()
+    out, st = q(x)
+    codes = st["codes"]
+    expected = torch.cat([q.vars[0, codes[..., 0]], q.vars[0, 320 + codes[..., 1]]], dim=-1)
+    assert torch.equal(out, expected)
+    assert 1 <= st["code_perplexity"] <= 640 and 1 <= st["prob_perplexity"] <= 640
+    q.train()
+    out_a, _ = q(x, generator=gen(1))
+    out_b, _ = q(x, generator=gen(1))
+    assert torch.equal(out_a, out_b)
+    out_a.sum().backward()
+    assert q.weight_proj.weight.grad.abs().sum() > 0  # straight-through estimator
+
+
+def test_diversity_loss_range():
+    q = GumbelVectorQuantizer(16, num_vars=8, groups=2, vq_dim=4)
+    _, st = q(torch.randn(2, 50, 16))
+    div = (q.total_vars - st["prob_perplexity"]) / q.total_vars
+    assert 0 <= div < 1
+    # collapsed logits -> perplexity 1 per group -> diversity (GV - G) / GV
+    with torch.no_grad():
+        q.weight_proj.weight.zero_()
+        q.weight_proj.bias.copy_(torch.tensor([50.0] + [0.0] * 7 + [50.0] + [0.0] * 7))
+    _, st = q(torch.randn(2, 50, 16))
+    assert math.isclose(st["prob_perplexity"].item(), 2.0, rel_tol=1e-4)
+    # uniform logits -> perplexity V per group -> diversity 0
+    with torch.no_grad():
+        q.weight_proj.bias.zero_()
+    _, st = q(torch.randn(2, 50, 16))
+    assert math.isclose(st["prob_perplexity"].item(), 16.0, rel_tol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def test_model_forward_outputs_and_init():
+    m = tiny_model()
+    assert m.mask_emb.min() >= 0 and m.mask_emb.max() < 1
+    assert m.encoder.cfg.feature_grad_mult == 0.1
+    x = torch.randn(4, 12, L)
+    out = m(x, generator=gen(0))
+    tm = int(out["mask"].sum(1)[0])
+    assert out["x_out"].shape == (4, 156, 64)
+    assert out["logits"].shape == (4, tm, 101) and out["negatives_idx"].shape == (4, tm, 100)
+    assert int(out["num_masked"]) == 4 * tm
+    assert torch.isfinite(out["contrastive_loss"]) and out["contrastive_loss"] > 0
+    assert 0 <= out["diversity_loss"] < 1 and out["features_pen"] > 0
+    assert out["temperature"] == 2.0
+    with pytest.raises(ValueError):
+        bad = torch.zeros(4, 156, dtype=torch.bool)
+        bad[0, :5] = True
+        m(x, mask=bad)
+
+
+def test_fixed_mask_and_negatives_and_determinism():
+    m = tiny_model()
+    x = torch.randn(2, 12, L)
+    mask = compute_span_mask((2, 156), generator=gen(1))
+    m.train()
+    torch.manual_seed(5)
+    a = m(x, mask=mask, generator=gen(2))
+    torch.manual_seed(5)
+    b = m(x, mask=mask, generator=gen(2))
+    assert torch.equal(a["contrastive_loss"], b["contrastive_loss"]) and torch.equal(a["x_out"], b["x_out"])
+    assert torch.equal(a["mask"], mask)
+    m.eval()
+    c = m(x, mask=mask, negatives_idx=a["negatives_idx"])
+    d = m(x, mask=mask, negatives_idx=a["negatives_idx"])
+    assert torch.equal(c["contrastive_loss"], d["contrastive_loss"])
+
+
+def test_feature_grad_mult_scales_conv_grads():
+    x = torch.randn(2, 12, L)
+    mask = compute_span_mask((2, 156), generator=gen(0))
+    neg = sample_negative_indices(2, int(mask.sum(1)[0]), 100, generator=gen(1))
+    grads = {}
+    for mult in (1.0, 0.1):
+        m = tiny_model(seed=0, feature_grad_mult=mult).eval()  # eval: no dropout, argmax codes
+        out = m(x, mask=mask, negatives_idx=neg)
+        loss, _ = total_loss(out, cmsc_loss(out["x_out"], torch.tensor([0, 0])), m.cfg)
+        loss.backward()
+        grads[mult] = {k: p.grad.clone() for k, p in m.named_parameters()}
+    conv = [k for k in grads[1.0] if ".feature_extractor." in k]
+    assert conv
+    for k, g in grads[1.0].items():
+        expect = g * 0.1 if k in conv else g
+        # the conv stack computes GroupNorm/GELU in fp32, so compare by relative norm, not elementwise
+        assert (grads[0.1][k] - expect).norm() <= 1e-5 * expect.norm(), k
+
+
+def test_state_dict_roundtrip_fairseq_keys():
+    m = tiny_model()
+    fs = to_fairseq_state_dict(m.state_dict())
+    for key in ("mask_emb", "quantizer.vars", "quantizer.weight_proj.weight", "project_q.weight",
+                "final_proj.weight", "feature_extractor.conv_layers.0.0.weight", "post_extract_proj.weight",
+                "encoder.layers.0.self_attn.q_proj.weight", "encoder.layer_norm.weight"):
+        assert key in fs, key
+    m2 = tiny_model(seed=1)
+    m2.load_state_dict(from_fairseq_state_dict(fs), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ CMSC
+
+
+def test_cmsc_identical_pairs_beat_random():
+    torch.manual_seed(0)
+    base = torch.randn(8, 20, 16)
+    paired = base.repeat_interleave(2, dim=0)  # rows 2i, 2i+1 identical
+    ids = torch.arange(8).repeat_interleave(2)
+    same = cmsc_loss(paired, ids)
+    rand = cmsc_loss(torch.randn(16, 20, 16), ids)
+    assert same < rand
+    assert same < 0.1 * math.log(8)
+    # explicit index tensors give the same value as the interleaved default
+    order = torch.randperm(16)
+    inv = torch.argsort(order)
+    shuffled = paired[order]
+    alt = cmsc_loss(shuffled, ids[order], first=inv[0::2], second=inv[1::2])
+    assert torch.allclose(alt, same)
+
+
+def test_cmsc_same_record_pairs_are_positives():
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, 6)
+    ids = torch.tensor([7, 7, 7, 7])  # two pairs of the same record: every cell is a positive
+    z = pool_time(x)
+    z = z / z.norm(dim=-1, keepdim=True)
+    s = z[0::2] @ z[1::2].T / 0.1
+    expected = 0.5 * (-s.log_softmax(1)).mean() + 0.5 * (-s.T.log_softmax(1)).mean()
+    assert torch.allclose(cmsc_loss(x, ids), expected, atol=1e-6)
+
+
+def test_pool_time_matches_reference_and_guards_zero():
+    x = torch.randn(2, 5, 3)
+    x[0, 1, 0] = 0.0
+    x[1, :, 2] = 0.0
+    p = pool_time(x)
+    assert torch.allclose(p[0, 0], x[0, :, 0].sum() / 4)
+    assert p[1, 2] == 0 and torch.isfinite(p).all()
+
+
+def test_cmsc_gather_keeps_local_grad(monkeypatch):
+    """Simulated 2-rank all-gather: per-rank losses equal the full-batch loss and the rank gradients sum to
+    the full-batch gradient (gradient only through the local slice)."""
+    torch.manual_seed(0)
+    full = torch.randn(8, 6, 5)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    ref_x = full.clone().requires_grad_(True)
+    ref = cmsc_loss(ref_x, ids)
+    ref.backward()
+
+    # the order in which cmsc_loss gathers: z0, z1, id0, id1
+    z = pool_time(full)
+    z = z / z.norm(dim=-1, keepdim=True)
+    gathered = [z[0::2], z[1::2], ids[0::2], ids[1::2]]
+    grad_sum = torch.zeros_like(full)
+    for rank in range(2):
+        calls = iter(gathered)
+
+        def fake_all_gather(parts, t, rank=rank, calls=calls):
+            src = next(calls)
+            for r, chunk in enumerate(src.chunk(2)):
+                parts[r].copy_(chunk)
+            assert torch.equal(t, src.chunk(2)[rank].to(t.dtype))
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(dist, "all_gather", fake_all_gather)
+        local = full[4 * rank: 4 * rank + 4].clone().requires_grad_(True)
+        loss = cmsc_loss(local, ids[4 * rank: 4 * rank + 4], gather=True)
+        assert torch.allclose(loss, ref, atol=1e-6)
+        loss.backward()
+        grad_sum[4 * rank: 4 * rank + 4] = local.grad
+    monkeypatch.undo()
+    assert torch.allclose(grad_sum, ref_x.grad, atol=1e-6)
+    # not distributed: gather is a no-op
+    assert torch.allclose(cmsc_loss(full, ids, gather=True), ref)
+
+
+# ------------------------------------------------------------------------------------------------ combination
+
+
+def test_total_loss_combination_and_ablations():
+    x = torch.randn(4, 12, L)
+    ids = torch.tensor([0, 0, 1, 1])
+    m = tiny_model().eval()
+    out = m(x, generator=gen(0))
+    c = cmsc_loss(out["x_out"], ids)
+    loss, logs = total_loss(out, c, m.cfg)
+    s = out["num_masked"].float()
+    expect = out["contrastive_loss"] + s * (0.1 * out["diversity_loss"] + 10 * out["features_pen"]) + s * c
+    assert torch.allclose(loss, expect) and logs["sample_size"] == s
+    assert 0 <= logs["correct"] <= logs["count"] == s
+
+    loss_nc, logs_nc = total_loss(out, None, PretrainConfig(cmsc=False))
+    assert torch.allclose(loss_nc, expect - s * c) and logs_nc["cmsc"] == 0
+
+    m_cmsc = tiny_model(w2v=False).eval()
+    out2 = m_cmsc(x)
+    assert out2["mask"] is None and out2["logits"] is None and int(out2["num_masked"]) == 0
+    assert torch.allclose(out2["x_out"], m_cmsc.encoder(x))  # no masking at all
+    c2 = cmsc_loss(out2["x_out"], ids)
+    loss2, logs2 = total_loss(out2, c2, m_cmsc.cfg)
+    assert logs2["sample_size"] == 4 and torch.allclose(loss2 / logs2["sample_size"], c2)
+    loss2.backward()
+
+    with pytest.raises(ValueError):
+        total_loss(out, None, PretrainConfig(w2v=False, cmsc=False))
+    with pytest.raises(ValueError):
+        total_loss(out, None, PretrainConfig())
+    assert PretrainConfig().rlm and PretrainConfig(rlm=False).rlm is False
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def test_contrastive_loss_matches_transformers():
+    """transformers' Wav2Vec2ForPreTraining computes the same InfoNCE sum from the same weights, mask and
+    negatives (eval mode: no dropout, argmax codes).
+
+    Differences reconciled here (test side only): transformers quantizes every frame and masks unmasked frames
+    out of the loss (target -100) and the perplexity, fairseq/ecgfm quantize only the masked frames; in eval
+    both use argmax codes per frame, so the targets, the neg == pos mask and the InfoNCE sum coincide.
+    transformers takes negatives as flat indices into B*T at the positive's own frame; we convert ours.
+    transformers' eval perplexity is the argmax-code perplexity (xlogy), i.e. our ``code_perplexity``."""
+    pytest.importorskip("transformers")
+    from hf_reference import build_hf_model, fairseq_to_hf_state
+
+    enc_cfg: EncoderConfig = preset("tiny")
+    torch.manual_seed(0)
+    ours = Wav2Vec2Pretrainer(enc_cfg, PretrainConfig()).eval()
+    with torch.no_grad():  # few distinct codes, so some negatives equal their positive (-inf path)
+        ours.quantizer.weight_proj.weight.mul_(0.2)
+        ours.quantizer.weight_proj.bias.normal_(0.0, 1.0)
+    hf = build_hf_model(enc_cfg, pretraining=True, latent_groups=2, latent_vars=320, latent_dim=256,
+                        final_dim=256)
+    hf.load_state_dict(fairseq_to_hf_state(to_fairseq_state_dict(ours.state_dict()), prefix="wav2vec2."),
+                       strict=True)
+
+    bsz = 3
+    x = torch.randn(bsz, 12, L, generator=gen(1))
+    mask = compute_span_mask((bsz, 156), generator=gen(2))
+    tm = int(mask.sum(1)[0])
+    neg = sample_negative_indices(bsz, tm, 100, generator=gen(3))
+    # HF takes (B, T, N) flat indices into B*T over the full sequence, at the positive's own position
+    pos = torch.stack([row.nonzero().squeeze(1) for row in mask])  # (B, T') masked positions
+    flat = torch.zeros(bsz, 156, 100, dtype=torch.long)
+    for b in range(bsz):
+        flat[b, pos[b]] = b * 156 + pos[b][neg[b]]
+
+    with torch.no_grad():
+        out = ours(x, mask=mask, negatives_idx=neg)
+        ref = hf(x, mask_time_indices=mask, sampled_negative_indices=flat)
+
+    n_inf = int(torch.isinf(out["logits"]).sum())
+    assert 0 < n_inf < out["logits"].numel() // 10  # the neg == pos masking is exercised
+    ours_sum, ref_sum = out["contrastive_loss"].item(), ref.contrastive_loss.item()
+    assert math.isclose(ours_sum, ref_sum, rel_tol=1e-4), (ours_sum, ref_sum)
+    # eval-mode perplexity over masked frames = our code (argmax) perplexity
+    assert math.isclose(out["code_perplexity"].item(), ref.codevector_perplexity.item(), rel_tol=1e-4)
+    # predictions and targets agree frame by frame
+    ours_pred = ours.final_proj(out["x_out"][mask].view(bsz, tm, -1))
+    ref_pred = ref.projected_states[mask].view(bsz, tm, -1)
+    assert (ours_pred - ref_pred).abs().max() < 1e-5, (ours_pred - ref_pred).abs().max()
