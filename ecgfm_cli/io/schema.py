@@ -197,3 +197,24 @@ def rejects_table(rows: list[dict]) -> pa.Table:
 
 def labels_from_rows(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=LABELS)
+
+
+def segment_signals(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+    """The ``signal`` column of a ``segments`` batch as (n, n_leads, window) numpy, without a copy
+    when the batch is a single chunk (float16 artifacts come back as float16)."""
+    col = batch.column("signal")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n_leads = batch.schema.field("lead_present").type.list_size
+    size = col.type.list_size
+    values = col.values.to_numpy(zero_copy_only=False)
+    start = col.offset * size
+    return values[start:start + len(col) * size].reshape(len(col), n_leads, size // n_leads)
+
+
+def segments_contract(reader_metadata: dict[str, str]):
+    """The preprocessing contract stored in a segments artifact's metadata (None if absent)."""
+    from ecgfm_cli.contract import Contract
+
+    raw = reader_metadata.get("ecgfm.contract")
+    return Contract.from_json(raw) if raw else None
