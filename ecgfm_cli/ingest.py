@@ -124,7 +124,8 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
                         item.source_path, item.record_id)))
                     continue
                 seen.add(item.record_id)
-                labels.append({"record_id": item.record_id, "patient_id": item.patient_id, "codes": item.dx_codes})
+                labels.append({"record_id": item.record_id, "patient_id": item.patient_id,
+                               "study_id": item.study_id, "codes": item.dx_codes})
                 pending.append(item)
                 if len(pending) >= opts.batch_records:
                     writer.write(records_to_batch(pending))
@@ -170,24 +171,27 @@ def _write_sidecars(output: Output, opts: IngestOptions, labels: list[dict], rej
 
 
 def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
-    """Left-join the user's label columns (a CSV/Parquet keyed by ``record_id``) onto ``table``."""
+    """Left-join the user's label columns onto ``table``: keyed by ``record_id`` or, for tables that
+    name exams rather than files (CODE-15%'s ``exams.csv``), by ``study_id``/``exam_id``."""
     user = read_user_table(csv_path)
-    if "record_id" not in user.column_names:
-        fail(f"--labels {csv_path}: no record_id column (columns: {', '.join(user.column_names[:10])})")
-    user = user.cast(pa.schema([f.with_type(pa.string()) if f.name == "record_id" else f for f in user.schema]))
-    clash = [c for c in user.column_names if c in ("patient_id", "codes")]
-    if clash:
-        user = user.rename_columns([f"user_{c}" if c in clash else c for c in user.column_names])
-    rows = {r["record_id"]: r for r in user.to_pylist()}
-    ids = table.column("record_id").to_pylist()
+    key = next((k for k in ("record_id", "study_id", "exam_id") if k in user.column_names), None)
+    if key is None:
+        fail(f"--labels {csv_path}: needs a record_id (or study_id / exam_id) column; it has "
+             f"{', '.join(user.column_names[:10])}")
+    ours = "record_id" if key == "record_id" else "study_id"
+    user_keys = [None if v is None else str(v) for v in user.column(key).to_pylist()]
+    rows = dict(zip(user_keys, user.to_pylist(), strict=True))
+    ids = [None if v is None else str(v) for v in table.column(ours).to_pylist()]
     unmatched = len(rows.keys() - set(ids))
     if unmatched:
-        info(f"ingest: --labels {csv_path}: {unmatched} of {user.num_rows} rows name a record_id that was not "
+        info(f"ingest: --labels {csv_path}: {unmatched} of {user.num_rows} rows name a {key} that was not "
              f"ingested (kept out of the labels table)")
     for name in user.column_names:
-        if name != "record_id":
-            values = [rows[i][name] if i in rows else None for i in ids]
-            table = table.append_column(user.schema.field(name), pa.array(values, type=user.schema.field(name).type))
+        if name in (key, "record_id", "patient_id", "study_id", "codes"):
+            continue
+        field = user.schema.field(name)
+        table = table.append_column(field, pa.array([rows[i][name] if i in rows else None for i in ids],
+                                                    type=field.type))
     return table
 
 
@@ -202,8 +206,8 @@ def read_user_table(path: Path) -> pa.Table:
     import pyarrow.csv as pacsv
 
     try:
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types={"record_id": pa.string(), "patient_id": pa.string()}))
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={
+            k: pa.string() for k in ("record_id", "patient_id", "study_id", "exam_id")}))
     except pa.ArrowInvalid as e:
         fail(f"{path}: not a readable CSV table ({e})")
 

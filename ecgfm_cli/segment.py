@@ -142,6 +142,7 @@ def segment_batch(batch: pa.RecordBatch, schema: pa.Schema, opts: SegmentOptions
         kept_idx = pa.array(kept, type=pa.int32())
         out.labels = pa.table({"record_id": batch.column("record_id").take(kept_idx),
                                "patient_id": batch.column("patient_id").take(kept_idx),
+                               "study_id": batch.column("study_id").take(kept_idx),
                                "codes": batch.column("dx_codes").take(kept_idx)}).to_pylist()
     if rec_of_row:
         take = pa.array(rec_of_row, type=pa.int32())

@@ -228,3 +228,14 @@ print('ok')
                             "print(sorted(m for m in ('torch','sklearn','pyarrow','matplotlib') if m in sys.modules))"],
                            capture_output=True, text=True)
     assert helps.stdout.strip() == "[]", helps.stdout + helps.stderr
+
+
+def test_exam_table_labels_join_on_study_id(sample_data, tmp_path):
+    # CODE-15%'s exams.csv names exams, not files: joined through the headers' Exam ID
+    (tmp_path / "exams.csv").write_text("exam_id,AF,RBBB\n1111,0,1\n1111004,1,0\n")
+    out = tmp_path / "rec"
+    res = run_cli("ingest", sample_data / "code15_wfdb", "-o", out, "--labels", tmp_path / "exams.csv")
+    assert res.returncode == 0, res.stderr.decode()
+    rows = {r["record_id"]: (r["study_id"], r["AF"], r["RBBB"]) for r in table(out, "labels").to_pylist()}
+    assert rows["1111"] == ("1111", 0, 1) and rows["1111004"] == ("1111004", 1, 0)
+    assert sum(v[1] is None for v in rows.values()) == 2

@@ -53,6 +53,7 @@ REJECTS = pa.schema([
 LABELS = pa.schema([
     ("record_id", pa.string()),
     ("patient_id", pa.string()),
+    ("study_id", pa.string()),
     ("codes", pa.list_(pa.string())),
 ])
 
