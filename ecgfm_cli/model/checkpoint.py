@@ -226,16 +226,26 @@ def pretraining_heads_from_state(state: Mapping[str, Tensor], cfg_model: Mapping
 
 
 def _resolve_dir(path: Path) -> Path | None:
-    """Our checkpoint dir for ``path`` (the dir, its config.json or its model.safetensors), else None."""
+    """Our checkpoint dir for ``path`` (the dir, its config.json or its model.safetensors, or a
+    training run dir whose ``latest`` file names its newest checkpoint), else None."""
     if path.is_dir():
-        return path if (path / CONFIG_FILE).is_file() else None
+        if (path / CONFIG_FILE).is_file():
+            return path
+        latest = path / "latest"  # written by `ecgfm pretrain` (train/pretrain.py LATEST)
+        if latest.is_file():
+            target = path / latest.read_text().strip()
+            return target if (target / CONFIG_FILE).is_file() else None
+        if (path / "checkpoint" / CONFIG_FILE).is_file():  # an `ecgfm finetune` run dir
+            return path / "checkpoint"
+        return None
     if path.name in (CONFIG_FILE, WEIGHTS_FILE) and (path.parent / CONFIG_FILE).is_file():
         return path.parent
     return None
 
 
 def load_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> LoadedCheckpoint:
-    """Load our checkpoint directory (or its config.json / model.safetensors) or an official ``.pt``.
+    """Load our checkpoint directory (or its config.json / model.safetensors, or a pretrain/finetune
+    run directory: its newest checkpoint) or an official ``.pt``.
 
     Official fairseq files are converted on the fly (contract = ECG-FM's default :class:`Contract`).
     Keys and shapes are checked strictly; any problem raises one :class:`CheckpointError`.

@@ -1,0 +1,111 @@
+"""Benchmark: one pretraining step (forward, backward, AdamW) of the ``base`` model on CPU,
+ecgfm's Wav2Vec2Pretrainer vs transformers' Wav2Vec2ForPreTraining at the same configuration.
+
+Same batch (default 4 segments of 12 x 2500), same time mask and negatives count (100), same thread count,
+dropouts off in both (transformers' reference config has none), wav2vec 2.0 loss only (transformers has no
+CMSC); ecgfm's full W2V + CMSC step is timed too. Prints the median of ``--repeats`` timed steps after a
+warm-up step, and the ratio (transformers time / ecgfm time; > 1 means ecgfm is faster). Usage:
+
+    python benchmarks/bench_pretrain_step.py [--batch 4] [--threads 2] [--repeats 5] [--preset base] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def time_steps(steps: list, repeats: int) -> list[float]:
+    """Median seconds of each step function. The steps are interleaved (one of each per round) so that a
+    load change on a shared machine hits them alike; one warm-up round first."""
+    for step in steps:
+        step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            t = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from hf_reference import build_hf_model
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
+
+    from ecgfm_cli.model.config import preset
+    from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, cmsc_loss, compute_span_mask, total_loss
+
+    enc = preset(args.preset).with_dropouts(0.0)
+    b, length = args.batch, 2500
+    t_frames = enc.num_frames(length)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 12, length, generator=g)
+    mask = compute_span_mask((b, t_frames), generator=g)
+    record = torch.arange(b) // 2
+
+    torch.manual_seed(0)
+    ours = Wav2Vec2Pretrainer(enc, PretrainConfig(dropout_features=0.0, cmsc=False)).train()
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    wcr_cfg = replace(ours.cfg, cmsc=True)
+
+    def ours_step(with_cmsc: bool = False) -> None:
+        ours_opt.zero_grad(set_to_none=True)
+        out = ours(x, mask=mask)
+        cfg = wcr_cfg if with_cmsc else ours.cfg
+        cm = cmsc_loss(out["x_out"], record, cfg.cmsc_temp) if with_cmsc else None
+        loss, _ = total_loss(out, cm, cfg)
+        (loss / out["num_masked"]).backward()
+        ours_opt.step()
+
+    hf = build_hf_model(enc, pretraining=True).train()
+    hf.config.num_negatives = 100
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    neg = torch.as_tensor(_sample_negative_indices((b, t_frames), 100, mask_time_indices=mask.numpy()))
+
+    def hf_step() -> None:
+        hf_opt.zero_grad(set_to_none=True)
+        out = hf(x, mask_time_indices=mask, sampled_negative_indices=neg)
+        (out.loss / mask.sum()).backward()
+        hf_opt.step()
+
+    t_hf, t_ours, t_wcr = time_steps([hf_step, ours_step, lambda: ours_step(True)], args.repeats)
+    n_params = sum(p.numel() for p in ours.parameters())
+    result = {
+        "preset": args.preset, "batch": b, "threads": args.threads, "repeats": args.repeats,
+        "parameters": n_params, "torch": torch.__version__,
+        "ecgfm_w2v_step_s": round(t_ours, 4), "transformers_w2v_step_s": round(t_hf, 4),
+        "ecgfm_wcr_step_s": round(t_wcr, 4), "ratio_transformers_over_ecgfm": round(t_hf / t_ours, 3),
+    }
+    print(f"pretraining step, {args.preset} ({n_params / 1e6:.1f} M params), batch {b} x 12 x {length}, "
+          f"{args.threads} threads, median of {args.repeats}:")
+    print(f"  ecgfm        W2V     {t_ours:.3f} s  ({b / t_ours:.1f} segments/s)")
+    print(f"  transformers W2V     {t_hf:.3f} s  ({b / t_hf:.1f} segments/s)")
+    print(f"  ecgfm        W2V+CMSC {t_wcr:.3f} s")
+    print(f"  speed-up ecgfm vs transformers: {t_hf / t_ours:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""``ecgfm embed``: segments -> mean-pooled ECG-FM encoder embeddings (Parquet or NPZ)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def embed_command(
+    input: Annotated[str, typer.Argument(help="Segments from `ecgfm segment`: DIR, FILE.parquet/.arrow, or - "
+                                         "(stdin stream).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="DIR (Parquet shards), FILE.parquet or FILE.npz.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint: an ecgfm checkpoint directory or "
+                                              "an official ECG-FM fairseq .pt (pretrained or finetuned).")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Embed with a randomly initialised encoder "
+                                              "(--preset, --seed) instead of --model: the baseline a probe "
+                                              "should beat.")] = False,
+    preset: Annotated[str, typer.Option(help="Encoder size for --random-init: base, large or tiny.")] = "base",
+    seed: Annotated[int, typer.Option(help="Seed of the --random-init weights.")] = 0,
+    pool: Annotated[str, typer.Option(help="segment: one embedding per segment; record: also average each "
+                                      "record's segments (one row per record, segment_index -1).")] = "segment",
+    leads: Annotated[str | None, typer.Option(help="Keep only these leads, e.g. I,II (every other lead is "
+                                              "zeroed; recorded in the output metadata).")] = None,
+    nan: Annotated[str, typer.Option(help="Segments holding NaN/Inf: refuse (error naming them) or skip "
+                                     "(leave them out, counted).")] = "refuse",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda [default: cuda if available, else cpu].")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (torch.autocast: faster, cosine > 0.999 "
+                                       "to float32).")] = "float32",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.", min=1)] = 32,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process [default: torch's].",
+                                                min=1)] = None,
+    gpus: Annotated[int, typer.Option(help="Split the input over this many GPUs (one process each).",
+                                      min=0)] = 0,
+    procs: Annotated[int, typer.Option(help="Split the input over this many CPU processes (same code path as "
+                                       "--gpus; --threads is per process).", min=1)] = 1,
+    unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a "
+                                                ".pt checkpoint (runs code from the file: trusted files only).")
+                             ] = False,
+) -> None:
+    """One mean-pooled embedding (768-d for the base model) per 5 s segment, keyed by record_id,
+    patient_id and segment_index, as ECG-FM's linear-probing features."""
+    from ecgfm_cli.console import fail
+    from ecgfm_cli.io.artifacts import resolve_output
+
+    out = resolve_output(output, ("dir", "parquet", "npz"), "embed")
+    if (model is None) == (not random_init):
+        fail("give exactly one of --model CKPT and --random-init")
+    if pool not in ("segment", "record"):
+        fail(f"--pool {pool!r}: expected segment or record")
+    if nan not in ("refuse", "skip"):
+        fail(f"--nan {nan!r}: expected refuse or skip")
+    if dtype not in ("float32", "bfloat16"):
+        fail(f"--dtype {dtype!r}: expected float32 or bfloat16")
+    if gpus and procs > 1:
+        fail("give --gpus or --procs, not both")
+    if input == "-" and (gpus > 1 or procs > 1):
+        fail("--gpus/--procs need a file or directory input, not stdin")
+
+    import torch
+
+    from ecgfm_cli.embed import EmbedError, EmbedOptions, ModelSpec, check_input, load_model, parse_leads, run_embed
+    from ecgfm_cli.io.artifacts import open_artifact
+    from ecgfm_cli.model.checkpoint import CheckpointError
+    from ecgfm_cli.model.config import PRESETS
+    from ecgfm_cli.provenance import build_provenance
+
+    if random_init and preset not in PRESETS:
+        fail(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    device = device or ("cuda" if gpus or torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        fail(f"--device {device!r}: expected cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA GPU is available (use --device cpu)")
+    if gpus and gpus > torch.cuda.device_count():
+        fail(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+
+    spec = ModelSpec(checkpoint=model, allow_pickle=unsafe_pickle, preset=preset if random_init else None,
+                     seed=seed)
+    try:
+        loaded = load_model(spec)
+    except CheckpointError as e:
+        fail(f"--model: {e}")
+    reader = open_artifact(input, "segments", "embed")
+    try:
+        warnings = check_input(reader.schema, reader.metadata, loaded)
+        lead_names, _ = parse_leads(leads, loaded.contract)
+    except EmbedError as e:
+        fail(str(e))
+    from ecgfm_cli.console import info
+
+    for w in warnings:
+        info(f"embed: warning: {w}")
+    if reader.num_rows() == 0:
+        fail(f"{input}: the input holds no segments")
+
+    opts = EmbedOptions(batch_size=batch_size, device=device, dtype=dtype, pool=pool, leads=leads, nan=nan,
+                        threads=threads)
+    import json
+
+    contract = json.loads(reader.metadata.get("ecgfm.contract") or loaded.contract.to_json())
+    settings = {"pool": pool, "leads": lead_names, "dtype": dtype, "device": device, "batch_size": batch_size,
+                "nan": nan, "gpus": gpus, "procs": procs}
+    meta = {
+        "contract": contract,
+        "model": loaded.meta,
+        "provenance": build_provenance({"segments": input, "model": model},
+                                       seed=seed if random_init else None, extra=settings),
+        "leads": lead_names,
+        "pool": pool,
+    }
+    try:
+        summary = run_embed(input, reader, out, spec, loaded, opts, meta, gpus=gpus, procs=procs)
+    except EmbedError as e:
+        fail(str(e))
+    what = "records" if pool == "record" else "segments"
+    msg = f"embed: {summary.rows} {what} x {summary.dim} -> {output}"
+    if summary.nan_skipped:
+        msg += (f" ({summary.nan_skipped} segment(s) with NaN/Inf skipped, e.g. "
+                f"{'; '.join(summary.nan_examples)})")
+    info(msg)

@@ -1,0 +1,1 @@
+"""Pretraining: the segment data pipeline (data.py), process groups (distributed.py) and the loop (pretrain.py)."""

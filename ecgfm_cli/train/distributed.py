@@ -1,0 +1,87 @@
+"""Process groups for data-parallel training, the torchrun way.
+
+The contract is torchrun's environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``. Under ``torchrun`` (or any launcher that sets them) :func:`launch` just calls the worker;
+otherwise it starts ``nprocs`` local processes with ``torch.multiprocessing.spawn`` and sets the same
+variables for them, so one code path serves ``--gpus 8``, ``--procs 2`` on CPU and multi-node runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_launcher() -> bool:
+    """True when a launcher (torchrun, SLURM wrappers) already set the torchrun variables."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: int = 1, node_rank: int = 0,
+           master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+    """Run ``worker(*args)`` in every process of the job (see the module docstring)."""
+    if under_launcher() or nprocs * nnodes == 1:
+        worker(*args)
+        return
+    port = master_port or (free_port() if nnodes == 1 else 29500)
+    torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port),
+                                nprocs=nprocs, join=True)
+
+
+def _spawned(local_rank: int, worker: Callable[..., None], args: tuple, nprocs: int, nnodes: int,
+             node_rank: int, master_addr: str, master_port: int) -> None:
+    os.environ.update(RANK=str(node_rank * nprocs + local_rank), WORLD_SIZE=str(nprocs * nnodes),
+                      LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR=master_addr,
+                      MASTER_PORT=str(master_port))
+    worker(*args)
+
+
+def setup(device: str) -> DistContext:
+    """Join the process group named by the environment (NCCL on CUDA, gloo on CPU); ``device`` is
+    ``cuda`` or ``cpu``. A single process without the variables gets a trivial context."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device == "cpu" and local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Share the cores (as torchrun's OMP_NUM_THREADS=1 does): oversubscribed OpenMP threads spin-wait.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if device == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                                **({"device_id": dev} if device == "cuda" else {}))
+    return DistContext(rank, world, local, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

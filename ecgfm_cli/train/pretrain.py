@@ -1,0 +1,570 @@
+"""The ``ecgfm pretrain`` loop: W2V + CMSC + RLM pretraining with DDP, accumulation, checkpoints and exact resume.
+
+One update = ``update_freq`` micro-batches per rank. As in fairseq, each micro-batch's loss is a SUM whose
+natural denominator is its masked-frame count (``sample_size``); after the backward passes the counts are
+summed over micro-batches and ranks (one all-reduce of a small stats vector) and the gradients are multiplied
+by ``world_size / global_count``, so that DDP's gradient averaging yields ``d(sum of losses) / global_count``:
+the result does not depend on how the batch is split over ranks.
+
+Run directory (``-o RUN``)::
+
+    RUN/run.json                  options, data summary, world size (written at start)
+    RUN/log.jsonl                 one JSON object per --log-every updates
+    RUN/checkpoint-<update>/      model.safetensors + config.json (kind "pretraining") + trainer_state.pt
+    RUN/latest                    name of the newest complete checkpoint directory
+    RUN/summary.json              written at the end
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ecgfm_cli.console import fail, info
+from ecgfm_cli.contract import Contract
+from ecgfm_cli.model.config import EncoderConfig, preset
+from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, cmsc_loss, total_loss
+from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
+from ecgfm_cli.train.distributed import DistContext, cleanup, setup
+
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+_CKPT_RE = re.compile(r"checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``ecgfm pretrain`` takes (CLI defaults = the ECG-FM reference, see docs/commands/pretrain.md).
+
+    batch_size: segments per rank per micro-batch (CMSC: 2 x pairs). max_time: seconds. workers: data
+    partitions per rank, each read by a background thread (or a DataLoader process with worker_processes).
+    """
+
+    segments: str
+    output: str
+    preset: str = "base"
+    init: str | None = None
+    resume: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 128
+    update_freq: int = 1
+    lr: float = 5e-5
+    lr_schedule: str = "fixed"
+    warmup_updates: int = 0
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-6
+    clip_norm: float = 0.0
+    max_updates: int | None = None
+    max_epochs: int | None = None
+    max_time: float | None = None
+    save_every: int = 5000
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 1
+    workers: int = 2
+    worker_processes: bool = False
+    shuffle_buffer: int = 1024
+    dropout: float | None = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class Prepared:
+    """What the pre-flight checks established (picklable: travels to spawned ranks)."""
+
+    encoder_config: EncoderConfig
+    pretrain: PretrainConfig
+    contract: Contract
+    stats: DataStats
+    world_size: int
+    batches_per_epoch: int
+    resume_from: str | None = None
+    init_kind: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- pre-flight
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """``RUN/checkpoint-<n>`` directories, oldest first."""
+    found = [(int(m.group(1)), p) for p in run.glob("checkpoint-*") if (m := _CKPT_RE.search(p.name))
+             and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    f = run / LATEST
+    if f.is_file():
+        p = run / f.read_text().strip()
+        if (p / STATE_FILE).is_file():
+            return p
+    done = [p for p in checkpoints(run) if (p / STATE_FILE).is_file()]
+    return done[-1] if done else None
+
+
+def prepare(opts: TrainOptions, world_size: int) -> Prepared:
+    """Every check that can fail, before any process group or model exists: output directory, resume
+    state, init checkpoint, segments (kind, contract vs the model's), enough data for one batch per rank."""
+    run = Path(opts.output)
+    probe = run
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        fail(f"cannot write the run directory {run}: {probe} is not a writable directory")
+    resume_from = None
+    if opts.resume:
+        ck = latest_checkpoint(run) if run.is_dir() else None
+        if ck is None:
+            fail(f"--resume: {run} holds no complete checkpoint (checkpoint-*/{STATE_FILE})")
+        resume_from = str(ck)
+    elif run.is_dir() and (checkpoints(run) or (run / "log.jsonl").exists()):
+        fail(f"{run} already holds a training run: pass --resume to continue it, or choose another -o")
+
+    pcfg = opts.pretrain
+    enc_cfg: EncoderConfig
+    model_contract = Contract()
+    init_kind = None
+    if resume_from is not None:
+        config = json.loads((Path(resume_from) / "config.json").read_text())
+        enc_cfg = EncoderConfig.from_dict(config["encoder"])
+        model_contract = Contract.from_dict(config.get("contract") or {})
+        saved = (config.get("source") or {}).get("pretrain")
+        if saved:
+            pcfg = PretrainConfig(**{**saved, "cmsc_gather": pcfg.cmsc_gather})
+    elif opts.init:
+        from ecgfm_cli.model.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            loaded = load_checkpoint(opts.init)
+        except CheckpointError as e:
+            fail(f"--init {opts.init}: {e}")
+        enc_cfg, model_contract, init_kind = loaded.encoder_config, loaded.contract, loaded.kind
+        heads = loaded.heads
+        if loaded.kind == "pretraining" and heads:
+            pcfg = replace(pcfg, latent_vars=int(heads["latent_vars"]), latent_groups=int(heads["latent_groups"]),
+                           final_dim=int(heads["final_dim"]))
+    else:
+        try:
+            enc_cfg = preset(opts.preset)
+        except ValueError as e:
+            fail(str(e))
+    if opts.dropout is not None:
+        enc_cfg = enc_cfg.with_dropouts(opts.dropout)
+
+    what = f"the checkpoint {opts.init}" if opts.init and resume_from is None else "the model"
+    index = open_segments(opts.segments, model_contract, "pretrain", what=what)
+    frames = enc_cfg.num_frames(index.contract.window)
+    if pcfg.w2v and frames <= pcfg.mask_length + 1:
+        fail(f"segments of {index.contract.window} samples give {frames} encoder frames: too few for "
+             f"--mask-length {pcfg.mask_length}")
+    lcfg = loader_config(opts, pcfg, world_size)
+    n = batches_per_epoch(index, lcfg)
+    if n == 0:
+        items = index.stats.pairs if pcfg.cmsc else index.stats.segments
+        fail(f"not enough data for one batch of {opts.batch_size} segments on each of {world_size} rank(s) x "
+             f"{lcfg.workers} loader worker(s): {index.stats.describe(pcfg.cmsc)} ({items} usable "
+             f"{'pairs' if pcfg.cmsc else 'segments'}); lower --batch-size/--workers/--procs")
+    return Prepared(enc_cfg, pcfg, index.contract, index.stats, world_size, n, resume_from, init_kind)
+
+
+def loader_config(opts: TrainOptions, pcfg: PretrainConfig, world_size: int) -> LoaderConfig:
+    return LoaderConfig(batch_size=opts.batch_size, seed=opts.seed, cmsc=pcfg.cmsc, rlm=pcfg.rlm,
+                        rlm_prob=pcfg.rlm_prob, rlm_apply_prob=pcfg.rlm_apply_prob, world_size=world_size,
+                        workers=max(opts.workers, 1), shuffle_buffer=opts.shuffle_buffer)
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def lr_at(update: int, opts: TrainOptions) -> float:
+    """Learning rate for the ``update``-th optimizer step (0-based): linear warm-up over ``warmup_updates``,
+    then constant (``fixed``, the reference) or half-cosine to 0 at ``max_updates`` (``cosine``)."""
+    if opts.warmup_updates > 0 and update < opts.warmup_updates:
+        return opts.lr * (update + 1) / opts.warmup_updates
+    if opts.lr_schedule == "cosine" and opts.max_updates:
+        span = max(opts.max_updates - opts.warmup_updates, 1)
+        progress = min(max(update - opts.warmup_updates, 0) / span, 1.0)
+        return opts.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return opts.lr
+
+
+def build_model(prep: Prepared, seed: int) -> Wav2Vec2Pretrainer:
+    torch.manual_seed(seed)
+    return Wav2Vec2Pretrainer(prep.encoder_config, prep.pretrain)
+
+
+def load_init(model: Wav2Vec2Pretrainer, path: str) -> None:
+    """Weights of ``--init``: a pretraining checkpoint (ours or official) loads whole; an encoder or classifier
+    checkpoint loads the encoder and leaves the pretraining heads freshly initialised."""
+    from ecgfm_cli.model.checkpoint import encoder_state, load_checkpoint
+
+    loaded = load_checkpoint(path)
+    if loaded.kind == "pretraining":
+        state = {k: v for k, v in loaded.state_dict.items() if not k.startswith("target_glu.")}
+        model.load_state_dict(state, strict=True)
+    else:
+        model.encoder.load_state_dict(encoder_state(loaded.kind, loaded.state_dict), strict=True)
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+_SUM_KEYS = ("sample_size", "loss", "contrastive", "correct", "count")
+_MEAN_KEYS = ("diversity", "features_pen", "cmsc", "prob_perplexity", "code_perplexity")
+
+
+def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict],
+                 ctx: DistContext, lr: float, clip_norm: float = 0.0, dtype: str = "float32",
+                 fixed: list[dict] | None = None, stop: bool = False) -> dict[str, float]:
+    """One optimizer step over the micro-batches ``micro`` (dicts with ``x (B, 12, L)`` and ``record (B,)``).
+
+    ``net`` is ``model`` or its DDP wrapper. ``fixed`` (tests): per micro-batch ``{"mask": (B, T) bool,
+    "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``: this rank's vote to end training, OR-ed
+    over ranks into the returned ``stop``. Returns globally reduced metrics (plain floats).
+    """
+    cfg = model.cfg
+    params = [p for p in model.parameters() if p.requires_grad]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    sums = {k: torch.zeros((), device=ctx.device) for k in _SUM_KEYS + _MEAN_KEYS}
+    for i, b in enumerate(micro):
+        x = b["x"].to(ctx.device, non_blocking=True)
+        record = b["record"].to(ctx.device, non_blocking=True)
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+        with sync:
+            with autocast(ctx.device, dtype):
+                out = net(x, **(fixed[i] if fixed else {}))
+                cmsc = cmsc_loss(out["x_out"], record, cfg.cmsc_temp, gather=cfg.cmsc_gather,
+                                 eps=cfg.cmsc_eps) if cfg.cmsc else None
+                loss, logs = total_loss(out, cmsc, cfg)
+            loss.float().backward()
+        sums["loss"] += loss.detach().float()
+        for k in _SUM_KEYS[:1] + _SUM_KEYS[2:] + _MEAN_KEYS:
+            sums[k] += logs[k].float()
+    keys = list(sums)
+    vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(stop), device=ctx.device)])
+    if ctx.distributed:
+        dist.all_reduce(vec)
+    tot = dict(zip(keys, vec[:-1].tolist(), strict=True))
+    global_count = max(tot["sample_size"], 1.0)
+    # DDP averaged the gradients over ranks; turn that into sum-over-ranks / global count.
+    scale = ctx.world_size / global_count
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
+    optimizer.step()
+    n = len(micro) * ctx.world_size
+    metrics = {
+        "loss": tot["loss"] / global_count,
+        "contrastive": tot["contrastive"] / global_count if cfg.w2v else 0.0,
+        **{k: tot[k] / n for k in _MEAN_KEYS},
+        "accuracy": tot["correct"] / tot["count"] if tot["count"] else 0.0,
+        "temperature": model.quantizer.temperature,
+        "grad_norm": float(grad_norm),
+        "sample_size": tot["sample_size"],
+        "stop": vec[-1].item() > 0,
+    }
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+        "python_gauss": random.getstate()[2],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(s: dict) -> None:
+    py = s["python"]
+    random.setstate((py[-1], tuple(py[:-1]), s["python_gauss"]))
+    n = s["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    s = seed * 1_000_003 + rank + 1
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.optim.Optimizer, prep: Prepared,
+                        opts: TrainOptions, ctx: DistContext, update: int, position: tuple[int, int]) -> Path | None:
+    """Collective (every rank calls it: the RNG states are gathered); rank 0 writes
+    ``RUN/checkpoint-<update>/`` atomically, points ``RUN/latest`` at it and keeps the last ``keep_last``."""
+    from ecgfm_cli.model.checkpoint import make_config, save_checkpoint
+
+    states = [None] * ctx.world_size
+    if ctx.distributed:
+        dist.all_gather_object(states, _rng_state())
+    else:
+        states = [_rng_state()]
+    if not ctx.is_main:
+        return None
+    pcfg = prep.pretrain
+    heads = {"latent_groups": pcfg.latent_groups, "latent_vars": pcfg.latent_vars,
+             "latent_dim": pcfg.final_dim, "final_dim": pcfg.final_dim}
+    config = make_config("pretraining", model.encoder_cfg, heads=heads, contract=prep.contract, source={
+        "command": "ecgfm pretrain", "update": update, "epoch": position[0], "pretrain": asdict(pcfg),
+        "init": opts.init, "segments": str(opts.segments),
+    })
+    final = run / f"checkpoint-{update}"
+    tmp = run / f".checkpoint-{update}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model.state_dict(), config)
+    torch.save({
+        "update": update,
+        "epoch": position[0],
+        "data": {"epoch": position[0], "batch": position[1], "seed": opts.seed, "world_size": ctx.world_size,
+                 "workers": max(opts.workers, 1), "batch_size": opts.batch_size, "cmsc": pcfg.cmsc,
+                 "shuffle_buffer": opts.shuffle_buffer, "batches_per_epoch": prep.batches_per_epoch},
+        "optimizer": optimizer.state_dict(),
+        "num_updates": model.quantizer.num_updates,
+        "temperature": model.quantizer.temperature,
+        "rng": states,
+    }, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = run / f".{LATEST}.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, run / LATEST)
+    for old in checkpoints(run)[: -opts.keep_last] if opts.keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+# -------------------------------------------------------------------------------------------------- loop
+
+
+def _max_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_worker(opts: TrainOptions, prep: Prepared) -> None:
+    """Entry point of every rank (see :func:`ecgfm_cli.train.distributed.launch`)."""
+    ctx = setup(opts.device)
+    try:
+        _train(opts, prep, ctx)
+    finally:
+        cleanup()
+
+
+def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
+    run = Path(opts.output)
+    index: SegmentIndex = open_segments(opts.segments, None, "pretrain")
+    lcfg = loader_config(opts, prep.pretrain, ctx.world_size)
+    model = build_model(prep, opts.seed)
+    update, position = 0, (0, 0)
+    state = None
+    if prep.resume_from:
+        from ecgfm_cli.model.checkpoint import load_checkpoint
+
+        ckpt = Path(prep.resume_from)
+        model.load_state_dict(load_checkpoint(ckpt).state_dict, strict=True)
+        state = load_trainer_state(ckpt)
+        update = int(state["update"])
+        data = state["data"]
+        position = (int(data["epoch"]), int(data["batch"]))
+        if (data["world_size"], data["workers"], data["batch_size"]) != (ctx.world_size, lcfg.workers,
+                                                                           opts.batch_size):
+            # Another data layout: keep the epoch, continue at the same fraction of it.
+            frac = data["batch"] / max(data.get("batches_per_epoch", data["batch"]) or 1, 1)
+            position = (position[0], int(frac * prep.batches_per_epoch))
+            if ctx.is_main:
+                info("pretrain: resuming with another world size/workers/batch size: the data order differs "
+                     "from the original run from here on")
+    elif opts.init:
+        load_init(model, opts.init)
+    model.set_num_updates(update)
+    model.to(ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=opts.adam_betas, eps=opts.adam_eps,
+                                  weight_decay=opts.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+    else:
+        _seed_everything(opts.seed, ctx.rank)
+    net: nn.Module = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                  find_unused_parameters=not prep.pretrain.w2v)
+    model.train()
+
+    if ctx.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        _write_json(run / "run.json", {
+            "options": {**asdict(opts), "pretrain": asdict(prep.pretrain)},
+            "encoder": model.encoder_cfg.to_dict(), "data": asdict(prep.stats), "world_size": ctx.world_size,
+            "batches_per_epoch": prep.batches_per_epoch, "resumed_from": prep.resume_from,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        })
+        _truncate_log(run / "log.jsonl", update)
+        info(f"pretrain: {prep.stats.describe(prep.pretrain.cmsc)}; {prep.batches_per_epoch} batches of "
+             f"{opts.batch_size} per rank per epoch, {ctx.world_size} rank(s), update = "
+             f"{opts.batch_size * opts.update_freq * ctx.world_size} segments; "
+             f"{'resuming at update ' + str(update) if update else 'starting'} on {ctx.device} ({opts.dtype})")
+
+    loader = make_loader(index, lcfg, ctx.rank, position[0], position[1], opts.max_epochs,
+                         processes=opts.worker_processes, pin_memory=ctx.device.type == "cuda")
+    bar = None
+    if ctx.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=opts.max_updates, initial=update, unit="upd", file=sys.stderr, dynamic_ncols=True,
+                   desc="pretrain")
+    t_start = time.monotonic()
+    window: list[dict] = []
+    t_window, seg_window = time.monotonic(), 0
+    last_metrics: dict = {}
+    saved_at = update if prep.resume_from else -1
+    exhausted = False
+    try:
+        while opts.max_updates is None or update < opts.max_updates:
+            micro = []
+            for _ in range(opts.update_freq):
+                b = next(loader, None)
+                if b is None:
+                    exhausted = True
+                    break
+                micro.append(b)
+            if not micro:
+                break
+            out_of_time = opts.max_time is not None and time.monotonic() - t_start >= opts.max_time
+            m = train_update(model, net, optimizer, micro, ctx, lr_at(update, opts), opts.clip_norm, opts.dtype,
+                             stop=out_of_time)
+            update += 1
+            model.set_num_updates(update)
+            last = micro[-1]
+            position = (int(last["epoch"]), int(last["batch"]) * lcfg.workers + int(last["worker"]) + 1)
+            seg_window += sum(len(b["x"]) for b in micro) * ctx.world_size
+            m.update(update=update, lr=lr_at(update - 1, opts))
+            window.append(m)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=position[0])
+            if update % opts.log_every == 0 or (opts.max_updates and update == opts.max_updates) or m["stop"]:
+                now = time.monotonic()
+                last_metrics = _log_line(window, update, position, prep, now - t_window, seg_window,
+                                         now - t_start, ctx)
+                if ctx.is_main:
+                    _append_jsonl(run / "log.jsonl", last_metrics)
+                    if bar is None:
+                        info(_summary_line(last_metrics))
+                window, t_window, seg_window = [], now, 0
+            if opts.save_every and update % opts.save_every == 0:
+                save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
+                saved_at = update
+            if m["stop"]:
+                break
+        if window:
+            last_metrics = _log_line(window, update, position, prep, time.monotonic() - t_window, seg_window,
+                                     time.monotonic() - t_start, ctx)
+            if ctx.is_main:
+                _append_jsonl(run / "log.jsonl", last_metrics)
+        final = None
+        if update != saved_at and update > 0:
+            final = save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
+        elif ctx.is_main and update > 0:
+            final = run / f"checkpoint-{update}"
+    finally:
+        if bar is not None:
+            bar.close()
+        if hasattr(loader, "close"):
+            loader.close()
+    if ctx.is_main:
+        reason = "max-updates" if opts.max_updates and update >= opts.max_updates else (
+            "max-epochs" if exhausted else ("max-time" if last_metrics.get("stop") else "end"))
+        summary = {"updates": update, "epoch": last_metrics.get("epoch", position[0]), "stopped_by": reason,
+                   "elapsed_s": round(time.monotonic() - t_start, 3), "checkpoint": str(final) if final else None,
+                   "last": last_metrics}
+        _write_json(run / "summary.json", summary)
+        info(f"pretrain: {update} updates ({reason}), loss {last_metrics.get('loss', float('nan')):.4f}, "
+             f"{summary['elapsed_s']:.0f} s; checkpoint {final}")
+
+
+def _log_line(window: list[dict], update: int, position: tuple[int, int], prep: Prepared, dt: float,
+              segments: int, elapsed: float, ctx: DistContext) -> dict:
+    keys = ("loss", "contrastive", "diversity", "features_pen", "cmsc", "accuracy", "prob_perplexity",
+            "code_perplexity", "grad_norm")
+    out = {"update": update, "epoch": round(position[0] + position[1] / max(prep.batches_per_epoch, 1), 4)}
+    out.update({k: float(np.mean([w[k] for w in window])) for k in keys})
+    out.update(temperature=window[-1]["temperature"], lr=window[-1]["lr"],
+               segments_per_s=round(segments / max(dt, 1e-9), 2), max_memory_mb=round(_max_memory_mb(ctx.device), 1),
+               elapsed_s=round(elapsed, 3), stop=bool(window[-1]["stop"]))
+    return out
+
+
+def _summary_line(m: dict) -> str:
+    return (f"update {m['update']} epoch {m['epoch']:.2f} loss {m['loss']:.4f} (contr {m['contrastive']:.3f} "
+            f"cmsc {m['cmsc']:.3f} div {m['diversity']:.3f} pen {m['features_pen']:.4f}) ppl "
+            f"{m['prob_perplexity']:.1f}/{m['code_perplexity']:.1f} tau {m['temperature']:.4f} lr {m['lr']:.2e} "
+            f"gnorm {m['grad_norm']:.3f} {m['segments_per_s']:.0f} seg/s mem {m['max_memory_mb']:.0f} MB")
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _truncate_log(path: Path, update: int) -> None:
+    """On resume, drop log lines of updates after the checkpoint (the killed run got further)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line).get("update", 0) <= update]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_log(run: str | Path) -> list[dict]:
+    """The entries of ``RUN/log.jsonl``."""
+    return [json.loads(line) for line in Path(run, "log.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,218 @@
+"""`ecgfm pretrain` end to end: exact resume, learning on real records, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ecgfm_cli.cli import app
+from ecgfm_cli.console import UsageError
+from ecgfm_cli.train.pretrain import lr_at, read_log
+
+runner = CliRunner()
+
+# The tiny model with a small objective keeps a CPU update well under a second.
+TINY = ("--preset", "tiny", "--batch-size", "8", "--log-every", "1", "--num-negatives", "20")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CI machine can make OpenMP threads spin-wait."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def invoke(*args) -> None:
+    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="module")
+def segments(sample_data: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain")
+    invoke("ingest", sample_data, "--fs", "500", "-o", root / "records")
+    invoke("segment", root / "records", "-o", root / "segments")
+    return root / "segments"
+
+
+def losses(run: Path) -> list[float]:
+    return [e["loss"] for e in read_log(run)]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(segments: Path, tmp_path: Path) -> None:
+    """Kill at update 3 (simulated: stop there with a checkpoint), resume to 6: the per-update losses equal an
+    uninterrupted 6-update run. Accumulation over 2 batches, 2 loader workers, an epoch boundary crossed
+    after the resume."""
+    common = (*TINY, "--update-freq", "2", "--workers", "2", "--seed", "7")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    invoke("pretrain", segments, "-o", full, *common, "--max-updates", "6", "--save-every", "3")
+    # the interrupted run loads with DataLoader processes, the others with threads: same batches
+    invoke("pretrain", segments, "-o", cut, *common, "--max-updates", "3", "--save-every", "3", "--worker-processes")
+    assert (cut / "latest").read_text().strip() == "checkpoint-3"
+    invoke("pretrain", segments, "-o", cut, *common, "--max-updates", "6", "--save-every", "3", "--resume")
+    a, b = read_log(full), read_log(cut)
+    assert [e["update"] for e in a] == [e["update"] for e in b] == [1, 2, 3, 4, 5, 6]
+    assert max(e["epoch"] for e in a) > 1.0  # the data stream wrapped into a new epoch
+    for key in ("loss", "contrastive", "cmsc", "code_perplexity", "grad_norm"):
+        np.testing.assert_allclose([e[key] for e in b], [e[key] for e in a], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert a[-1]["temperature"] == b[-1]["temperature"] < 2.0
+
+    # the checkpoints are in the project's format and hold the complete trainer state
+    import torch
+
+    from ecgfm_cli.model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(full / "checkpoint-6")
+    assert ck.kind == "pretraining" and ck.encoder_config.embed_dim == 64
+    state = torch.load(full / "checkpoint-6" / "trainer_state.pt", weights_only=True)
+    assert state["update"] == 6 and state["num_updates"] == 6 and len(state["rng"]) == 1
+    assert {"epoch", "batch", "seed"} <= set(state["data"])
+    assert json.loads((full / "summary.json").read_text())["updates"] == 6
+
+
+@pytest.mark.slow
+def test_learns_on_real_records(segments: Path, tmp_path: Path) -> None:
+    """Tiny model, real ECGs (the committed sample), 80 CPU updates: the loss falls and the codebook is used."""
+    run = tmp_path / "run"
+    invoke("pretrain", segments, "-o", run, *TINY, "--max-updates", "80", "--lr", "1e-3",
+           "--save-every", "40", "--keep-last", "1", "--workers", "1")
+    log = read_log(run)
+    assert len(log) == 80
+    first, last = np.mean([e["loss"] for e in log[:10]]), np.mean([e["loss"] for e in log[-10:]])
+    assert last < first - 0.1, (first, last)
+    assert min(e["code_perplexity"] for e in log[-10:]) > 4.0  # no codebook collapse
+    for key in ("update", "epoch", "loss", "contrastive", "diversity", "features_pen", "cmsc", "prob_perplexity",
+                "code_perplexity", "temperature", "lr", "segments_per_s", "max_memory_mb", "grad_norm"):
+        assert key in log[-1]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-80"]  # --keep-last 1
+    assert (run / "latest").read_text().strip() == "checkpoint-80"
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["data"]["pairs"] > 0 and run_json["world_size"] == 1
+
+
+def test_init_from_our_checkpoint_and_ablations(segments: Path, tmp_path: Path) -> None:
+    first = tmp_path / "a"
+    invoke("pretrain", segments, "-o", first, *TINY, "--max-updates", "1", "--workers", "1", "--no-cmsc")
+    second = tmp_path / "b"
+    invoke("pretrain", segments, "-o", second, "--batch-size", "8", "--init", first / "checkpoint-1",
+           "--max-updates", "1", "--workers", "1", "--no-w2v", "--no-rlm")
+    entry = read_log(second)[-1]
+    assert entry["contrastive"] == 0.0 and entry["cmsc"] > 0
+    assert json.loads((second / "run.json").read_text())["encoder"]["embed_dim"] == 64  # from --init
+
+
+def test_bad_input_fails_before_training(segments: Path, tmp_path: Path, sample_data: Path) -> None:
+    def fails(*args, match: str) -> None:
+        with pytest.raises(UsageError, match=match):
+            runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails("pretrain", empty, "-o", tmp_path / "r1", *TINY, match="no segments files")
+    records = segments.parent / "records"
+    fails("pretrain", records, "-o", tmp_path / "r2", *TINY, match="no segments files.*records")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        fails("pretrain", segments, "-o", ro / "run", *TINY, match="not a writable directory")
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    fails("pretrain", segments, "-o", afile / "run", *TINY, match="not a writable directory")
+    fails("pretrain", segments, "-o", tmp_path / "r3", *TINY, "--batch-size", "200", match="not enough data")
+    fails("pretrain", segments, "-o", tmp_path / "r4", *TINY, "--resume", match="no complete checkpoint")
+    fails("pretrain", segments, "-o", tmp_path / "r5", *TINY, "--init", tmp_path / "missing",
+          match="no such file")
+    # a checkpoint made for another contract
+    from ecgfm_cli.contract import Contract
+    from ecgfm_cli.model.checkpoint import make_config, save_checkpoint
+    from ecgfm_cli.model.config import preset
+    from ecgfm_cli.model.encoder import EcgEncoder
+
+    cfg = preset("tiny")
+    ck = save_checkpoint(tmp_path / "ck250", EcgEncoder(cfg).state_dict(),
+                         make_config("encoder", cfg, contract=Contract(sample_rate=250, window=1250)))
+    fails("pretrain", segments, "-o", tmp_path / "r6", *TINY, "--init", ck,
+          match="than the checkpoint .*sample_rate: segments have 500")
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 7))
+    # an existing run is not overwritten without --resume
+    run = tmp_path / "done"
+    invoke("pretrain", segments, "-o", run, *TINY, "--max-updates", "1", "--workers", "1")
+    fails("pretrain", segments, "-o", run, *TINY, match="already holds a training run")
+    fails("pretrain", segments, "-o", tmp_path / "r7", "--lr-schedule", "cosine", match="needs --max-updates")
+
+
+def test_lr_schedule() -> None:
+    from ecgfm_cli.train.pretrain import TrainOptions
+
+    fixed = TrainOptions("s", "o")
+    assert lr_at(0, fixed) == lr_at(10**6, fixed) == 5e-5
+    warm = TrainOptions("s", "o", lr=1.0, lr_schedule="cosine", warmup_updates=10, max_updates=110)
+    assert lr_at(0, warm) == pytest.approx(0.1) and lr_at(9, warm) == pytest.approx(1.0)
+    assert lr_at(60, warm) == pytest.approx(0.5) and lr_at(110, warm) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gpu_benchmark_flop_counter_and_no_cuda_message() -> None:
+    """benchmarks/gpu_pretrain_mfu.py: its analytic FLOP count matches the model's matmul weights, and without
+    CUDA it says so instead of failing obscurely."""
+    import subprocess
+    import sys
+
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_pretrain_mfu import mfu, step_flops
+
+    from ecgfm_cli.model.config import preset
+    from ecgfm_cli.model.encoder import EcgEncoder
+
+    cfg = preset("base")
+    with torch.device("meta"):
+        enc = EcgEncoder(cfg)
+    matmul_weights = sum(m.weight.numel() for m in enc.modules() if isinstance(m, nn.Linear))
+    matmul_weights += enc.conv_pos.pos_conv[0].parametrizations.weight.original1.numel()
+    f = step_flops(cfg)
+    assert f.linear == 6 * 156 * matmul_weights == 6 * 156 * 89_849_856
+    assert f.attention == 12 * 12 * 156**2 * 768
+    assert 87e9 < f.total < 89e9 and f.head < 0.01 * f.total
+    assert mfu(1000.0, 1e12, 2, 1000.0) == 0.5
+    if not torch.cuda.is_available():
+        res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                  "gpu_pretrain_mfu.py")], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "CUDA is not available" in res.stderr
+
+
+def test_init_from_an_official_fairseq_checkpoint(segments: Path, tmp_path: Path) -> None:
+    """Continued pretraining from an ECG-FM release file (.pt, fairseq-signals layout; a random stand-in here):
+    every tensor, the pretraining heads included, is loaded (lr 0 keeps them unchanged)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_reference import fairseq_cfg_model, random_fairseq_state
+
+    from ecgfm_cli.model.checkpoint import load_checkpoint
+    from ecgfm_cli.model.config import preset
+
+    cfg = preset("tiny")
+    pt = tmp_path / "mimic_iv_ecg_physionet_pretrained.pt"
+    torch.save({"cfg": {"model": fairseq_cfg_model(cfg)}, "model": random_fairseq_state(cfg, seed=4)}, pt)
+    run = tmp_path / "run"
+    invoke("pretrain", segments, "-o", run, "--init", pt, "--batch-size", "8", "--max-updates", "1", "--lr", "0",
+           "--workers", "1", "--num-negatives", "20")
+    before, after = load_checkpoint(pt).state_dict, load_checkpoint(run / "checkpoint-1").state_dict
+    assert set(before) == set(after) and any(k.startswith("quantizer.") for k in after)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
