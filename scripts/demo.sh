@@ -30,7 +30,7 @@ ecgfm evaluate "$OUT/probe.parquet" --labels "$LABELS" --aggregate label --boots
   --baseline "$OUT/probe.baseline.parquet" -o "$OUT/probe-metrics.json"
 
 step "finetune the pretrained encoder and evaluate per record (ECG-FM's label-specific aggregation)"
-ecgfm finetune "$OUT/segments" --init "$OUT/pretrain" --labels "$LABELS" --epochs 5 --lr 1e-4 -o "$OUT/finetune"
+ecgfm finetune "$OUT/segments" --init "$OUT/pretrain" --labels "$LABELS" --epochs 40 --patience 10 --lr 1e-3 -o "$OUT/finetune"
 ecgfm evaluate "$OUT/finetune/predictions.parquet" --labels "$LABELS" --aggregate label --bootstrap 200 \
   -o "$OUT/finetune-metrics.json" --plots "$OUT/plots"
 

@@ -428,3 +428,23 @@ def test_contrastive_loss_matches_transformers():
     ours_pred = ours.final_proj(out["x_out"][mask].view(bsz, tm, -1))
     ref_pred = ref.projected_states[mask].view(bsz, tm, -1)
     assert (ours_pred - ref_pred).abs().max() < 1e-5, (ours_pred - ref_pred).abs().max()
+
+
+def test_indexed_logits_equal_materialised_negatives_values_and_gradients():
+    from ecgfm_cli.model.pretraining import contrastive_logits_indexed
+
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(3, 12, 8, generator=g, requires_grad=True)
+    y = torch.randn(3, 12, 8, generator=g)
+    y[:, 5] = y[:, 2]  # a negative equal to the positive must become -inf in both forms
+    y.requires_grad_(True)
+    idx = sample_negative_indices(3, 12, 20, generator=g)
+    ref = contrastive_logits(pred, y, gather_negatives(y, idx), 0.1)
+    got = contrastive_logits_indexed(pred, y, idx, 0.1)
+    assert torch.equal(torch.isinf(ref), torch.isinf(got)) and torch.isinf(got).any()
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], atol=1e-5, rtol=1e-5)
+    g_ref = torch.autograd.grad(contrastive_loss(ref), (pred, y))
+    g_got = torch.autograd.grad(contrastive_loss(got), (pred, y))
+    for a, b in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

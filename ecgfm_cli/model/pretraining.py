@@ -142,6 +142,30 @@ def contrastive_logits(pred: Tensor, pos: Tensor, negs: Tensor, logit_temp: floa
     return logits.permute(1, 2, 0)
 
 
+def contrastive_logits_indexed(pred: Tensor, y: Tensor, idx: Tensor, logit_temp: float = 0.1) -> Tensor:
+    """The values of ``contrastive_logits(pred, y, gather_negatives(y, idx))`` without materialising the
+    ``(N, B, T', F)`` negatives (and their gradient scatter), which dominate a small model's step.
+
+    Every prediction is compared with every masked target of its row once, ``(B, T', T')``, and the
+    negatives' logits are gathered from that matrix. ``neg_is_pos`` is still exact equality of target
+    vectors (a distance of exactly 0, computed without the matmul shortcut).
+
+    Args: ``pred``, ``y`` ``(B, T', F)``; ``idx`` ``(B, T', N)`` per-row indices. Returns float32 ``(B, T', 1 + N)``.
+    """
+    p = pred.float()
+    t = y.float()
+    norms = p.norm(dim=-1, keepdim=True) * t.norm(dim=-1).unsqueeze(1)  # (B, T', T')
+    # torch.cosine_similarity's own guard: x.y / sqrt(max(|x|^2 |y|^2, eps^2)), eps = 1e-8
+    sim = torch.bmm(p, t.transpose(1, 2)) / norms.clamp_min(1e-8) / logit_temp
+    idx = idx.to(sim.device)
+    pos = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+    neg = torch.gather(sim, 2, idx)
+    with torch.no_grad():
+        same = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist") == 0  # (B, T', T')
+        neg_is_pos = torch.gather(same, 2, idx)
+    return torch.cat([pos, neg.masked_fill(neg_is_pos, float("-inf"))], dim=-1)
+
+
 def contrastive_loss(logits: Tensor) -> Tensor:
     """InfoNCE with target 0, SUM over frames: ``logits (..., 1 + N)`` -> scalar."""
     flat = logits.reshape(-1, logits.shape[-1])
@@ -252,10 +276,8 @@ class Wav2Vec2Pretrainer(nn.Module):
             negatives_idx = sample_negative_indices(
                 bsz, n_per_row, cfg.num_negatives, generator=generator, device=x.device
             )
-        negs = gather_negatives(y, negatives_idx)
-
         pred = self.final_proj(x_out[mask].view(bsz, n_per_row, -1))
-        logits = contrastive_logits(pred, y, negs, cfg.logit_temp)
+        logits = contrastive_logits_indexed(pred, y, negatives_idx, cfg.logit_temp)
         gv = self.quantizer.total_vars
         return {
             "x_out": x_out,

@@ -471,7 +471,7 @@ def worker_start(rank_batch: int, worker: int, workers: int) -> int:
 # ----------------------------------------------------------------------------------------- loaders
 
 
-class _Prefetch:
+class Prefetch:
     """Runs an iterator in a daemon thread, ``depth`` items ahead (numpy and pyarrow release the GIL)."""
 
     _END = object()
@@ -503,7 +503,7 @@ class _Prefetch:
             except queue.Full:
                 continue
 
-    def __iter__(self) -> _Prefetch:
+    def __iter__(self) -> Prefetch:
         return self
 
     def __next__(self):
@@ -515,7 +515,16 @@ class _Prefetch:
         return item
 
     def close(self) -> None:
+        """Stop and join the thread: a daemon thread still inside pyarrow when the interpreter exits
+        aborts the process ("terminate called without an active exception")."""
         self._stop.set()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _shared_tensor(shape: tuple[int, ...]):
@@ -530,7 +539,7 @@ def _shared_tensor(shape: tuple[int, ...]):
 class _Closing:
     """An iterator that stops its prefetch threads on :meth:`close`."""
 
-    def __init__(self, it: Iterator, threads: list[_Prefetch]):
+    def __init__(self, it: Iterator, threads: list[Prefetch]):
         self._it, self._threads = it, threads
 
     def __iter__(self) -> _Closing:
@@ -564,10 +573,10 @@ def make_loader(index: SegmentIndex, cfg: LoaderConfig, rank: int, start_epoch: 
     same order, so a run can resume with either.
     """
     if not processes:
-        threads: list[_Prefetch] = []
+        threads: list[Prefetch] = []
 
-        def wrap(it: Iterator) -> _Prefetch:
-            threads.append(_Prefetch(map(_to_torch, it)))
+        def wrap(it: Iterator) -> Prefetch:
+            threads.append(Prefetch(map(_to_torch, it)))
             return threads[-1]
 
         return _Closing(iter_rank(index, cfg, rank, start_epoch, start_batch, max_epochs, wrap), threads)

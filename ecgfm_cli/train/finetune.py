@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ecgfm_cli.console import fail, info
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.train.data import BatchReader, SegmentIndex
+from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex
 from ecgfm_cli.train.distributed import DistContext, cleanup, setup
 
 #: ECG-FM's finetuning dropouts (reference 1: fairseq-signals diagnosis.yaml).
@@ -398,30 +398,6 @@ def iter_signals(prep: Prepared, batches: list[np.ndarray], reader: BatchReader 
         yield b, reader.gather(rows, last, step, scale)
 
 
-def _background(it: Iterator, depth: int = 2) -> Iterator:
-    """Run ``it`` in a daemon thread ``depth`` items ahead (Parquet decoding and copies release the GIL)."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-    err: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            for item in it:
-                q.put(item)
-        except BaseException as e:  # re-raised in the consumer
-            err.append(e)
-        q.put(end)
-
-    threading.Thread(target=run, daemon=True).start()
-    while (item := q.get()) is not end:
-        yield item
-    if err:
-        raise err[0]
-
-
 # --------------------------------------------------------------------------------------------- model & loss
 
 
@@ -489,11 +465,12 @@ def predict_outputs(model: nn.Module, prep: Prepared, positions: np.ndarray, bat
     out = np.zeros((len(positions), len(prep.labels)), dtype=np.float64)
     batches = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
     k = 0
-    for b, x in _background(iter_signals(prep, batches)):
-        with _autocast(device, dtype):
-            z = model(torch.from_numpy(x).to(device, non_blocking=True))
-        out[k:k + len(b)] = z.float().cpu().numpy()
-        k += len(b)
+    with Prefetch(iter_signals(prep, batches)) as ahead:
+        for b, x in ahead:
+            with _autocast(device, dtype):
+                z = model(torch.from_numpy(x).to(device, non_blocking=True))
+            out[k:k + len(b)] = z.float().cpu().numpy()
+            k += len(b)
     return out
 
 
@@ -635,25 +612,26 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
             bar = tqdm(total=len(batches), desc=f"finetune epoch {epoch}", unit="batch", file=sys.stderr,
                        dynamic_ncols=True, leave=False)
         loss_sum, loss_n = 0.0, 0.0
-        for b, x in _background(iter_signals(prep, batches)):
-            y = torch.from_numpy(Ys[b]).to(ctx.device, non_blocking=True)
-            n_local = torch.tensor(float((~torch.isnan(y)).sum()), device=ctx.device)
-            n_global = n_local.clone()
-            if ctx.distributed:
-                dist.all_reduce(n_global)
-            with _autocast(ctx.device, opts.dtype):
-                out = net(torch.from_numpy(x).to(ctx.device, non_blocking=True))
-            s, _ = finetune_loss(out, y, binary_t, pw_t)
-            # DDP averages gradients over ranks: scale so the result is d(global sum)/(global count).
-            loss = s * ctx.world_size / n_global.clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(s.detach())
-            loss_n += float(n_local)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(s.detach()) / max(float(n_local), 1):.4f}")
+        with Prefetch(iter_signals(prep, batches)) as ahead:
+            for b, x in ahead:
+                y = torch.from_numpy(Ys[b]).to(ctx.device, non_blocking=True)
+                n_local = torch.tensor(float((~torch.isnan(y)).sum()), device=ctx.device)
+                n_global = n_local.clone()
+                if ctx.distributed:
+                    dist.all_reduce(n_global)
+                with _autocast(ctx.device, opts.dtype):
+                    out = net(torch.from_numpy(x).to(ctx.device, non_blocking=True))
+                s, _ = finetune_loss(out, y, binary_t, pw_t)
+                # DDP averages gradients over ranks: scale so the result is d(global sum)/(global count).
+                loss = s * ctx.world_size / n_global.clamp(min=1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(s.detach())
+                loss_n += float(n_local)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(s.detach()) / max(float(n_local), 1):.4f}")
         if bar is not None:
             bar.close()
         tot, cnt = _reduce([loss_sum, loss_n], ctx)
