@@ -23,3 +23,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """Run the real ``ecgfm`` entry point in-process: (exit status, stderr)."""
+    import sys
+
+    from ecgfm_cli.cli import main
+
+    old = sys.argv
+    sys.argv = ["ecgfm", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err

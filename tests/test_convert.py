@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_main as ecgfm
 from hf_reference import fairseq_cfg_model, random_fairseq_state, to_finetuned_layout
 from typer.testing import CliRunner
 
-from ecgfm_cli.cli import app, main
+from ecgfm_cli.cli import app
 from ecgfm_cli.commands.convert import MIMIC_IV_ECG_LABELS, challenge2021_labels, resolve_labels
 from ecgfm_cli.model.checkpoint import load_checkpoint
 from ecgfm_cli.model.config import preset
 
 TINY = preset("tiny")
-
-
-def ecgfm(capsys, *args) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["ecgfm", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
 
 
 def _trainer_dict(cfg_model: dict, state: dict) -> dict:

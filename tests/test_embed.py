@@ -6,7 +6,6 @@ Segments come from the committed Challenge 2021 sample (22 records, 46 windows);
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_main as ecgfm
 
-from ecgfm_cli.cli import main
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.embed import (
     EmbedError,
@@ -33,20 +32,6 @@ from ecgfm_cli.model.config import EncoderConfig, preset
 from ecgfm_cli.model.encoder import EcgEncoder
 
 TINY = preset("tiny")
-
-
-def ecgfm(capsys, *args) -> tuple[int, str]:
-    """Run the real entry point in-process: (exit status, stderr)."""
-    old = sys.argv
-    sys.argv = ["ecgfm", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
 
 
 def _run(*args) -> None:
