@@ -239,3 +239,23 @@ def test_exam_table_labels_join_on_study_id(sample_data, tmp_path):
     rows = {r["record_id"]: (r["study_id"], r["AF"], r["RBBB"]) for r in table(out, "labels").to_pylist()}
     assert rows["1111"] == ("1111", 0, 1) and rows["1111004"] == ("1111004", 1, 0)
     assert sum(v[1] is None for v in rows.values()) == 2
+
+
+def test_binary_never_written_to_a_terminal(sample_data):
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        res = subprocess.run([sys.executable, "-m", "ecgfm_cli", "ingest", str(sample_data / "sph")],
+                             stdout=secondary, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(secondary)
+    os.set_blocking(primary, False)
+    try:
+        written = os.read(primary, 4096)
+    except (BlockingIOError, OSError):
+        written = b""
+    os.close(primary)
+    assert res.returncode == 2 and b"stdout is a terminal" in res.stderr
+    assert written == b""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import zlib
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def read_csv(path: Path, record_id: str, fs: float | None, leads: list[str] | No
             digital = np.ascontiguousarray(sig, dtype=np.int32)
         sig = sig / gain
         units = ["mV"] * len(names)
-    rec = RawRecord(record_id=record_id, source_path=str(path.resolve()), source_format="csv", sample_rate=fs,
+    rec = RawRecord(record_id=record_id, source_path=os.path.abspath(path), source_format="csv", sample_rate=fs,
                     leads=names, signal=np.ascontiguousarray(sig, dtype=np.float32), units=units)
     if digital is not None:
         rec.digital, rec.gain, rec.baseline = digital, [float(gain)] * len(names), [0] * len(names)

@@ -7,6 +7,7 @@ is fixed by the dataset (CPSC 500 Hz, CODE-15% 400 Hz, SPH 500 Hz) or stored (fa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def read_mat(path: Path, record_id: str) -> RawRecord:
     except Exception as e:  # noqa: BLE001 - scipy raises many types on corrupt files
         raise RejectedRecord("unreadable", f"{path.name}: not a readable MATLAB file ({type(e).__name__}: {e})") \
             from None
-    base = dict(record_id=record_id, source_path=str(path.resolve()), leads=list(STANDARD_LEADS))
+    base = dict(record_id=record_id, source_path=os.path.abspath(path), leads=list(STANDARD_LEADS))
     if "ECG" in m:
         ecg = m["ECG"]
         names = ecg.dtype.names or ()
@@ -120,7 +121,7 @@ def read_hdf5(path: Path, record_id: str) -> Iterator[RawRecord | RejectedRecord
         yield RejectedRecord("unreadable", f"{path.name}: not a readable HDF5 file ({e})", str(path), record_id)
         return
     with f:
-        src = str(path.resolve())
+        src = os.path.abspath(path)
         if "tracings" in f:
             yield from _read_code15(f, path, src, record_id)
         elif "ecg" in f and isinstance(f["ecg"], h5py.Dataset):
