@@ -343,7 +343,7 @@ def probe_files(
 
     Returns a summary {"outputs": [...], "labels": {label: info}, "baseline_labels": ..., "notes": [...]}.
     """
-    from ecgfm_cli.provenance import write_parquet_atomic
+    from ecgfm_cli.io.artifacts import write_table
 
     for note in labels.notes:
         log(note)
@@ -388,7 +388,7 @@ def probe_files(
         for key in ("contract", "model"):
             if emb.meta.get(key) is not None:
                 meta[f"ecgfm.{key}"] = json.dumps(emb.meta[key])
-        write_parquet_atomic(predictions_table(data, P, labels.labels, labels.kinds, meta), out_path)
+        write_table(predictions_table(data, P, labels.labels, labels.kinds, meta), Path(out_path), "predictions")
         log(f"{role}: wrote {out_path}")
         summary["outputs"].append(str(out_path))
         summary["labels" if role == "model" else "baseline_labels"] = info

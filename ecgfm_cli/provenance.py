@@ -1,6 +1,7 @@
-"""What produced an output, and writing outputs so that two runs never mix.
+"""What produced an output: the provenance record of ``probe``, ``evaluate``, ``finetune`` and ``embed``.
 
-Shared by ``probe``, ``evaluate`` and ``finetune``:
+(Writing outputs so that two runs never mix is :func:`ecgfm_cli.io.artifacts.atomic_path`.)
+
 
 * :func:`build_provenance` returns the JSON object stored as Parquet key-value metadata
   ``ecgfm.provenance`` (and as the top-level ``"provenance"`` of JSON reports): the command line, the
@@ -11,21 +12,16 @@ Shared by ``probe``, ``evaluate`` and ``finetune``:
   file, its relative path, size, mtime (ns) and its first and last MiB (``method: "sampled"``): cheap on a
   100 GB shard directory, and it still changes when a file is rewritten, but two different files that agree
   on all of that would collide, so the method is recorded next to the digest.
-* :func:`atomic_path` / :func:`atomic_write_text` / :func:`replace_dir` write to ``NAME.tmp-<pid>`` in the same
-  directory and rename over the final name, so a reader never sees a half-written file and reusing an output
-  path replaces the previous run's output (a directory is replaced as a whole, never merged).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import os
 import platform
-import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,63 +105,3 @@ def build_provenance(
     if extra:
         out["settings"] = dict(extra)
     return out
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on error remove it.
-
-    Works for files and for directories (an existing directory at ``path`` is replaced as a whole).
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if tmp.is_dir():
-        replace_dir(tmp, final)
-    else:
-        if final.is_dir():
-            raise IsADirectoryError(f"{final} is a directory; refusing to replace it with a file")
-        os.replace(tmp, final)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-
-
-def replace_dir(tmp_dir: Path, final: Path) -> None:
-    """Move the finished directory ``tmp_dir`` to ``final``, replacing (not merging) what was there."""
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        _remove(old)
-        os.replace(final, old)
-        os.replace(tmp_dir, final)
-        _remove(old)
-    else:
-        os.replace(tmp_dir, final)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_parquet_atomic(table: Any, path: str | os.PathLike) -> None:
-    """Write a ``pyarrow.Table`` to one Parquet file atomically (metadata travels in the table's schema)."""
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from ecgfm_cli import metrics as M
 from ecgfm_cli.commands.evaluate import evaluate_command
 from ecgfm_cli.evaluate import EvalConfig, EvaluateError, Predictions, aggregate_rows, evaluate, evaluate_level
+from ecgfm_cli.io.artifacts import atomic_path
 from ecgfm_cli.labels import LabelTable
-from ecgfm_cli.provenance import atomic_path, build_provenance, fingerprint
+from ecgfm_cli.provenance import build_provenance, fingerprint
 
 RNG = np.random.default_rng(0)
 

@@ -77,8 +77,9 @@ def evaluate_command(
         report_markdown,
         upstream_info,
     )
+    from ecgfm_cli.io.artifacts import atomic_path, atomic_write_text
     from ecgfm_cli.labels import LabelError, load_aggregate_rules, load_labels, resolve_aggregation
-    from ecgfm_cli.provenance import atomic_path, atomic_write_text, build_provenance
+    from ecgfm_cli.provenance import build_provenance
 
     if output is not None and output.suffix.lower() not in (".json", ".md", ".csv"):
         raise _fail(f"-o {output}: the report format comes from the extension; use .json, .md or .csv")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,16 +89,52 @@ def _tmp_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds.
+
+    Works for files and for directories (an existing directory at ``path`` is replaced whole, never merged).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    _remove(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir():
+        replace_dir(tmp, final)
+    elif tmp.exists():
+        if final.is_dir():
+            _remove(tmp)
+            raise IsADirectoryError(f"{final} is a directory; refusing to replace it with a file")
+        os.replace(tmp, final)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def replace_dir(tmp_dir: Path, final: Path) -> None:
+    """Move the finished directory ``tmp_dir`` to ``final``, replacing (not merging) what was there."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        _remove(old)
+        os.replace(final, old)
+        os.replace(tmp_dir, final)
+        _remove(old)
+    else:
+        os.replace(tmp_dir, final)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def shard_tag(shard: tuple[int, int]) -> str:

@@ -689,7 +689,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     os.replace(tmp, work / "summary.json")
     if work != run:
-        from ecgfm_cli.provenance import replace_dir
+        from ecgfm_cli.io.artifacts import replace_dir
 
         replace_dir(work, run)
     info(f"finetune: {len(history)} epochs ({stopped_by}); best epoch {best['epoch']} by {best['criterion']}"
@@ -725,8 +725,8 @@ def _save(path: Path, state: dict[str, Tensor], prep: Prepared, opts: FinetuneOp
 
 
 def _write_predictions(path: Path, prep: Prepared, pos: np.ndarray, P: np.ndarray, summary: dict) -> None:
+    from ecgfm_cli.io.artifacts import write_table
     from ecgfm_cli.probe import Embeddings, ProbeData, predictions_table
-    from ecgfm_cli.provenance import write_parquet_atomic
     from ecgfm_cli.splits import patient_keys
 
     emb = Embeddings(prep.record_ids[pos], prep.patient_ids[pos], prep.segment_index[pos],
@@ -743,7 +743,7 @@ def _write_predictions(path: Path, prep: Prepared, pos: np.ndarray, P: np.ndarra
                                                               "split_check", "pos_weight", "pos_weight_basis",
                                                               "target_standardization")}, default=str),
     }
-    write_parquet_atomic(predictions_table(data, P, prep.labels, prep.kinds, meta), path)
+    write_table(predictions_table(data, P, prep.labels, prep.kinds, meta), Path(path), "predictions")
 
 
 def read_log(run: str | Path) -> list[dict]:
