@@ -27,6 +27,53 @@ class PreprocessError(ValueError):
         self.detail = detail
 
 
+@functools.lru_cache(maxsize=256)
+def _lead_plan(leads: tuple[str, ...], order: tuple[str, ...],
+               lead_map: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """((stored row, output slot), ...) of the recognised leads, and whether the stored rows are
+    exactly ``order``; raises :class:`PreprocessError` like :func:`reorder_leads`."""
+    slot = {name: i for i, name in enumerate(order)}
+    lmap = dict(lead_map)
+    seen: dict[str, str] = {}
+    pairs = []
+    for row, name in enumerate(leads):
+        canon = canonical_lead(name, lmap)
+        if canon is None or canon not in slot:
+            continue
+        if canon in seen:
+            raise PreprocessError("duplicate_lead", f"leads {seen[canon]!r} and {name!r} are both {canon}")
+        seen[canon] = name
+        pairs.append((row, slot[canon]))
+    if not pairs:
+        raise PreprocessError(
+            "unknown_lead",
+            f"no recognisable lead among {list(leads)}; name them with --lead-map, e.g. --lead-map {leads[0]}=I"
+            if len(leads) else "the record has no leads")
+    identity = len(leads) == len(order) and all(r == s for r, s in pairs) and len(pairs) == len(order)
+    return tuple(pairs), identity
+
+
+def _reorder(signal: np.ndarray, leads: Sequence[str], order: Sequence[str],
+             lead_map: dict[str, str] | tuple[tuple[str, str], ...] | None,
+             copy: bool) -> tuple[np.ndarray, np.ndarray]:
+    lm = tuple(lead_map.items()) if isinstance(lead_map, dict) else tuple(lead_map or ())
+    pairs, identity = _lead_plan(tuple(leads), tuple(order), lm)
+    dtype = signal.dtype if signal.dtype.kind == "f" else np.float64
+    if identity and not copy and signal.dtype == dtype:
+        return signal, np.ones(len(order), dtype=bool)  # already in contract order: no copy
+    out = np.zeros((len(order), signal.shape[1]), dtype=dtype) if not identity else \
+        np.empty((len(order), signal.shape[1]), dtype=dtype)
+    present = np.zeros(len(order), dtype=bool)
+    if identity:
+        out[...] = signal
+        present[:] = True
+        return out, present
+    for row, slot in pairs:
+        out[slot] = signal[row]
+        present[slot] = True
+    return out, present
+
+
 def reorder_leads(signal: np.ndarray, leads: Sequence[str], order: Sequence[str],
                   lead_map: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``signal`` (n_leads, n) rearranged into ``order`` by lead name.
@@ -35,25 +82,7 @@ def reorder_leads(signal: np.ndarray, leads: Sequence[str], order: Sequence[str]
     with present False; stored leads that are not in ``order`` are ignored. Raises
     :class:`PreprocessError` when no lead is recognised or two stored leads map to the same name.
     """
-    out = np.zeros((len(order), signal.shape[1]), dtype=signal.dtype if signal.dtype.kind == "f" else np.float64)
-    present = np.zeros(len(order), dtype=bool)
-    slot = {name: i for i, name in enumerate(order)}
-    seen: dict[str, str] = {}
-    for row, name in enumerate(leads):
-        canon = canonical_lead(name, lead_map)
-        if canon is None or canon not in slot:
-            continue
-        if canon in seen:
-            raise PreprocessError("duplicate_lead", f"leads {seen[canon]!r} and {name!r} are both {canon}")
-        seen[canon] = name
-        out[slot[canon]] = signal[row]
-        present[slot[canon]] = True
-    if not present.any():
-        raise PreprocessError(
-            "unknown_lead",
-            f"no recognisable lead among {list(leads)}; name them with --lead-map, e.g. --lead-map {leads[0]}=I"
-            if len(leads) else "the record has no leads")
-    return out, present
+    return _reorder(signal, leads, order, lead_map, copy=True)
 
 
 def resampled_length(n: int, fs: float, target_fs: float) -> int:
@@ -156,12 +185,17 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
     """Apply ECG-FM's preprocessing to one record (n_leads, n) -> windows; see module docstring."""
     if not fs or fs <= 0 or not np.isfinite(fs):
         raise PreprocessError("bad_sample_rate", f"sampling rate {fs!r}")
-    x, present = reorder_leads(np.asarray(signal), leads, opts.leads, dict(opts.lead_map))
-    nan_rows = np.isnan(x).any(axis=1)
+    signal = np.asarray(signal)
+    # x may be ``signal`` itself (leads already in contract order): it is only read, never written
+    x, present = _reorder(signal, leads, opts.leads, opts.lead_map, copy=False)
+    # max propagates NaN: one reduction, no boolean temporary
+    nan_rows = np.isnan(x.max(axis=1)) if x.shape[1] else np.zeros(x.shape[0], dtype=bool)
     nan_leads = [opts.leads[i] for i in np.flatnonzero(nan_rows)]
     if nan_leads:
         if opts.nan == "drop":
             raise PreprocessError("nan_lead", f"NaN in lead(s) {', '.join(nan_leads)} (--nan zero keeps the record)")
+        if x is signal:
+            x = x.copy()
         x[nan_rows] = 0.0
         present &= ~nan_rows
     x = resample_linear(x, fs, opts.sample_rate)

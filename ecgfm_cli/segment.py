@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from ecgfm_cli.console import count_summary, info, progress
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.ingest import widen_stdout_pipe
 from ecgfm_cli.io.artifacts import (
     ArtifactReader,
     ArtifactWriter,
@@ -20,7 +21,7 @@ from ecgfm_cli.io.artifacts import (
     write_done_marker,
     write_table,
 )
-from ecgfm_cli.io.schema import LABELS, REJECTS, iter_records, segments_schema
+from ecgfm_cli.io.schema import LABELS, REJECTS, iter_records, numeric_array, segments_schema, table_from_rows
 from ecgfm_cli.preprocess import PreprocessError, SegmentOptions, segment_record
 
 
@@ -56,6 +57,8 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
     contract = contract_of(opts)
     schema = schema.with_metadata({b"ecgfm.contract": contract.to_json().encode()})
     writer = ArtifactWriter(output, "segments", schema, shard=shard, row_group_rows=128)
+    if output.format == "stream":
+        widen_stdout_pipe()
     rejects: list[dict] = []
     labels: list[dict] = []
     try:
@@ -76,10 +79,10 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
     summary.rejects = Counter(r["reason"] for r in rejects)
     labels_path = sidecar_path(output, "labels", shard)
     if labels_path is not None:
-        write_table(pa.Table.from_pylist(labels, schema=LABELS), labels_path, "labels")
+        write_table(table_from_rows(labels, LABELS), labels_path, "labels")
     rpath = rejects_path or sidecar_path(output, "rejects", shard)
     if rpath is not None:
-        write_table(pa.Table.from_pylist(rejects, schema=REJECTS), rpath, "rejects")
+        write_table(table_from_rows(rejects, REJECTS), rpath, "rejects")
     else:
         for r in rejects[:20]:
             info(f"segment: skipped {r['record_id']}: {r['reason']}: {r['detail']}")
@@ -139,25 +142,25 @@ def segment_batch(batch: pa.RecordBatch, schema: pa.Schema, opts: SegmentOptions
         padded += [seg.padded] * k
         windows.append(seg.windows.reshape(k, -1).astype(np_dtype, copy=False))
     if kept:
-        kept_idx = pa.array(kept, type=pa.int32())
+        kept_idx = numeric_array(np.array(kept), pa.int32())
         out.labels = pa.table({"record_id": batch.column("record_id").take(kept_idx),
                                "patient_id": batch.column("patient_id").take(kept_idx),
                                "study_id": batch.column("study_id").take(kept_idx),
                                "codes": batch.column("dx_codes").take(kept_idx)}).to_pylist()
     if rec_of_row:
-        take = pa.array(rec_of_row, type=pa.int32())
+        take = numeric_array(np.array(rec_of_row), pa.int32())
         flat = np.concatenate(windows, axis=0)
         signal_type = schema.field("signal").type
         present_type = schema.field("lead_present").type
         made = {
-            "signal": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), type=signal_type.value_type),
+            "signal": pa.FixedSizeListArray.from_arrays(numeric_array(flat.ravel(), signal_type.value_type),
                                                         type=signal_type),
-            "segment_index": pa.array(np.concatenate(seg_index)),
-            "start_sample": pa.array(np.concatenate(starts).astype(np.int64)),
-            "lead_present": pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(present).ravel()),
-                                                              type=present_type),
+            "segment_index": numeric_array(np.concatenate(seg_index), pa.int32()),
+            "start_sample": numeric_array(np.concatenate(starts), pa.int64()),
+            "lead_present": pa.FixedSizeListArray.from_arrays(numeric_array(np.concatenate(present).ravel(),
+                                                                            pa.bool_()), type=present_type),
             "sample_rate_orig": batch.column("sample_rate").take(take),
-            "padded": pa.array(padded, type=pa.bool_()),
+            "padded": numeric_array(np.array(padded, dtype=bool), pa.bool_()),
         }
         arrays = [made[f.name] if f.name in made else batch.column(f.name).take(take).cast(f.type)
                   for f in schema]

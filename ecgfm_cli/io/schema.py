@@ -76,6 +76,75 @@ def segments_schema(n_leads: int, window: int, dtype: str = "float32") -> pa.Sch
     ] + carried[3:])
 
 
+
+# ------------------------------------------------------------------------------------------------ builders
+# ``pa.array`` and ``Array.to_numpy`` import pandas on first use whenever it is installed (~0.2 s of
+# start-up in every ingest/segment process); these build and view the artifacts' columns from buffers.
+
+_NUMPY_OF = {pa.float64(): np.float64, pa.float32(): np.float32, pa.float16(): np.float16,
+             pa.int64(): np.int64, pa.int32(): np.int32}
+
+
+def _packed(flags: np.ndarray) -> pa.Buffer:
+    return pa.py_buffer(np.packbits(np.asarray(flags, dtype=bool), bitorder="little"))
+
+
+def numeric_array(values: np.ndarray, type: pa.DataType) -> pa.Array:
+    """A null-free Arrow array of ``type`` (numeric or bool) over 1-D numpy ``values`` (no copy when
+    the dtype already matches and the array is contiguous)."""
+    if pa.types.is_boolean(type):
+        return pa.Array.from_buffers(type, len(values), [None, _packed(values)], null_count=0)
+    data = np.ascontiguousarray(values, dtype=_NUMPY_OF[type])
+    return pa.Array.from_buffers(type, len(data), [None, pa.py_buffer(data)], null_count=0)
+
+
+def column(values: Sequence, type: pa.DataType) -> pa.Array:
+    """``pa.array(values, type=type)`` for Python values (None is null) of the types the artifact
+    schemas use: string, float, int, bool and lists of those."""
+    n = len(values)
+    valid = [v is not None for v in values]
+    nulls = n - sum(valid)
+    validity = _packed(np.array(valid, dtype=bool)) if nulls else None
+    if pa.types.is_string(type):
+        encoded = [v.encode() if v is not None else b"" for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        if offsets[-1] >= 2**31:
+            return pa.array(values, type=type)
+        return pa.Array.from_buffers(type, n, [validity, pa.py_buffer(offsets.astype(np.int32)),
+                                               pa.py_buffer(b"".join(encoded))], null_count=nulls)
+    if type in _NUMPY_OF:
+        data = np.array([v if v is not None else 0 for v in values], dtype=_NUMPY_OF[type])
+        return pa.Array.from_buffers(type, n, [validity, pa.py_buffer(data)], null_count=nulls)
+    if pa.types.is_boolean(type):
+        return pa.Array.from_buffers(type, n, [validity, _packed(np.array([bool(v) for v in values], dtype=bool))],
+                                     null_count=nulls)
+    if pa.types.is_list(type):
+        lengths = [len(v) if v is not None else 0 for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if offsets[-1] < 2**31:
+            child = column([x for v in values if v is not None for x in v], type.value_type)
+            return pa.Array.from_buffers(type, n, [validity, pa.py_buffer(offsets.astype(np.int32))],
+                                         null_count=nulls, children=[child])
+    return pa.array(values, type=type)
+
+
+def table_from_rows(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
+    """``pa.Table.from_pylist(rows, schema=schema)`` (missing keys are null) via :func:`column`."""
+    return pa.Table.from_arrays([column([r.get(f.name) for r in rows], f.type) for f in schema], schema=schema)
+
+
+def numpy_view(arr: pa.Array) -> np.ndarray:
+    """A null-free numeric Arrow array as a read-only numpy view (``arr.to_numpy()`` without pandas)."""
+    if arr.null_count:
+        raise ValueError("numpy_view needs an array without nulls")
+    buf = arr.buffers()[1]
+    dtype = _NUMPY_OF[arr.type]
+    return np.frombuffer(buf, dtype=dtype, count=arr.offset + len(arr))[arr.offset:] if buf is not None else \
+        np.zeros(0, dtype=dtype)
+
+
 # ------------------------------------------------------------------------------------------------ records
 
 
@@ -85,21 +154,29 @@ def lead_quality(signal: np.ndarray, clip_fraction: float = 0.01) -> tuple[list[
     Clipped: at least ``clip_fraction`` of the samples sit at the lead's extreme value (a saturated
     ADC gives a plateau at its min or max); a flat lead is not also reported clipped.
     """
-    nan = np.isnan(signal).any(axis=1)
     if not signal.size:
+        nan = np.zeros(signal.shape[0], dtype=bool)
         lo = hi = np.zeros(signal.shape[0], dtype=signal.dtype)
-    elif nan.any():
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN leads
-            lo, hi = np.nanmin(signal, axis=1), np.nanmax(signal, axis=1)
-    else:  # the common case: plain min/max are several times faster than the NaN-aware ones
+    else:
+        # plain min/max are several times faster than the NaN-aware ones, and a lead holding NaN
+        # has a NaN minimum (min propagates NaN), so no separate isnan pass is needed
         lo, hi = signal.min(axis=1), signal.max(axis=1)
+        nan = np.isnan(lo) if signal.dtype.kind == "f" else np.zeros(signal.shape[0], dtype=bool)
+        if nan.any():
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN leads
+                lo, hi = np.nanmin(signal, axis=1), np.nanmax(signal, axis=1)
     flat = ~(hi > lo)
     n = max(signal.shape[1], 1)
-    at_lo = np.count_nonzero(signal == lo[:, None], axis=1) / n
-    at_hi = np.count_nonzero(signal == hi[:, None], axis=1) / n
+    at_lo = _count_true(signal == lo[:, None]) / n
+    at_hi = _count_true(signal == hi[:, None]) / n
     clipped = ~flat & ((at_lo >= clip_fraction) | (at_hi >= clip_fraction))
     return nan.tolist(), flat.tolist(), clipped.tolist()
+
+
+def _count_true(mask: np.ndarray) -> np.ndarray:
+    """True values per row of a 2-D bool array (count_nonzero(axis=1) without its slow bool->int path)."""
+    return np.add.reduce(mask.view(np.uint8), axis=1, dtype=np.int64)
 
 
 def records_to_batch(records: Sequence[RawRecord]) -> pa.RecordBatch:
@@ -140,9 +217,9 @@ def records_to_batch(records: Sequence[RawRecord]) -> pa.RecordBatch:
             if len(present) == len(records) and present:
                 arrays.append(_list_array(present, pa.int32()))
             else:
-                arrays.append(pa.array(cols["digital"], type=f.type))
+                arrays.append(column(cols["digital"], f.type))
         else:
-            arrays.append(pa.array(cols[f.name], type=f.type))
+            arrays.append(column(cols[f.name], f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=RECORDS)
 
 
@@ -152,7 +229,7 @@ def _list_array(chunks: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(chunks) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate(chunks) if chunks else np.zeros(0, dtype=value_type.to_pandas_dtype())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type),
+    return pa.ListArray.from_arrays(numeric_array(offsets, pa.int32()), numeric_array(values, value_type),
                                     type=pa.list_(_values(value_type)))
 
 
@@ -173,24 +250,24 @@ def iter_records(batch: pa.RecordBatch, full_rows: bool = True) -> Iterator[Reco
     digitally, from ``(digital - baseline) / gain``. With ``full_rows=False`` the ``row`` dict
     holds only what preprocessing needs (ids, rate, gain, baseline)."""
     names = batch.schema.names
-    n_leads = batch.column("n_leads").to_numpy()
-    n_samples = batch.column("n_samples").to_numpy()
+    n_leads = numpy_view(batch.column("n_leads"))
+    n_samples = numpy_view(batch.column("n_samples"))
     sig_col = batch.column("signal")
-    sig_values = sig_col.values.to_numpy(zero_copy_only=False)
-    sig_offsets = sig_col.offsets.to_numpy()
+    sig_values = numpy_view(sig_col.values)
+    sig_offsets = numpy_view(sig_col.offsets)
     wanted = (n for n in names if n not in ("signal", "digital", "leads", "lead_nan", "lead_flat", "lead_clipped"))
     if not full_rows:
         wanted = (n for n in ("record_id", "patient_id", "sample_rate", "gain", "baseline") if n in names)
     carried = {name: batch.column(name).to_pylist() for name in wanted}
     leads = batch.column("leads").to_pylist()
     digital = batch.column("digital") if "digital" in names else None
-    sig_valid = sig_col.is_valid().to_numpy(zero_copy_only=False)
+    sig_valid = [True] * batch.num_rows if not sig_col.null_count else sig_col.is_valid().to_pylist()
     for i in range(batch.num_rows):
         shape = (int(n_leads[i]), int(n_samples[i]))
         if sig_valid[i]:
             sig = sig_values[sig_offsets[i]:sig_offsets[i + 1]].reshape(shape)
         else:
-            d = np.asarray(digital[i].values, dtype=np.float64).reshape(shape)
+            d = numpy_view(digital[i].values).astype(np.float64).reshape(shape)
             gain = np.asarray(carried["gain"][i], dtype=np.float64)[:, None]
             base = np.asarray(carried["baseline"][i], dtype=np.float64)[:, None]
             sig = ((d - base) / gain).astype(np.float32)
@@ -199,11 +276,11 @@ def iter_records(batch: pa.RecordBatch, full_rows: bool = True) -> Iterator[Reco
 
 
 def rejects_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=REJECTS)
+    return table_from_rows(rows, REJECTS)
 
 
 def labels_from_rows(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=LABELS)
+    return table_from_rows(rows, LABELS)
 
 
 def segment_signals(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
@@ -214,7 +291,7 @@ def segment_signals(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
         col = col.combine_chunks()
     n_leads = batch.schema.field("lead_present").type.list_size
     size = col.type.list_size
-    values = col.values.to_numpy(zero_copy_only=False)
+    values = numpy_view(col.values)
     start = col.offset * size
     return values[start:start + len(col) * size].reshape(len(col), n_leads, size // n_leads)
 

@@ -108,30 +108,58 @@ def _parse_record_line(line: str, lineno: int) -> WfdbHeader:
                       n_seg=n_seg, counter_freq=counter_freq, fs_line=lineno)
 
 
+def _digits(tok: str) -> bool:
+    """ASCII decimal digits only (what ``\\d+`` means for the header's usual spelling)."""
+    return tok.isdigit() and tok.isascii()
+
+
+def _parse_fmt(tok: str, lineno: int) -> tuple[str, int, int, int]:
+    """``fmt[xspf][:skew][+offset]`` -> (fmt, samps_per_frame, skew, byte_offset)."""
+    # fast paths for the usual spellings (``16``, ``16+24``); anything else goes to the regex
+    if _digits(tok):
+        return str(int(tok)), 1, 0, 0
+    fmt, plus, offset = tok.partition("+")
+    if plus and _digits(fmt) and _digits(offset):
+        return str(int(fmt)), 1, 0, int(offset)
+    m = _FMT_RE.match(tok)
+    if not m:
+        raise HeaderError(lineno, f"signal format {tok!r} is not valid")
+    return (str(int(m.group(1))), (int(m.group(2)) or 1) if m.group(2) else 1,
+            int(m.group(3)) if m.group(3) else 0, int(m.group(4)) if m.group(4) else 0)
+
+
+def _parse_gain(tok: str, lineno: int) -> tuple[float, int | None, str | None]:
+    """``gain[(baseline)][/units]`` -> (gain or 0.0, baseline or None, units or None)."""
+    head, _slash, units = tok.partition("/")
+    number, paren, rest = head.partition("(")
+    baseline = None
+    ok = _digits(number.replace(".", "", 1))  # 200, 200.0, 200., .5: the usual spellings
+    if ok and paren:
+        inner = rest[:-1]
+        ok = rest.endswith(")") and _digits(inner[1:] if inner.startswith("-") else inner)
+        baseline = int(inner) if ok else None
+    if ok:
+        return float(number), baseline, units or None
+    g = _GAIN_RE.match(tok)
+    if not g:
+        raise HeaderError(lineno, f"ADC gain {tok!r} is not valid")
+    return (float(g.group(1)), int(g.group(2)) if g.group(2) is not None else None, g.group(3) or None)
+
+
 def _parse_signal_line(line: str, lineno: int) -> SignalSpec:
     toks = line.split(None, 8)
     if len(toks) < 2:
         raise HeaderError(lineno, f"signal line {line.strip()!r} has no format")
-    m = _FMT_RE.match(toks[1])
-    if not m:
-        raise HeaderError(lineno, f"signal format {toks[1]!r} is not valid")
-    spec = SignalSpec(file_name=toks[0], fmt=str(int(m.group(1))), line=lineno)
-    if m.group(2):
-        spec.samps_per_frame = int(m.group(2)) or 1
-    if m.group(3):
-        spec.skew = int(m.group(3))
-    if m.group(4):
-        spec.byte_offset = int(m.group(4))
+    fmt, spf, skew, offset = _parse_fmt(toks[1], lineno)
+    spec = SignalSpec(file_name=toks[0], fmt=fmt, samps_per_frame=spf, skew=skew, byte_offset=offset, line=lineno)
     baseline_given = False
     if len(toks) > 2:
-        g = _GAIN_RE.match(toks[2])
-        if not g:
-            raise HeaderError(lineno, f"ADC gain {toks[2]!r} is not valid")
-        spec.gain = float(g.group(1)) or DEFAULT_GAIN
-        if g.group(2) is not None:
-            spec.baseline, baseline_given = int(g.group(2)), True
-        if g.group(3):
-            spec.units = g.group(3)
+        gain, baseline, units = _parse_gain(toks[2], lineno)
+        spec.gain = gain or DEFAULT_GAIN
+        if baseline is not None:
+            spec.baseline, baseline_given = baseline, True
+        if units:
+            spec.units = units
     if len(toks) > 3:
         spec.adc_res = _int(toks[3], "ADC resolution", lineno)
     if len(toks) > 4:
