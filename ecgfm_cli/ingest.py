@@ -216,20 +216,13 @@ def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
 
 
 def read_user_table(path: Path) -> pa.Table:
-    """A user's CSV (gzip allowed) or Parquet table."""
-    if not path.exists():
-        fail(f"{path} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path)
-    import pyarrow.csv as pacsv
+    """A user's CSV (gzip allowed) or Parquet table (one clear error when it cannot be read)."""
+    from ecgfm_cli.labels import LabelError, read_table
 
     try:
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={
-            k: pa.string() for k in ("record_id", "patient_id", "study_id", "exam_id")}))
-    except pa.ArrowInvalid as e:
-        fail(f"{path}: not a readable CSV table ({e})")
+        return read_table(path)
+    except LabelError as e:
+        fail(str(e))
 
 
 def report(summary: IngestSummary, output: Output) -> str:

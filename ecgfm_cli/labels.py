@@ -43,7 +43,8 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
 
     Accepts a ``.parquet`` file, a directory of Parquet shards (``<kind>-*.parquet`` for the first of ``kinds``
     present, else every ``*.parquet``, in sorted order), an Arrow IPC file (``.arrow``/``.feather``), ``-``
-    (Arrow IPC stream on stdin) or a ``.csv``. Refuses an ``ecgfm.schema_version`` newer than this module knows.
+    (Arrow IPC stream on stdin) or a ``.csv`` (gzip allowed; id columns read as strings).
+    Refuses an ``ecgfm.schema_version`` newer than this module knows.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -69,13 +70,15 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
         table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(meta)
     elif not p.exists():
         raise LabelError(f"{p}: no such file or directory")
-    elif p.suffix.lower() == ".csv":
+    elif p.name.lower().endswith((".csv", ".csv.gz")):
         import pyarrow.csv as pacsv
 
-        table = pacsv.read_csv(
-            p, convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types={
-                "record_id": pa.string(), "patient_id": pa.string(), "split": pa.string()}),
-        )
+        ids = ("record_id", "patient_id", "study_id", "exam_id", "split")
+        try:
+            table = pacsv.read_csv(p, convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=True, column_types={k: pa.string() for k in ids}))
+        except pa.ArrowInvalid as e:
+            raise LabelError(f"{p}: not a readable CSV table ({e})") from e
     elif p.suffix.lower() in (".arrow", ".feather", ".ipc"):
         import pyarrow.feather as feather
 
