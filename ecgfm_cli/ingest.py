@@ -145,7 +145,7 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
                     continue
                 seen.add(item.record_id)
                 labels.append({"record_id": item.record_id, "patient_id": item.patient_id,
-                               "study_id": item.study_id, "codes": item.dx_codes})
+                               "study_id": item.study_id, "codes": label_codes(item.dx_codes)})
                 pending.append(item)
                 if len(pending) >= opts.batch_records:
                     writer.write(records_to_batch(pending))
@@ -165,6 +165,13 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
             "kind": "records", "shard": list(opts.shard), "files": summary.files, "records": summary.records,
             "rejects": dict(summary.rejects), "parts": [f.name for f in writer.files]})
     return summary
+
+
+def label_codes(dx_codes: list[str] | None) -> list[str] | None:
+    """The labels table's ``codes`` of a record: null when the source carries no label at all (an SPH file,
+    a CSV table, a header without ``# Dx:``), so that a label map turns it into unknown labels, never into
+    silent negatives."""
+    return list(dx_codes) if dx_codes else None
 
 
 def _reject_row(r: RejectedRecord) -> dict:

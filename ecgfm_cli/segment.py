@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from ecgfm_cli.console import count_summary, info, progress
 from ecgfm_cli.contract import Contract
-from ecgfm_cli.ingest import widen_stdout_pipe
+from ecgfm_cli.ingest import label_codes, widen_stdout_pipe
 from ecgfm_cli.io.artifacts import (
     ArtifactReader,
     ArtifactWriter,
@@ -147,6 +147,8 @@ def segment_batch(batch: pa.RecordBatch, schema: pa.Schema, opts: SegmentOptions
                                "patient_id": batch.column("patient_id").take(kept_idx),
                                "study_id": batch.column("study_id").take(kept_idx),
                                "codes": batch.column("dx_codes").take(kept_idx)}).to_pylist()
+        for row in out.labels:
+            row["codes"] = label_codes(row["codes"])
     if rec_of_row:
         take = numeric_array(np.array(rec_of_row), pa.int32())
         flat = np.concatenate(windows, axis=0)

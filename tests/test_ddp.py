@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ecgfm_cli.train.distributed import free_port
-
 STEPS, B = 3, 4
 SPLIT = (0, 3, 2 * B)
 
@@ -38,15 +36,14 @@ def _inputs():
     return steps
 
 
-def _run(rank: int, world: int, port: int, out: str, micro_batches: int = 1) -> None:
+def _run(rank: int, world: int, rendezvous: str, out: str, micro_batches: int = 1) -> None:
     """Train STEPS updates on this rank's slice of the fixed batches; rank 0 saves the parameters."""
     import ecgfm_cli.model.quantizer as quantizer
     from ecgfm_cli.train.distributed import cleanup, setup
 
     original = quantizer.gumbel_softmax_hard
     quantizer.gumbel_softmax_hard = _noise_free_gumbel
-    env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port))
+    env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), ECGFM_DIST_INIT=f"file://{rendezvous}")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     threads = torch.get_num_threads()
@@ -99,11 +96,11 @@ def _train(rank: int, world: int, out: str, micro_batches: int, ctx) -> None:
 @pytest.mark.slow
 def test_two_processes_equal_one_with_double_batch(tmp_path: Path) -> None:
     single = tmp_path / "single.pt"
-    _run(0, 1, 0, str(single))
+    _run(0, 1, "", str(single))
     double = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_run, args=(2, free_port(), str(double)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_run, args=(2, str(tmp_path / "rendezvous"), str(double)), nprocs=2, join=True)
     accum = tmp_path / "accum.pt"
-    _run(0, 1, 0, str(accum), micro_batches=2)  # gradient accumulation: 2 x B in one process
+    _run(0, 1, "", str(accum), micro_batches=2)  # gradient accumulation: 2 x B in one process
     a, b, c = (torch.load(p, weights_only=True) for p in (single, double, accum))
     torch.manual_seed(0)
     from dataclasses import replace

@@ -4,12 +4,16 @@ The contract is torchrun's environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
 ``MASTER_PORT``. Under ``torchrun`` (or any launcher that sets them) :func:`launch` just calls the worker;
 otherwise it starts ``nprocs`` local processes with ``torch.multiprocessing.spawn`` and sets the same
 variables for them, so one code path serves ``--gpus 8``, ``--procs 2`` on CPU and multi-node runs.
+A single-node spawn meets through a rendezvous file (``ECGFM_DIST_INIT=file://...``) instead of a TCP port,
+so two jobs on one machine can never race for the same free port.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,16 +54,24 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
     if under_launcher() or nprocs * nnodes == 1:
         worker(*args)
         return
+    rendezvous = tempfile.mkdtemp(prefix="ecgfm-dist-") if nnodes == 1 and master_port is None else None
+    init = f"file://{rendezvous}/store" if rendezvous else None
     port = master_port or (free_port() if nnodes == 1 else 29500)
-    torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port),
-                                nprocs=nprocs, join=True)
+    try:
+        torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port, init),
+                                    nprocs=nprocs, join=True)
+    finally:
+        if rendezvous:
+            shutil.rmtree(rendezvous, ignore_errors=True)
 
 
 def _spawned(local_rank: int, worker: Callable[..., None], args: tuple, nprocs: int, nnodes: int,
-             node_rank: int, master_addr: str, master_port: int) -> None:
+             node_rank: int, master_addr: str, master_port: int, init: str | None = None) -> None:
     os.environ.update(RANK=str(node_rank * nprocs + local_rank), WORLD_SIZE=str(nprocs * nnodes),
                       LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR=master_addr,
                       MASTER_PORT=str(master_port))
+    if init:
+        os.environ["ECGFM_DIST_INIT"] = init
     worker(*args)
 
 
@@ -78,10 +90,16 @@ def setup(device: str) -> DistContext:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                                init_method=os.environ.get("ECGFM_DIST_INIT", "env://"),
                                 **({"device_id": dev} if device == "cuda" else {}))
     return DistContext(rank, world, local, dev)
 
 
-def cleanup() -> None:
+def cleanup(completed: bool = True) -> None:
+    """Leave the process group. After a normal finish every rank first waits for the others: a rank that
+    tears gloo down while another still uses it can abort at exit ("terminate called without an active
+    exception"). After an error there is no barrier (the other ranks may be gone)."""
     if dist.is_available() and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()

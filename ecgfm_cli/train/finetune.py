@@ -542,10 +542,12 @@ def finetune_worker(opts: FinetuneOptions, prep: Prepared) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
     if ctx.device.type == "cpu" and local > 1:  # N CPU processes: share the cores instead of oversubscribing
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    completed = False
     try:
         run_finetune(opts, prep, ctx)
+        completed = True
     finally:
-        cleanup()
+        cleanup(completed)
 
 
 def _seed(seed: int, rank: int) -> None:

@@ -384,10 +384,12 @@ def _max_memory_mb(device: torch.device) -> float:
 def train_worker(opts: TrainOptions, prep: Prepared) -> None:
     """Entry point of every rank (see :func:`ecgfm_cli.train.distributed.launch`)."""
     ctx = setup(opts.device)
+    completed = False
     try:
         _train(opts, prep, ctx)
+        completed = True
     finally:
-        cleanup()
+        cleanup(completed)
 
 
 def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
