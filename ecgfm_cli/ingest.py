@@ -18,11 +18,10 @@ from ecgfm_cli.console import count_summary, fail, info, progress
 from ecgfm_cli.io.artifacts import (
     ArtifactWriter,
     Output,
-    done_marker,
-    shard_tag,
     sidecar_path,
+    start_shard,
     write_done_marker,
-    write_table,
+    write_sidecars,
 )
 from ecgfm_cli.io.readers import ReadOptions, Source, discover, read_source
 from ecgfm_cli.io.record import RawRecord, RejectedRecord
@@ -114,15 +113,9 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
         if not p.exists():
             fail(f"ingest: {p} does not exist")
     summary = IngestSummary()
-    if output.format == "dir":
-        marker = done_marker(output.path, opts.shard)
-        if marker.exists():
-            info(f"ingest: shard {opts.shard[0]}/{opts.shard[1]} is already complete in {output.path} "
-                 f"({marker.name}); nothing to do")
-            summary.skipped_shard = True
-            return summary
-        for stale in output.path.glob(f"*-{shard_tag(opts.shard)}*.parquet"):
-            stale.unlink()  # parts of an interrupted run of this shard: redo the shard
+    if not start_shard(output, opts.shard, "ingest"):
+        summary.skipped_shard = True
+        return summary
     sources = [s for s in discover(list(paths)) if in_shard(s, opts.shard)]
     if output.format == "stream":
         widen_stdout_pipe()
@@ -183,18 +176,7 @@ def _write_sidecars(output: Output, opts: IngestOptions, labels: list[dict], rej
     label_table = table_from_rows(labels, LABELS)
     if opts.labels_csv is not None:
         label_table = join_user_labels(label_table, opts.labels_csv)
-    rej_table = table_from_rows(rejects, REJECTS)
-    labels_path = sidecar_path(output, "labels", opts.shard)
-    rejects_path = opts.rejects_path or sidecar_path(output, "rejects", opts.shard)
-    if labels_path is not None:
-        write_table(label_table, labels_path, "labels")
-    if rejects_path is not None:
-        write_table(rej_table, rejects_path, "rejects")
-    elif rejects:
-        for r in rejects[:20]:
-            info(f"ingest: skipped {r['source_path']}: {r['reason']}: {r['detail']}")
-        if len(rejects) > 20:
-            info(f"ingest: ... and {len(rejects) - 20} more (pass --rejects FILE.parquet to keep them all)")
+    write_sidecars(output, opts.shard, "ingest", label_table, table_from_rows(rejects, REJECTS), opts.rejects_path)
 
 
 def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:

@@ -8,18 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ecgfm_cli.console import count_summary, info, progress
+from ecgfm_cli.console import count_summary, progress
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.ingest import label_codes, widen_stdout_pipe
 from ecgfm_cli.io.artifacts import (
     ArtifactReader,
     ArtifactWriter,
     Output,
-    done_marker,
-    shard_tag,
-    sidecar_path,
+    start_shard,
     write_done_marker,
-    write_table,
+    write_sidecars,
 )
 from ecgfm_cli.io.schema import LABELS, REJECTS, iter_records, numeric_array, segments_schema, table_from_rows
 from ecgfm_cli.preprocess import PreprocessError, SegmentOptions, segment_record
@@ -44,13 +42,9 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
                 shard: tuple[int, int] = (0, 1), rejects_path=None, workers: int = 1) -> SegmentSummary:
     """Segment every record of ``reader`` into ``output``; see docs/commands/segment.md."""
     summary = SegmentSummary()
-    if output.format == "dir":
-        if done_marker(output.path, shard).exists():
-            info(f"segment: shard {shard[0]}/{shard[1]} is already complete in {output.path}; nothing to do")
-            summary.skipped_shard = True
-            return summary
-        for stale in output.path.glob(f"*-{shard_tag(shard)}*.parquet"):
-            stale.unlink()
+    if not start_shard(output, shard, "segment"):
+        summary.skipped_shard = True
+        return summary
     if shard[1] > 1:
         reader.files = reader.files[shard[0]::shard[1]]
     schema = segments_schema(len(opts.leads), opts.window, dtype)
@@ -77,15 +71,8 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
         writer.abort()
         raise
     summary.rejects = Counter(r["reason"] for r in rejects)
-    labels_path = sidecar_path(output, "labels", shard)
-    if labels_path is not None:
-        write_table(table_from_rows(labels, LABELS), labels_path, "labels")
-    rpath = rejects_path or sidecar_path(output, "rejects", shard)
-    if rpath is not None:
-        write_table(table_from_rows(rejects, REJECTS), rpath, "rejects")
-    else:
-        for r in rejects[:20]:
-            info(f"segment: skipped {r['record_id']}: {r['reason']}: {r['detail']}")
+    write_sidecars(output, shard, "segment", table_from_rows(labels, LABELS), table_from_rows(rejects, REJECTS),
+                   rejects_path)
     if output.format == "dir":
         write_done_marker(output.path, shard, {
             "kind": "segments", "shard": list(shard), "records": summary.records, "segments": summary.segments,

@@ -21,7 +21,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from ecgfm_cli import __version__
-from ecgfm_cli.console import fail
+from ecgfm_cli.console import fail, info
 
 SCHEMA_VERSION = 1
 KINDS = ("records", "segments", "labels", "rejects", "embeddings", "predictions")
@@ -251,6 +251,39 @@ def write_done_marker(directory: Path, shard: tuple[int, int], summary: dict) ->
     marker = done_marker(directory, shard)
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def start_shard(output: Output, shard: tuple[int, int], command: str) -> bool:
+    """Prepare a shard of a ``dir`` output: False (and a message) when its done-marker says it is complete;
+    otherwise delete the parts an interrupted run of the same shard left, so the shard is redone from scratch."""
+    if output.format != "dir":
+        return True
+    marker = done_marker(output.path, shard)
+    if marker.exists():
+        info(f"{command}: shard {shard[0]}/{shard[1]} is already complete in {output.path} ({marker.name}); "
+             f"nothing to do")
+        return False
+    for stale in output.path.glob(f"*-{shard_tag(shard)}*.parquet"):
+        stale.unlink()
+    return True
+
+
+def write_sidecars(output: Output, shard: tuple[int, int], command: str, labels: pa.Table, rejects: pa.Table,
+                   rejects_path: Path | None = None) -> None:
+    """Write the ``labels`` and ``rejects`` tables beside ``output`` (``rejects_path`` overrides where the
+    rejects go). A stream output has no place for them: the rejects are listed on stderr instead."""
+    labels_path = sidecar_path(output, "labels", shard)
+    if labels_path is not None:
+        write_table(labels, labels_path, "labels")
+    rejects_path = rejects_path or sidecar_path(output, "rejects", shard)
+    if rejects_path is not None:
+        write_table(rejects, rejects_path, "rejects")
+        return
+    rows = rejects.slice(0, 20).to_pylist()
+    for r in rows:
+        info(f"{command}: skipped {r['record_id'] or r['source_path']}: {r['reason']}: {r['detail']}")
+    if rejects.num_rows > len(rows):
+        info(f"{command}: ... and {rejects.num_rows - len(rows)} more (pass --rejects FILE.parquet to keep them all)")
 
 
 def sidecar_path(output: Output, kind: str, shard: tuple[int, int] = (0, 1)) -> Path | None:
