@@ -396,7 +396,8 @@ class BatchReader:
         return out
 
 
-def _last_use(index: SegmentIndex, batch_rows: list[np.ndarray]) -> dict[int, int]:
+def last_use(index: SegmentIndex, batch_rows: list[np.ndarray]) -> dict[int, int]:
+    """Row group -> the last batch step that reads it (when its cached rows can be dropped)."""
     last: dict[int, int] = {}
     for step, rows in enumerate(batch_rows):
         for g in np.unique(np.searchsorted(index.rg_start, rows, side="right") - 1).tolist():
@@ -434,7 +435,7 @@ def iter_consumer(index: SegmentIndex, cfg: LoaderConfig, consumer: int, start_e
         if plan.shape[0] == 0:
             return
         rows_per_batch = [np.stack([p, p + 1], axis=1).reshape(-1) if cfg.cmsc else p for p in plan]
-        last = _last_use(index, rows_per_batch[first:])
+        last = last_use(index, rows_per_batch[first:])
         for b in range(first, len(rows_per_batch)):
             rows = rows_per_batch[b]
             keep = lead_keep(cfg, epoch, consumer, b, len(rows), index.n_leads)

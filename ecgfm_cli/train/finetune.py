@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ecgfm_cli.console import fail, info
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex
+from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex, last_use
 from ecgfm_cli.train.distributed import DistContext, cleanup, setup
 
 #: ECG-FM's finetuning dropouts (reference 1: fairseq-signals diagnosis.yaml).
@@ -378,20 +378,12 @@ def epoch_batches(rows: np.ndarray, rg_start: np.ndarray, positions: np.ndarray,
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def _last_use(index: SegmentIndex, batches: list[np.ndarray]) -> dict[int, int]:
-    last: dict[int, int] = {}
-    for step, rows in enumerate(batches):
-        for g in np.unique(np.searchsorted(index.rg_start, rows, side="right") - 1).tolist():
-            last[g] = step
-    return last
-
-
 def iter_signals(prep: Prepared, batches: list[np.ndarray], reader: BatchReader | None = None) -> Iterator[
         tuple[np.ndarray, np.ndarray]]:
     """(positions, signals float32 (B, n_leads, window) with ``--leads`` applied) per batch of positions."""
     reader = reader or BatchReader(prep.index)
     global_rows = [prep.rows[b] for b in batches]
-    last = _last_use(prep.index, global_rows)
+    last = last_use(prep.index, global_rows)
     subset = bool((prep.lead_scale == 0).any())
     for step, (b, rows) in enumerate(zip(batches, global_rows, strict=True)):
         scale = np.broadcast_to(prep.lead_scale, (len(rows), len(prep.lead_scale))) if subset else None
