@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ecgfm_cli.contract import Contract, canonical_lead
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.model.encoder import EcgEncoder
+from ecgfm_cli.model.encoder import EcgEncoder, grouped_conv_fft
 
 #: Input columns read from a segments artifact.
 INPUT_COLUMNS = ["record_id", "patient_id", "segment_index", "signal", "lead_present"]
@@ -90,11 +90,9 @@ class InferenceEncoder(nn.Module):
             self.layer_norm = _frozen_copy(encoder.layer_norm)
             self.post_extract_proj = _linear_copy(encoder.post_extract_proj, wdt)
             pos = encoder.conv_pos.pos_conv[0]
-            self.pos_kernel = cfg.conv_pos
             self.pos_groups = cfg.conv_pos_groups
             self.pos_bias = nn.Parameter(pos.bias.detach().float().clone(), requires_grad=False)
             self.pos_weight = nn.Parameter(pos.weight.detach().float().contiguous(), requires_grad=False)
-            self._pos_fft: dict[tuple[int, str], Tensor] = {}
             self.input_norm = _frozen_copy(encoder.encoder.layer_norm)
             self.layers = nn.ModuleList(_FusedLayer(layer, cfg.heads, wdt) for layer in encoder.encoder.layers)
 
@@ -129,30 +127,9 @@ class InferenceEncoder(nn.Module):
         return h
 
     def positional(self, h: Tensor) -> Tensor:
-        """(B, T, D) -> (B, T, D) float32: the grouped positional conv (before its GELU), via FFT.
-
-        A direct grouped conv with a 128-tap kernel is ~1.5 GFLOP per segment and runs far below matmul
-        speed; as a product of spectra it is ~0.08 GFLOP (float32 FFTs, a complex matmul per frequency per
-        group), equal to the conv to ~1e-6. out[t] = sum_k w[k] x[t + k - K//2] is a circular
-        cross-correlation of length n >= T + K//2 (the wrapped indices then land on zero padding).
-        """
-        b, t, d = h.shape
-        g, k = self.pos_groups, self.pos_kernel
-        c, half = d // g, k // 2
-        n = 1 << (t + half - 1).bit_length()
-        key = (n, str(h.device))
-        with torch.autocast(h.device.type, enabled=False):
-            wf = self._pos_fft.get(key)
-            if wf is None:  # (G, F, C_out, C_in) conjugate spectra of the kernel, cached per length
-                spec = torch.conj(torch.fft.rfft(self.pos_weight.to(h.device), n=n))
-                wf = spec.view(g, c, c, -1).permute(0, 3, 1, 2).contiguous()
-                self._pos_fft[key] = wf
-            f = wf.shape[1]
-            xf = torch.fft.rfft(h.float().transpose(1, 2), n=n).view(b, g, c, f).permute(1, 3, 2, 0)
-            yf = torch.matmul(wf, xf).permute(3, 0, 2, 1).reshape(b, d, f)
-            y = torch.fft.irfft(yf, n=n)
-            idx = (torch.arange(t, device=h.device) - half) % n
-            return (y[..., idx] + self.pos_bias[:, None]).transpose(1, 2)
+        """(B, T, D) -> (B, T, D) float32: the grouped positional conv (before its GELU), via FFT
+        (:func:`~ecgfm_cli.model.encoder.grouped_conv_fft`)."""
+        return grouped_conv_fft(h, self.pos_weight, self.pos_bias, self.pos_groups)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, L) -> (B, D) float32 mean over tokens."""

@@ -10,7 +10,14 @@ from hf_reference import build_hf_model, fairseq_cfg_model, fairseq_to_hf_state,
 
 from ecgfm_cli.model.checkpoint import normalize_weight_norm
 from ecgfm_cli.model.config import PRESETS, EncoderConfig, preset
-from ecgfm_cli.model.encoder import EcgClassifier, EcgEncoder, GradMultiply, count_parameters
+from ecgfm_cli.model.encoder import (
+    ConvFeatureExtractor,
+    EcgClassifier,
+    EcgEncoder,
+    GradMultiply,
+    count_parameters,
+    grouped_conv_fft,
+)
 
 TINY = preset("tiny").with_dropouts(0.0)
 
@@ -25,6 +32,46 @@ def _heads_params(cfg: EncoderConfig, groups=2, n_vars=320, vq_dim=256, final_di
     n_codes = groups * n_vars
     return (cfg.embed_dim + (cfg.conv_dim * n_codes + n_codes) + n_codes * (vq_dim // groups)
             + (vq_dim * final_dim + final_dim) + (cfg.embed_dim * final_dim + final_dim))
+
+
+@pytest.mark.parametrize("t, kernel, groups", [(156, 128, 16), (37, 8, 2), (20, 5, 1)])
+def test_fft_positional_conv_equals_the_direct_conv(t, kernel, groups):
+    """grouped_conv_fft = Conv1d(padding=K // 2, groups) + SamePad, in value and in gradient (odd K too)."""
+    torch.manual_seed(0)
+    d = 8 * groups
+    conv = torch.nn.Conv1d(d, d, kernel, padding=kernel // 2, groups=groups).double()
+    x = torch.randn(3, t, d, dtype=torch.float64, requires_grad=True)
+    direct = conv(x.transpose(1, 2))[..., :t].transpose(1, 2)  # SamePad drops the extra frame of an even K
+    w = conv.weight.detach().clone().requires_grad_()
+    fft = grouped_conv_fft(x, w, conv.bias.detach(), groups)
+    assert fft.shape == direct.shape == (3, t, d)
+    assert torch.allclose(fft.double(), direct, atol=1e-5)
+    g = torch.randn_like(direct)
+    gx_direct, gw_direct = torch.autograd.grad(direct, (x, conv.weight), g)
+    gx_fft, gw_fft = torch.autograd.grad(fft, (x, w), g.float())
+    assert torch.allclose(gx_fft.double(), gx_direct, atol=1e-4)
+    assert torch.allclose(gw_fft.double(), gw_direct, atol=1e-4)
+
+
+def test_conv_stack_as_matmuls_equals_conv1d():
+    """The kernel == stride blocks run as matmuls over windows: same values and weight gradients as Conv1d
+    (block 0 with its per-channel GroupNorm, a remainder sample dropped as a strided conv drops it)."""
+    torch.manual_seed(0)
+    fx = ConvFeatureExtractor(12, ((16, 2, 2), (16, 2, 2), (16, 3, 3)))
+    x = torch.randn(2, 12, 101)
+
+    def reference(x):
+        for block in fx.conv_layers:
+            x = block(x)  # the modules themselves: Conv1d, Dropout(0), [GroupNorm], GELU
+        return x.transpose(1, 2)
+
+    ours, ref = fx(x), reference(x)
+    assert ours.shape == ref.shape == (2, 8, 16)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    g = torch.randn_like(ref)
+    params = [b[0].weight for b in fx.conv_layers] + [fx.conv_layers[0][2].weight]
+    for a, b in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_parameter_counts_match_the_reference():

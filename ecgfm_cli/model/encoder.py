@@ -46,17 +46,28 @@ class Fp32GroupNorm(nn.GroupNorm):
 
 
 class Fp32GELU(nn.Module):
-    """Exact (erf) GELU computed in float32, as fairseq's transformer layers do."""
+    """Exact (erf) GELU computed in float32, as fairseq's transformer layers do.
+
+    PyTorch's half-precision GELU kernels already compute in float32 and round once, so they give bit-for-bit
+    fairseq's ``gelu(x.float()).type_as(x)`` (forward and backward) without materialising float32 copies of the
+    (B, T, ffn_dim) activations: that traffic was a large share of a bf16 training step on GPU.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x.float()).type_as(x)
+        return F.gelu(x)
 
 
 class ConvFeatureExtractor(nn.Module):
-    """Strided conv stack: (B, C, L) -> (B, conv_dim, T).
+    """Strided conv stack: (B, C, L) -> (B, T, conv_dim), channels-last.
 
     Block i is ``Sequential(Conv1d(no bias), Dropout(0), [GroupNorm(ch, ch) only in block 0], GELU)``;
     the Dropout(0) placeholder keeps fairseq's key indices (``conv_layers.0.2`` is the GroupNorm).
+
+    A conv whose kernel equals its stride (all of ECG-FM's) sees non-overlapping windows, so it runs as one
+    matmul over (B, T, kernel * C) windows of the channels-last signal: the same function as ``Conv1d``,
+    without im2col or transposes between blocks (cuDNN's bf16 kernels for these 2-tap convs took half of a
+    GPU training step). The block-0 GroupNorm (one group per channel: each channel normalised over time)
+    is computed in float32 on that layout, as fairseq's ``Fp32GroupNorm``.
     """
 
     def __init__(self, in_channels: int, conv_layers: tuple[tuple[int, int, int], ...]):
@@ -75,9 +86,50 @@ class ConvFeatureExtractor(nn.Module):
         self.conv_layers = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        for block in self.conv_layers:
-            x = block(x)
-        return x
+        h = x.transpose(1, 2)  # (B, L, C)
+        for i, block in enumerate(self.conv_layers):
+            conv = block[0]
+            kernel, stride = conv.kernel_size[0], conv.stride[0]
+            if kernel == stride:
+                t = h.shape[1] // kernel
+                windows = h[:, : t * kernel].reshape(h.shape[0], t, kernel * h.shape[2])
+                # window rows are (tap, channel): flatten the (out, in, k) weight the same way
+                h = F.linear(windows, conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1))
+            else:
+                h = conv(h.transpose(1, 2)).transpose(1, 2)
+            if i == 0:
+                gn = block[2]
+                hf = h.float()
+                mean = hf.mean(dim=1, keepdim=True)
+                var = hf.var(dim=1, unbiased=False, keepdim=True)
+                h = ((hf - mean) * torch.rsqrt(var + gn.eps) * gn.weight.float() + gn.bias.float()).type_as(h)
+            h = F.gelu(h)
+        return h
+
+
+def grouped_conv_fft(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
+    """ECG-FM's positional conv as a product of spectra: (B, T, D) -> (B, T, D) float32.
+
+    Same function as ``Conv1d(D, D, K, padding=K // 2, groups=groups)`` followed by dropping the last frame
+    when K is even: ``out[t] = bias + sum_k w[k] x[t + k - K // 2]`` per group (equal to ~1e-6). The direct
+    128-tap grouped conv is ~1.5 GFLOP per 156-frame segment and runs far below matmul speed on CPU and GPU;
+    here it is float32 FFTs and one small complex matmul per frequency and group. Differentiable.
+
+    ``weight`` is ``(D, D / groups, K)``, ``bias`` ``(D,)``. Computed as a circular cross-correlation of
+    length ``n >= T + K // 2`` (the wrapped indices land on zero padding).
+    """
+    b, t, d = x.shape
+    k = weight.shape[-1]
+    c, half = d // groups, k // 2
+    n = 1 << (t + half - 1).bit_length()
+    with torch.autocast(x.device.type, enabled=False):
+        wf = torch.conj(torch.fft.rfft(weight.float(), n=n))  # (D, C, F)
+        wf = wf.view(groups, c, c, -1).permute(0, 3, 1, 2)  # (G, F, C_out, C_in)
+        xf = torch.fft.rfft(x.float().transpose(1, 2), n=n)  # (B, D, F)
+        xf = xf.view(b, groups, c, -1).permute(1, 3, 2, 0)  # (G, F, C_in, B)
+        yf = torch.matmul(wf, xf).permute(3, 0, 2, 1).reshape(b, d, -1)
+        y = torch.fft.irfft(yf, n=n).roll(half, dims=-1)[..., :t]  # y[t] = corr[(t - K // 2) mod n]
+        return (y + bias.float()[:, None]).transpose(1, 2)
 
 
 class SamePad(nn.Module):
@@ -92,7 +144,11 @@ class SamePad(nn.Module):
 
 
 class ConvPositionalEmbedding(nn.Module):
-    """(B, T, D) -> (B, T, D) = GELU(SamePad(WeightNorm(grouped Conv1d)))(x); the caller ADDS it to x."""
+    """(B, T, D) -> (B, T, D) = GELU(SamePad(WeightNorm(grouped Conv1d)))(x); the caller ADDS it to x.
+
+    ``pos_conv`` keeps fairseq's module layout (and state-dict keys); the forward computes the conv with
+    :func:`grouped_conv_fft`, in float32, and returns the input's dtype.
+    """
 
     def __init__(self, dim: int, kernel: int, groups: int):
         super().__init__()
@@ -103,7 +159,8 @@ class ConvPositionalEmbedding(nn.Module):
         self.pos_conv = nn.Sequential(conv, SamePad(kernel), nn.GELU())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        conv = self.pos_conv[0]
+        return F.gelu(grouped_conv_fft(x, conv.weight, conv.bias, conv.groups)).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -222,7 +279,7 @@ class EcgEncoder(nn.Module):
         else:
             with torch.no_grad():
                 features = self.feature_extractor(x)
-        return features.transpose(1, 2)
+        return features
 
     def project(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, conv_dim) -> (normed = layer_norm(features) (B, T, conv_dim),
@@ -259,6 +316,17 @@ class EcgEncoder(nn.Module):
         averaged over heads (query x key), as ECG-FM's saliency maps use them."""
         out, maps = self._contextualize(self.project(self.conv_features(x))[1], None, need_weights=True)
         return out, torch.stack(maps, dim=1)
+
+
+def compile_layers(encoder: EcgEncoder) -> None:
+    """``torch.compile`` each transformer layer in place (one graph, shared by all layers of the same shape).
+
+    Fuses the elementwise work around the matmuls (dropout, residual, LayerNorm, GELU, dtype casts), which
+    dominates a bf16 step's non-matmul time on GPU. Compiling per layer, not the whole model, keeps state-dict
+    keys unchanged and leaves the data-dependent masking code eager. The first step pays the compilation.
+    """
+    for layer in encoder.encoder.layers:
+        layer.compile()
 
 
 class EcgClassifier(nn.Module):
