@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,23 @@ def test_init_from_our_checkpoint_and_ablations(segments: Path, tmp_path: Path) 
     entry = read_log(second)[-1]
     assert entry["contrastive"] == 0.0 and entry["cmsc"] > 0
     assert json.loads((second / "run.json").read_text())["encoder"]["embed_dim"] == 64  # from --init
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
+def test_compile_trains_and_saves_the_same_layout(segments: Path, tmp_path: Path) -> None:
+    """--compile: compiled layers train (finite loss) and the checkpoint has the plain fairseq keys."""
+    from ecgfm_cli.model.checkpoint import load_checkpoint
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    invoke("pretrain", segments, "-o", eager, *TINY, "--max-updates", "1", "--workers", "1")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    invoke("pretrain", segments, "-o", compiled, *TINY, "--max-updates", "2", "--workers", "1", "--compile")
+    assert counters["stats"]["unique_graphs"] >= 1  # the layers did go through torch.compile
+    assert np.isfinite(losses(compiled)).all()
+    assert set(load_checkpoint(compiled / "checkpoint-2").state_dict) == set(
+        load_checkpoint(eager / "checkpoint-1").state_dict)
 
 
 def test_bad_input_fails_before_training(segments: Path, tmp_path: Path, sample_data: Path) -> None:

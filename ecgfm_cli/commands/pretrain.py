@@ -69,6 +69,10 @@ def pretrain_command(
                                              rich_help_panel=_OPT)] = 0.0,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 autocast on GPU, float32 on CPU), float32, bfloat16.",
                                        rich_help_panel=_OPT)] = "auto",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile",
+                                          help="torch.compile the transformer layers (fused elementwise "
+                                          "work: faster GPU steps after a one-off compilation; needs a C++ "
+                                          "compiler on CPU).", rich_help_panel=_OPT)] = False,
     dropout: Annotated[float | None, typer.Option(help="Override every encoder dropout (reference 0.1).",
                                                   min=0.0, max=1.0, rich_help_panel=_OPT)] = None,
     max_updates: Annotated[int | None, typer.Option(help="Stop after this many updates.", min=1,
@@ -208,7 +212,7 @@ def pretrain_command(
     )
     opts = TrainOptions(
         segments=segments, output=output, preset=preset, init=init, resume=resume, device=dev,
-        dtype=("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype,
+        dtype=("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype, compile=compile,
         batch_size=batch_size, update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
         warmup_updates=warmup_updates, weight_decay=weight_decay, adam_betas=(betas[0], betas[1]),
         adam_eps=adam_eps, clip_norm=clip_norm, max_updates=max_updates, max_epochs=max_epochs,

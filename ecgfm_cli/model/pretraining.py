@@ -103,9 +103,18 @@ def sample_negative_indices(
     """
     if num_masked < 2:
         raise ValueError(f"need at least 2 masked frames per row to draw negatives, got {num_masked}")
-    idx = torch.randint(0, num_masked - 1, (batch_size, num_masked, num_negatives), generator=generator)
-    idx += (idx >= torch.arange(num_masked)[None, :, None]).long()
+    # Without a generator, draw where the indices are used (the device's RNG, saved in run checkpoints): no
+    # 100-per-frame index tensor to build on the host and copy over every step.
+    where = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
+    idx = torch.randint(0, num_masked - 1, (batch_size, num_masked, num_negatives), generator=generator,
+                        device=where)
+    idx += (idx >= torch.arange(num_masked, device=where)[None, :, None]).long()
     return idx.to(device) if device is not None else idx
+
+
+def _take_frames(x: Tensor, positions: Tensor) -> Tensor:
+    """``x (B, T, C)``, ``positions (B, T')`` frame indices -> ``(B, T', C)``."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def gather_negatives(y: Tensor, idx: Tensor) -> Tensor:
@@ -250,33 +259,34 @@ class Wav2Vec2Pretrainer(nn.Module):
                 "num_masked": torch.zeros((), dtype=torch.long, device=x.device),
                 "prob_perplexity": zero,
                 "code_perplexity": zero,
-                "temperature": torch.tensor(self.quantizer.temperature, device=x.device),
+                "temperature": torch.full((), self.quantizer.temperature, device=x.device),
                 "diversity_loss": zero,
                 "mask": None,
                 "negatives_idx": None,
             }
 
-        if mask is None:
-            mask = compute_span_mask(
-                (bsz, tsz), cfg.mask_prob, cfg.mask_length, cfg.min_masks, generator=generator, device=x.device
-            )
-        mask = mask.to(device=x.device, dtype=torch.bool)
+        if mask is None:  # drawn on CPU, so checking it and locating its frames never waits for the GPU
+            mask = compute_span_mask((bsz, tsz), cfg.mask_prob, cfg.mask_length, cfg.min_masks, generator=generator)
         counts = mask.sum(dim=1)
         if mask.shape != (bsz, tsz) or bool((counts != counts[0]).any()) or int(counts[0]) < 2:
             raise ValueError(f"mask must be (B, T)=({bsz}, {tsz}) with an equal count >= 2 of True per row")
         n_per_row = int(counts[0])
+        # (B, T') indices of each row's masked frames, ascending: a gather with them selects what x[mask] does
+        # without x[mask]'s device-to-host sync.
+        positions = mask.nonzero()[:, 1].view(bsz, n_per_row).to(x.device, non_blocking=True)
+        mask = mask.to(device=x.device, dtype=torch.bool, non_blocking=True)
 
         h = torch.where(mask.unsqueeze(-1), self.mask_emb.to(h.dtype), h)
         x_out = self.encoder.contextualize(h)
 
-        y = self.dropout_features(normed)[mask].view(bsz, n_per_row, -1)
+        y = _take_frames(self.dropout_features(normed), positions)
         q, qstats = self.quantizer(y, generator=generator)
         y = self.project_q(q)
         if negatives_idx is None:
             negatives_idx = sample_negative_indices(
                 bsz, n_per_row, cfg.num_negatives, generator=generator, device=x.device
             )
-        pred = self.final_proj(x_out[mask].view(bsz, n_per_row, -1))
+        pred = self.final_proj(_take_frames(x_out, positions))
         logits = contrastive_logits_indexed(pred, y, negatives_idx, cfg.logit_temp)
         gv = self.quantizer.total_vars
         return {
@@ -284,7 +294,7 @@ class Wav2Vec2Pretrainer(nn.Module):
             "features_pen": features_pen,
             "logits": logits,
             "contrastive_loss": contrastive_loss(logits),
-            "num_masked": counts.sum(),
+            "num_masked": mask.sum(),
             "prob_perplexity": qstats["prob_perplexity"],
             "code_perplexity": qstats["code_perplexity"],
             "temperature": qstats["temperature"],
@@ -375,9 +385,10 @@ def cmsc_loss(
         z0, z1 = all_gather_keep_local_grad(z0), all_gather_keep_local_grad(z1)
         id0, id1 = all_gather_keep_local_grad(id0), all_gather_keep_local_grad(id1)
     sim = z0 @ z1.T / temp
-    pos = id0[:, None] == id1[None, :]
-    loss_rows = -sim.log_softmax(dim=1)[pos].mean()
-    loss_cols = -sim.T.log_softmax(dim=1)[pos.T].mean()
+    pos = (id0[:, None] == id1[None, :]).to(sim.dtype)  # a weighted mean, not lsm[pos]: no device sync
+    n_pos = pos.sum()
+    loss_rows = -(sim.log_softmax(dim=1) * pos).sum() / n_pos
+    loss_cols = -(sim.T.log_softmax(dim=1) * pos.T).sum() / n_pos
     return 0.5 * loss_rows + 0.5 * loss_cols
 
 
@@ -411,7 +422,7 @@ def total_loss(out: dict[str, Tensor], cmsc: Tensor | None, cfg: PretrainConfig)
             cfg.diversity_weight * out["diversity_loss"] + cfg.features_pen_weight * out["features_pen"]
         )
     else:
-        sample_size = torch.tensor(float(out["x_out"].shape[0]), device=device)
+        sample_size = torch.full((), float(out["x_out"].shape[0]), device=device)
         loss = zero
     if cfg.cmsc:
         if cmsc is None:
@@ -434,7 +445,7 @@ def total_loss(out: dict[str, Tensor], cmsc: Tensor | None, cfg: PretrainConfig)
             flat = logits.reshape(-1, logits.shape[-1])
             is_max, is_min = flat.argmax(-1) == 0, flat.argmin(-1) == 0
             logs["correct"] = (is_max & ~is_min).sum().float()
-            logs["count"] = torch.tensor(float(flat.shape[0]), device=device)
+            logs["count"] = torch.full((), float(flat.shape[0]), device=device)
     else:
         logs["correct"] = zero
         logs["count"] = zero

@@ -106,7 +106,7 @@ class GumbelVectorQuantizer(nn.Module):
         stats = {
             "prob_perplexity": prob_ppl,
             "code_perplexity": code_ppl,
-            "temperature": torch.tensor(self.temperature, device=x.device),
+            "temperature": torch.full((), self.temperature, device=x.device),
             "codes": codes.view(bsz, tsz, self.groups),
         }
         return q, stats

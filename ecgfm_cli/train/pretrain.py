@@ -61,6 +61,7 @@ class TrainOptions:
     resume: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    compile: bool = False
     batch_size: int = 128
     update_freq: int = 1
     lr: float = 5e-5
@@ -263,18 +264,19 @@ def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.opt
         for k in _SUM_KEYS[:1] + _SUM_KEYS[2:] + _MEAN_KEYS:
             sums[k] += logs[k].float()
     keys = list(sums)
-    vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(stop), device=ctx.device)])
+    vec = torch.stack([sums[k] for k in keys] + [torch.full((), float(stop), device=ctx.device)])
     if ctx.distributed:
         dist.all_reduce(vec)
-    tot = dict(zip(keys, vec[:-1].tolist(), strict=True))
-    global_count = max(tot["sample_size"], 1.0)
-    # DDP averaged the gradients over ranks; turn that into sum-over-ranks / global count.
-    scale = ctx.world_size / global_count
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(scale)
+    # DDP averaged the gradients over ranks; turn that into sum-over-ranks / global count. Kept on the device
+    # until the step is queued: one host sync per update, at the end.
+    scale = ctx.world_size / vec[keys.index("sample_size")].clamp(min=1.0)
+    grads = [p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
     optimizer.step()
+    *values, grad_norm_value = torch.cat([vec, grad_norm.reshape(1).to(vec)]).tolist()
+    tot = dict(zip(keys, values[:-1], strict=True))
+    global_count = max(tot["sample_size"], 1.0)
     n = len(micro) * ctx.world_size
     metrics = {
         "loss": tot["loss"] / global_count,
@@ -282,9 +284,9 @@ def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.opt
         **{k: tot[k] / n for k in _MEAN_KEYS},
         "accuracy": tot["correct"] / tot["count"] if tot["count"] else 0.0,
         "temperature": model.quantizer.temperature,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm_value,
         "sample_size": tot["sample_size"],
-        "stop": vec[-1].item() > 0,
+        "stop": values[-1] > 0,
     }
     return metrics
 
@@ -420,8 +422,12 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         load_init(model, opts.init)
     model.set_num_updates(update)
     model.to(ctx.device)
+    if opts.compile:
+        from ecgfm_cli.model.encoder import compile_layers
+
+        compile_layers(model.encoder)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=opts.adam_betas, eps=opts.adam_eps,
-                                  weight_decay=opts.weight_decay)
+                                  weight_decay=opts.weight_decay, fused=ctx.device.type == "cuda")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         rng = state["rng"]
