@@ -15,6 +15,7 @@ It prints segments/s per variant, ecgfm/transformers ratios, the fraction of the
 (``--peak-gflops`` / forward FLOPs per segment), and the cosine of bf16 to fp32 embeddings. Usage:
 
     python benchmarks/bench_embed.py [--batch-size 16] [--threads 2] [--repeats 7] [--json out.json]
+    python benchmarks/bench_embed.py --device cuda --batch-size 256 --peak-gflops 989000   # on a GPU
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--peak-gflops", type=float, default=420.0, help="bf16 matmul peak of these cores")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings include the host-device copies, "
+                    "as in `ecgfm embed`)")
     ap.add_argument("--skip-hf-bf16w", action="store_true", help="do not time transformers with bf16 weights")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -76,29 +79,31 @@ def main() -> None:
     enc = EcgEncoder(cfg)
     enc.load_state_dict(state_dict_from_fairseq(state)[1])
     enc.eval()
-    nets = {"float32": InferenceEncoder(enc).eval(), "bfloat16": InferenceEncoder(enc, torch.bfloat16).eval()}
+    dev = torch.device(args.device)
+    nets = {"float32": InferenceEncoder(enc).to(dev).eval(),
+            "bfloat16": InferenceEncoder(enc, torch.bfloat16).to(dev).eval()}
     hf = build_hf_model(cfg)
     hf.load_state_dict(fairseq_to_hf_state(state))
-    hf.eval()
+    hf.to(dev).eval()
     hf_w16 = None
     if not args.skip_hf_bf16w:
         hf_w16 = build_hf_model(cfg)
         hf_w16.load_state_dict(fairseq_to_hf_state(state))
-        hf_w16 = hf_w16.to(torch.bfloat16).eval()
+        hf_w16 = hf_w16.to(dev, torch.bfloat16).eval()
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch_size, cfg.in_channels, 2500)).astype(np.float32)
     xt = torch.from_numpy(x)
 
     def run_hf(model, dtype: str, weights16: bool = False) -> np.ndarray:
-        inp = xt.to(torch.bfloat16) if weights16 else xt
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
-            return model(inp).last_hidden_state.float().mean(1).numpy()
+        inp = xt.to(dev, torch.bfloat16) if weights16 else xt.to(dev)
+        with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=dtype == "bfloat16"):
+            return model(inp).last_hidden_state.float().mean(1).cpu().numpy()
 
     variants = {
-        "ecgfm fp32": lambda: embed_batch(nets["float32"], x, "cpu", "float32"),
+        "ecgfm fp32": lambda: embed_batch(nets["float32"], x, args.device, "float32"),
         "hf fp32": lambda: run_hf(hf, "float32"),
-        "ecgfm bf16": lambda: embed_batch(nets["bfloat16"], x, "cpu", "bfloat16"),
+        "ecgfm bf16": lambda: embed_batch(nets["bfloat16"], x, args.device, "bfloat16"),
         "hf bf16": lambda: run_hf(hf, "bfloat16"),
     }
     if hf_w16 is not None:
@@ -118,8 +123,9 @@ def main() -> None:
     rate = {name: args.batch_size / statistics.median(ts) for name, ts in times.items()}
     cos_bf16 = cosine(outputs["ecgfm bf16"], outputs["ecgfm fp32"])
     cos_hf = cosine(outputs["ecgfm fp32"], outputs["hf fp32"])
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{args.threads} threads"
     print(f"config {args.preset}: {flops / 1e9:.1f} GFLOP per 12 x 2500 segment; batch {args.batch_size}, "
-          f"{args.threads} threads, {args.repeats} interleaved repeats (median); torch {torch.__version__}")
+          f"{where}, {args.repeats} interleaved repeats (median); torch {torch.__version__}")
     for name, r in rate.items():
         spread = f"{args.batch_size / max(times[name]):.2f}-{args.batch_size / min(times[name]):.2f}"
         print(f"  {name:12s} {r:7.2f} segments/s  (range {spread}; {r / ceiling:5.1%} of the bf16 ceiling "
@@ -140,6 +146,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "preset": args.preset, "batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats,
+            "device": where,
             "gflop_per_segment": flops / 1e9, "ceiling_segments_per_s": ceiling, "segments_per_s": rate,
             "times_s": times, "ratios": ratios, "best_ratios": best_ratios,
             "cosine_bf16_fp32_min": float(cos_bf16.min()),

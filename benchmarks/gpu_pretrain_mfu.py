@@ -8,7 +8,7 @@ measures the model and the distributed engine, not the data pipeline. FLOPs are 
 the contrastive head included. MFU = counted FLOP/s / (``--peak-tflops`` x GPUs); the default peak is an
 H100 SXM's dense bf16 989 TFLOP/s. Usage (needs CUDA; exits with a message otherwise):
 
-    python benchmarks/gpu_pretrain_mfu.py [--gpus 8] [--batch 128] [--steps 20] [--preset base]
+    python benchmarks/gpu_pretrain_mfu.py [--gpus 8] [--batch 128] [--steps 20] [--preset base] [--compile]
                                           [--peak-tflops 989] [--json out.json]
 """
 
@@ -82,8 +82,15 @@ def _worker(args: argparse.Namespace, out: str) -> None:
     ctx = setup("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.sdpa != "auto":  # leave only the chosen scaled_dot_product_attention backend enabled
+        for name in ("flash", "mem_efficient", "math", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == args.sdpa)
     torch.manual_seed(0)
     model = Wav2Vec2Pretrainer(preset(args.preset), PretrainConfig(cmsc=not args.no_cmsc)).to(ctx.device)
+    if args.compile:
+        from ecgfm_cli.model.encoder import compile_layers
+
+        compile_layers(model.encoder)
     net = model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -104,6 +111,14 @@ def _worker(args: argparse.Namespace, out: str) -> None:
         train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
+    if args.profile and ctx.is_main:  # where a step's GPU time goes, by kernel
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
     if ctx.is_main:
         Path(out).write_text(json.dumps({"seconds": dt, "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                                          "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
@@ -118,6 +133,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--preset", default="base")
     ap.add_argument("--no-cmsc", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="as `ecgfm pretrain --compile` (warm-up compiles)")
+    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "mem_efficient", "math", "cudnn"],
+                    help="attention backend (auto: torch's choice)")
+    ap.add_argument("--profile", action="store_true", help="also print the GPU time per kernel of 3 more steps")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                     help="dense bf16 peak per GPU (H100 SXM 989, H200 989, A100 312)")
     ap.add_argument("--json", type=Path)
@@ -146,10 +165,12 @@ def main() -> None:
     flops = step_flops(preset(args.preset))
     util = mfu(segs, flops.total, args.gpus, args.peak_tflops)
     result = {**res, "preset": args.preset, "gpus": args.gpus, "batch_per_gpu": args.batch, "steps": args.steps,
+              "compile": args.compile, "sdpa": args.sdpa, "ms_per_step": round(1000 * res["seconds"] / args.steps, 2),
               "segments_per_s": round(segs, 1), "tflops_per_segment_step": flops.total / 1e12,
               "achieved_tflops_per_gpu": round(segs * flops.total / args.gpus / 1e12, 1),
               "peak_tflops": args.peak_tflops, "mfu": round(util, 4)}
-    print(f"{args.preset} on {args.gpus} x {res['device']} (bf16, batch {args.batch}/GPU, {args.steps} steps): "
+    mode = ("compiled" if args.compile else "eager") + ("" if args.sdpa == "auto" else f", sdpa {args.sdpa}")
+    print(f"{args.preset} on {args.gpus} x {res['device']} (bf16 {mode}, batch {args.batch}/GPU, {args.steps} steps): "
           f"{segs:.0f} segments/s, {result['achieved_tflops_per_gpu']} TFLOP/s per GPU, MFU {100 * util:.1f} % "
           f"of {args.peak_tflops:.0f}; peak memory {res['max_memory_gib']:.1f} GiB")
     if args.json:
