@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ecgfm_cli.contract import Contract, canonical_lead
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.model.encoder import EcgEncoder, grouped_conv_fft
+from ecgfm_cli.model.encoder import EcgEncoder, fft_length, grouped_conv_fft, kernel_spectrum
 
 #: Input columns read from a segments artifact.
 INPUT_COLUMNS = ["record_id", "patient_id", "segment_index", "signal", "lead_present"]
@@ -93,6 +93,7 @@ class InferenceEncoder(nn.Module):
             self.pos_groups = cfg.conv_pos_groups
             self.pos_bias = nn.Parameter(pos.bias.detach().float().clone(), requires_grad=False)
             self.pos_weight = nn.Parameter(pos.weight.detach().float().contiguous(), requires_grad=False)
+            self._pos_spectrum: dict[tuple[int, str], Tensor] = {}
             self.input_norm = _frozen_copy(encoder.encoder.layer_norm)
             self.layers = nn.ModuleList(_FusedLayer(layer, cfg.heads, wdt) for layer in encoder.encoder.layers)
 
@@ -129,7 +130,11 @@ class InferenceEncoder(nn.Module):
     def positional(self, h: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, D) float32: the grouped positional conv (before its GELU), via FFT
         (:func:`~ecgfm_cli.model.encoder.grouped_conv_fft`)."""
-        return grouped_conv_fft(h, self.pos_weight, self.pos_bias, self.pos_groups)
+        n = fft_length(h.shape[1], self.pos_weight.shape[-1])
+        key = (n, str(h.device))
+        if key not in self._pos_spectrum:  # the weights are fixed: transform them once per length and device
+            self._pos_spectrum[key] = kernel_spectrum(self.pos_weight.to(h.device), self.pos_groups, n).contiguous()
+        return grouped_conv_fft(h, self.pos_weight, self.pos_bias, self.pos_groups, self._pos_spectrum[key])
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, L) -> (B, D) float32 mean over tokens."""

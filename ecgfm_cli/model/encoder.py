@@ -107,7 +107,19 @@ class ConvFeatureExtractor(nn.Module):
         return h
 
 
-def grouped_conv_fft(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
+def fft_length(frames: int, kernel: int) -> int:
+    """FFT length for :func:`grouped_conv_fft`: a power of two >= ``frames + kernel // 2``."""
+    return 1 << (frames + kernel // 2 - 1).bit_length()
+
+
+def kernel_spectrum(weight: Tensor, groups: int, n: int) -> Tensor:
+    """``weight (D, D / groups, K)`` -> ``(groups, n // 2 + 1, C_out, C_in)`` complex64 conjugate spectra."""
+    d, c, _ = weight.shape
+    wf = torch.conj(torch.fft.rfft(weight.float(), n=n))  # (D, C, F)
+    return wf.view(groups, d // groups, c, -1).permute(0, 3, 1, 2)
+
+
+def grouped_conv_fft(x: Tensor, weight: Tensor, bias: Tensor, groups: int, spectrum: Tensor | None = None) -> Tensor:
     """ECG-FM's positional conv as a product of spectra: (B, T, D) -> (B, T, D) float32.
 
     Same function as ``Conv1d(D, D, K, padding=K // 2, groups=groups)`` followed by dropping the last frame
@@ -115,18 +127,17 @@ def grouped_conv_fft(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Te
     128-tap grouped conv is ~1.5 GFLOP per 156-frame segment and runs far below matmul speed on CPU and GPU;
     here it is float32 FFTs and one small complex matmul per frequency and group. Differentiable.
 
-    ``weight`` is ``(D, D / groups, K)``, ``bias`` ``(D,)``. Computed as a circular cross-correlation of
-    length ``n >= T + K // 2`` (the wrapped indices land on zero padding).
+    ``weight`` is ``(D, D / groups, K)``, ``bias`` ``(D,)``; ``spectrum``, optional, is
+    ``kernel_spectrum(weight, groups, fft_length(T, K))`` computed once (inference, where weights are fixed).
+    A circular cross-correlation of length ``n >= T + K // 2``: the wrapped indices land on zero padding.
     """
     b, t, d = x.shape
-    k = weight.shape[-1]
-    c, half = d // groups, k // 2
-    n = 1 << (t + half - 1).bit_length()
+    half = weight.shape[-1] // 2
+    n = fft_length(t, weight.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        wf = torch.conj(torch.fft.rfft(weight.float(), n=n))  # (D, C, F)
-        wf = wf.view(groups, c, c, -1).permute(0, 3, 1, 2)  # (G, F, C_out, C_in)
+        wf = kernel_spectrum(weight, groups, n) if spectrum is None else spectrum  # (G, F, C_out, C_in)
         xf = torch.fft.rfft(x.float().transpose(1, 2), n=n)  # (B, D, F)
-        xf = xf.view(b, groups, c, -1).permute(1, 3, 2, 0)  # (G, F, C_in, B)
+        xf = xf.view(b, groups, d // groups, -1).permute(1, 3, 2, 0)  # (G, F, C_in, B)
         yf = torch.matmul(wf, xf).permute(3, 0, 2, 1).reshape(b, d, -1)
         y = torch.fft.irfft(yf, n=n).roll(half, dims=-1)[..., :t]  # y[t] = corr[(t - K // 2) mod n]
         return (y + bias.float()[:, None]).transpose(1, 2)
