@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ecgfm_cli.contract import Contract, canonical_lead
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.model.encoder import EcgEncoder, fft_length, grouped_conv_fft, kernel_spectrum
+from ecgfm_cli.model.encoder import EcgEncoder, channel_norm, fft_length, grouped_conv_fft, kernel_spectrum
 
 #: Input columns read from a segments artifact.
 INPUT_COLUMNS = ["record_id", "patient_id", "segment_index", "signal", "lead_present"]
@@ -110,11 +110,7 @@ class InferenceEncoder(nn.Module):
                 h = F.conv1d(h.transpose(1, 2).to(w.dtype), w, stride=stride).transpose(1, 2)
                 h = F.gelu(h) if fuse_gelu else h
             if i == 0:
-                hf = h.float()
-                mean = hf.mean(dim=1, keepdim=True)
-                var = hf.var(dim=1, unbiased=False, keepdim=True)
-                hf = (hf - mean) * torch.rsqrt(var + self.gn_eps) * self.gn_weight + self.gn_bias
-                h = F.gelu(hf.to(h.dtype))
+                h = F.gelu(channel_norm(h, self.gn_weight, self.gn_bias, self.gn_eps))
         return h
 
     def tokens(self, x: Tensor) -> Tensor:

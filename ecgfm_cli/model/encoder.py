@@ -99,12 +99,18 @@ class ConvFeatureExtractor(nn.Module):
                 h = conv(h.transpose(1, 2)).transpose(1, 2)
             if i == 0:
                 gn = block[2]
-                hf = h.float()
-                mean = hf.mean(dim=1, keepdim=True)
-                var = hf.var(dim=1, unbiased=False, keepdim=True)
-                h = ((hf - mean) * torch.rsqrt(var + gn.eps) * gn.weight.float() + gn.bias.float()).type_as(h)
+                h = channel_norm(h, gn.weight, gn.bias, gn.eps)
             h = F.gelu(h)
         return h
+
+
+def channel_norm(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``GroupNorm(C, C)`` of a channels-last ``h (B, T, C)``: each channel normalised over time, computed in
+    float32 (fairseq's ``Fp32GroupNorm``) and returned in ``h``'s dtype."""
+    hf = h.float()
+    var, mean = torch.var_mean(hf, dim=1, unbiased=False, keepdim=True)
+    scale = torch.rsqrt(var + eps) * weight.float()
+    return torch.addcmul(bias.float() - mean * scale, hf, scale).to(h.dtype)
 
 
 def fft_length(frames: int, kernel: int) -> int:
