@@ -11,7 +11,8 @@ Timed variants, interleaved in every repeat (medians reported):
   hf bf16w      transformers with its weights cast to bfloat16 (``model.to(torch.bfloat16)``), shown for
                 reference
 
-It prints segments/s per variant, ecgfm/transformers ratios, the fraction of the bf16 matmul ceiling
+It prints segments/s per variant, ecgfm/transformers ratios (of the medians; paired, i.e. the median over
+repeats of the two back-to-back timings' ratio; best-of), the fraction of the bf16 matmul ceiling
 (``--peak-gflops`` / forward FLOPs per segment), and the cosine of bf16 to fp32 embeddings. Usage:
 
     python benchmarks/bench_embed.py [--batch-size 16] [--threads 2] [--repeats 7] [--json out.json]
@@ -135,8 +136,13 @@ def main() -> None:
         ratios["bf16 vs hf bf16 weights"] = rate["ecgfm bf16"] / rate["hf bf16w"]
     best = {name: args.batch_size / min(ts) for name, ts in times.items()}
     best_ratios = {"fp32": best["ecgfm fp32"] / best["hf fp32"], "bf16": best["ecgfm bf16"] / best["hf bf16"]}
+    # Paired: within each repeat the two variants ran back to back, so their time ratio cancels slow drifts in
+    # the machine's speed that the ratio of medians carries.
+    paired = {k: statistics.median(h / e for e, h in zip(times[f"ecgfm {k}"], times[f"hf {k}"], strict=True))
+              for k in ("fp32", "bf16")}
     for k, v in ratios.items():
-        extra = f" (best-of-{args.repeats}: {best_ratios[k]:.2f}x)" if k in best_ratios else ""
+        extra = (f" (paired median {paired[k]:.2f}x, best-of-{args.repeats}: {best_ratios[k]:.2f}x)"
+                 if k in best_ratios else "")
         print(f"  ecgfm / transformers {k}: {v:.2f}x median{extra}")
     print("  (on a shared machine the medians carry other processes' load; best-of is the uncontended figure)")
     print(f"  cosine(ecgfm bf16, ecgfm fp32): min {cos_bf16.min():.6f}, mean {cos_bf16.mean():.6f}")
@@ -148,7 +154,7 @@ def main() -> None:
             "preset": args.preset, "batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats,
             "device": where,
             "gflop_per_segment": flops / 1e9, "ceiling_segments_per_s": ceiling, "segments_per_s": rate,
-            "times_s": times, "ratios": ratios, "best_ratios": best_ratios,
+            "times_s": times, "ratios": ratios, "best_ratios": best_ratios, "paired_ratios": paired,
             "cosine_bf16_fp32_min": float(cos_bf16.min()),
             "cosine_fp32_hf_min": float(cos_hf.min()), "torch": torch.__version__}, indent=2))
 
