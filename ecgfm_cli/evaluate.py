@@ -512,11 +512,3 @@ def report_csv(report: dict[str, Any]) -> str:
                 if "threshold" in e:
                     w.writerow([model, level, lab, "threshold", e["threshold"]["value"], None, None])
     return buf.getvalue()
-
-
-def json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")

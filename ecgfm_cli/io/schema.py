@@ -275,14 +275,6 @@ def iter_records(batch: pa.RecordBatch, full_rows: bool = True) -> Iterator[Reco
         yield RecordView(row["record_id"], row["patient_id"], float(row["sample_rate"]), leads[i], sig, row)
 
 
-def rejects_table(rows: list[dict]) -> pa.Table:
-    return table_from_rows(rows, REJECTS)
-
-
-def labels_from_rows(rows: list[dict]) -> pa.Table:
-    return table_from_rows(rows, LABELS)
-
-
 def segment_signals(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
     """The ``signal`` column of a ``segments`` batch as (n, n_leads, window) numpy, without a copy
     when the batch is a single chunk (float16 artifacts come back as float16)."""

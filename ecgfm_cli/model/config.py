@@ -65,14 +65,6 @@ class EncoderConfig:
         """Channels out of the conv stack (input width of ``layer_norm`` / ``post_extract_proj``)."""
         return self.conv_layers[-1][0]
 
-    @property
-    def downsample(self) -> int:
-        """Product of the conv strides (16 for ECG-FM: one token per 16 samples)."""
-        out = 1
-        for _, _, stride in self.conv_layers:
-            out *= stride
-        return out
-
     def num_frames(self, length: int) -> int:
         """Tokens out of the conv stack for ``length`` input samples (2500 -> 156 for ECG-FM)."""
         for _, kernel, stride in self.conv_layers:
