@@ -36,12 +36,13 @@ def _heads_params(cfg: EncoderConfig, groups=2, n_vars=320, vq_dim=256, final_di
 
 @pytest.mark.parametrize("t, kernel, groups", [(156, 128, 16), (37, 8, 2), (20, 5, 1)])
 def test_fft_positional_conv_equals_the_direct_conv(t, kernel, groups):
-    """grouped_conv_fft = Conv1d(padding=K // 2, groups) + SamePad, in value and in gradient (odd K too)."""
+    """grouped_conv_fft = Conv1d(padding=K // 2, groups) with the extra frame of an even K dropped, in value and
+    in gradient (odd K too)."""
     torch.manual_seed(0)
     d = 8 * groups
     conv = torch.nn.Conv1d(d, d, kernel, padding=kernel // 2, groups=groups).double()
     x = torch.randn(3, t, d, dtype=torch.float64, requires_grad=True)
-    direct = conv(x.transpose(1, 2))[..., :t].transpose(1, 2)  # SamePad drops the extra frame of an even K
+    direct = conv(x.transpose(1, 2))[..., :t].transpose(1, 2)  # an even K gives one extra frame: drop it
     w = conv.weight.detach().clone().requires_grad_()
     fft = grouped_conv_fft(x, w, conv.bias.detach(), groups)
     assert fft.shape == direct.shape == (3, t, d)

@@ -149,22 +149,12 @@ def grouped_conv_fft(x: Tensor, weight: Tensor, bias: Tensor, groups: int, spect
         return (y + bias.float()[:, None]).transpose(1, 2)
 
 
-class SamePad(nn.Module):
-    """Drop the last output frame when the kernel is even, so output length equals input length."""
-
-    def __init__(self, kernel_size: int):
-        super().__init__()
-        self.remove = 1 if kernel_size % 2 == 0 else 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x[..., : x.shape[-1] - self.remove] if self.remove else x
-
-
 class ConvPositionalEmbedding(nn.Module):
-    """(B, T, D) -> (B, T, D) = GELU(SamePad(WeightNorm(grouped Conv1d)))(x); the caller ADDS it to x.
+    """(B, T, D) -> (B, T, D) = GELU(weight-normed grouped Conv1d(x), last frame dropped for an even kernel);
+    the caller ADDS it to x.
 
-    ``pos_conv`` keeps fairseq's module layout (and state-dict keys); the forward computes the conv with
-    :func:`grouped_conv_fft`, in float32, and returns the input's dtype.
+    ``pos_conv`` is ``Sequential(conv)`` so the weights keep fairseq's keys (``pos_conv.0.*``); the forward
+    computes the conv with :func:`grouped_conv_fft`, in float32, and returns the input's dtype.
     """
 
     def __init__(self, dim: int, kernel: int, groups: int):
@@ -173,7 +163,7 @@ class ConvPositionalEmbedding(nn.Module):
         nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel * dim)))
         nn.init.zeros_(conv.bias)
         conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
-        self.pos_conv = nn.Sequential(conv, SamePad(kernel), nn.GELU())
+        self.pos_conv = nn.Sequential(conv)
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.pos_conv[0]
