@@ -17,6 +17,7 @@ from conftest import run_main as ecgfm
 
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.embed import (
+    Dense,
     EmbedError,
     InferenceEncoder,
     LoadedModel,
@@ -232,6 +233,33 @@ def test_inference_encoder_general_conv_matches_module():
     x = torch.randn(3, 12, 500)
     with torch.no_grad():
         torch.testing.assert_close(InferenceEncoder(enc)(x), enc.embed(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_dense_equals_linear_and_repacks_when_the_weight_changes(dtype, gelu):
+    """``Dense`` (oneDNN with a pre-packed weight on CPU) computes ``F.linear`` (+ exact GELU), also for row
+    counts other than the one it packed for, and never serves a stale packed weight."""
+    import copy
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    layer = Dense.copy(lin, dtype, gelu=gelu)
+
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x.to(dtype).float(), lin.weight.to(dtype).float(), lin.bias.to(dtype).float())
+        return torch.nn.functional.gelu(y) if gelu else y
+
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    for rows in (1, 7, 2496):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(layer(x).float(), expected(x), **tol)
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)
+        layer.load_state_dict({"weight": lin.weight.to(dtype), "bias": lin.bias.to(dtype)})  # in place
+    x = torch.randn(5, 3, 24)
+    torch.testing.assert_close(layer(x).float(), expected(x), **tol)
+    torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))  # the opaque packed copy is not copied
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -108,7 +108,9 @@ def channel_norm(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``GroupNorm(C, C)`` of a channels-last ``h (B, T, C)``: each channel normalised over time, computed in
     float32 (fairseq's ``Fp32GroupNorm``) and returned in ``h``'s dtype."""
     hf = h.float()
-    var, mean = torch.var_mean(hf, dim=1, unbiased=False, keepdim=True)
+    # two passes of mean() instead of var_mean(), whose reduction over a non-last dim is ~5x slower on CPU
+    mean = hf.mean(dim=1, keepdim=True)
+    var = (hf - mean).square().mean(dim=1, keepdim=True)
     scale = torch.rsqrt(var + eps) * weight.float()
     return torch.addcmul(bias.float() - mean * scale, hf, scale).to(h.dtype)
 
