@@ -102,21 +102,30 @@ def _worker(args: argparse.Namespace, out: str) -> None:
     g = torch.Generator(device=ctx.device).manual_seed(ctx.rank)
     batch = {"x": torch.randn(args.batch, 12, 2500, device=ctx.device, generator=g),
              "record": torch.arange(args.batch, device=ctx.device) // 2}
-    for _ in range(args.warmup):
-        train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
+
+    def updates(n: int) -> None:
+        """``n`` updates as the training loop runs them: update u's metrics are read (the one host sync)
+        after update u + 1 is queued."""
+        pending = None
+        for _ in range(n):
+            result = train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
+            if pending is not None:
+                pending.metrics()
+            pending = result
+        pending.metrics()
+
+    updates(args.warmup)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for _ in range(args.steps):
-        train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
+    updates(args.steps)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     if args.profile and ctx.is_main:  # where a step's GPU time goes, by kernel
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
+            updates(3)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
     if ctx.is_main:

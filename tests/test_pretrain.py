@@ -101,6 +101,17 @@ def test_learns_on_real_records(segments: Path, tmp_path: Path) -> None:
     assert run_json["data"]["pairs"] > 0 and run_json["world_size"] == 1
 
 
+def test_max_time_stops_within_one_update(segments: Path, tmp_path: Path) -> None:
+    """The ranks' stop vote is read with the metrics, one update late (the host never waits on the update it
+    just queued): --max-time 0 ends after two updates, logged, checkpointed, and says why."""
+    run = tmp_path / "run"
+    invoke("pretrain", segments, "-o", run, *TINY, "--max-updates", "50", "--max-time", "0", "--workers", "1")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "max-time" and summary["updates"] == 2
+    assert [e["update"] for e in read_log(run)] == [1, 2] and read_log(run)[-1]["stop"]
+    assert (run / "latest").read_text().strip() == "checkpoint-2"
+
+
 def test_init_from_our_checkpoint_and_ablations(segments: Path, tmp_path: Path) -> None:
     first = tmp_path / "a"
     invoke("pretrain", segments, "-o", first, *TINY, "--max-updates", "1", "--workers", "1", "--no-cmsc")

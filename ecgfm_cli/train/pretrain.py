@@ -233,14 +233,48 @@ _SUM_KEYS = ("sample_size", "loss", "contrastive", "correct", "count")
 _MEAN_KEYS = ("diversity", "features_pen", "cmsc", "prob_perplexity", "code_perplexity")
 
 
+@dataclass
+class UpdateResult:
+    """One update's globally reduced statistics, still on the device.
+
+    :func:`train_update` only queues the update's work; :meth:`metrics` is the one point where the host waits
+    for it. The training loop reads update u's metrics after it has queued update u + 1, so the GPU never idles
+    while the host draws masks and dispatches the next update's kernels.
+    """
+
+    stats: torch.Tensor  # (len(keys) + 2,): the summed stats, the OR-ed stop vote, the gradient norm
+    keys: list[str]
+    batches: int  # micro-batches x ranks, the denominator of the mean-style stats
+    temperature: float
+    w2v: bool
+
+    def metrics(self) -> dict[str, float]:
+        """Plain-float metrics (waits for the update to finish)."""
+        *values, stop, grad_norm = self.stats.tolist()
+        tot = dict(zip(self.keys, values, strict=True))
+        global_count = max(tot["sample_size"], 1.0)
+        return {
+            "loss": tot["loss"] / global_count,
+            "contrastive": tot["contrastive"] / global_count if self.w2v else 0.0,
+            **{k: tot[k] / self.batches for k in _MEAN_KEYS},
+            "accuracy": tot["correct"] / tot["count"] if tot["count"] else 0.0,
+            "temperature": self.temperature,
+            "grad_norm": grad_norm,
+            "sample_size": tot["sample_size"],
+            "stop": stop > 0,
+        }
+
+
 def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict],
                  ctx: DistContext, lr: float, clip_norm: float = 0.0, dtype: str = "float32",
-                 fixed: list[dict] | None = None, stop: bool = False) -> dict[str, float]:
-    """One optimizer step over the micro-batches ``micro`` (dicts with ``x (B, 12, L)`` and ``record (B,)``).
+                 fixed: list[dict] | None = None, stop: bool = False) -> UpdateResult:
+    """Queue one optimizer step over the micro-batches ``micro`` (dicts with ``x (B, 12, L)`` and
+    ``record (B,)``), without waiting for it.
 
     ``net`` is ``model`` or its DDP wrapper. ``fixed`` (tests): per micro-batch ``{"mask": (B, T) bool,
     "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``: this rank's vote to end training, OR-ed
-    over ranks into the returned ``stop``. Returns globally reduced metrics (plain floats).
+    over ranks into the metrics' ``stop``. Returns the update's globally reduced statistics
+    (:meth:`UpdateResult.metrics` gives plain floats).
     """
     cfg = model.cfg
     params = [p for p in model.parameters() if p.requires_grad]
@@ -267,28 +301,14 @@ def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.opt
     vec = torch.stack([sums[k] for k in keys] + [torch.full((), float(stop), device=ctx.device)])
     if ctx.distributed:
         dist.all_reduce(vec)
-    # DDP averaged the gradients over ranks; turn that into sum-over-ranks / global count. Kept on the device
-    # until the step is queued: one host sync per update, at the end.
+    # DDP averaged the gradients over ranks; turn that into sum-over-ranks / global count, on the device.
     scale = ctx.world_size / vec[keys.index("sample_size")].clamp(min=1.0)
     grads = [p.grad for p in params if p.grad is not None]
     torch._foreach_mul_(grads, scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
     optimizer.step()
-    *values, grad_norm_value = torch.cat([vec, grad_norm.reshape(1).to(vec)]).tolist()
-    tot = dict(zip(keys, values[:-1], strict=True))
-    global_count = max(tot["sample_size"], 1.0)
-    n = len(micro) * ctx.world_size
-    metrics = {
-        "loss": tot["loss"] / global_count,
-        "contrastive": tot["contrastive"] / global_count if cfg.w2v else 0.0,
-        **{k: tot[k] / n for k in _MEAN_KEYS},
-        "accuracy": tot["correct"] / tot["count"] if tot["count"] else 0.0,
-        "temperature": model.quantizer.temperature,
-        "grad_norm": grad_norm_value,
-        "sample_size": tot["sample_size"],
-        "stop": values[-1] > 0,
-    }
-    return metrics
+    return UpdateResult(torch.cat([vec, grad_norm.detach().reshape(1).to(vec)]), keys, len(micro) * ctx.world_size,
+                        model.quantizer.temperature, cfg.w2v)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -470,8 +490,32 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
     last_metrics: dict = {}
     saved_at = update if prep.resume_from else -1
     exhausted = False
+
+    def record(result: UpdateResult, at: int, pos: tuple[int, int], segments: int) -> bool:
+        """Book update ``at``'s metrics (waits for it): progress bar, log line every --log-every updates.
+        Returns whether the ranks voted to stop."""
+        nonlocal window, t_window, seg_window, last_metrics
+        m = result.metrics()
+        m.update(update=at, lr=lr_at(at - 1, opts))
+        window.append(m)
+        seg_window += segments
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=pos[0])
+        if at % opts.log_every == 0 or (opts.max_updates and at == opts.max_updates) or m["stop"]:
+            now = time.monotonic()
+            last_metrics = _log_line(window, at, pos, prep, now - t_window, seg_window, now - t_start, ctx)
+            if ctx.is_main:
+                _append_jsonl(run / "log.jsonl", last_metrics)
+                if bar is None:
+                    info(_summary_line(last_metrics))
+            window, t_window, seg_window = [], now, 0
+        return m["stop"]
+
+    pending = None  # (result, update, position, segments) of the update queued last, not yet read
+    stop = False
     try:
-        while opts.max_updates is None or update < opts.max_updates:
+        while not stop and (opts.max_updates is None or update < opts.max_updates):
             micro = []
             for _ in range(opts.update_freq):
                 b = next(loader, None)
@@ -482,32 +526,20 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
             if not micro:
                 break
             out_of_time = opts.max_time is not None and time.monotonic() - t_start >= opts.max_time
-            m = train_update(model, net, optimizer, micro, ctx, lr_at(update, opts), opts.clip_norm, opts.dtype,
-                             stop=out_of_time)
+            result = train_update(model, net, optimizer, micro, ctx, lr_at(update, opts), opts.clip_norm,
+                                  opts.dtype, stop=out_of_time)
             update += 1
             model.set_num_updates(update)
             last = micro[-1]
             position = (int(last["epoch"]), int(last["batch"]) * lcfg.workers + int(last["worker"]) + 1)
-            seg_window += sum(len(b["x"]) for b in micro) * ctx.world_size
-            m.update(update=update, lr=lr_at(update - 1, opts))
-            window.append(m)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=position[0])
-            if update % opts.log_every == 0 or (opts.max_updates and update == opts.max_updates) or m["stop"]:
-                now = time.monotonic()
-                last_metrics = _log_line(window, update, position, prep, now - t_window, seg_window,
-                                         now - t_start, ctx)
-                if ctx.is_main:
-                    _append_jsonl(run / "log.jsonl", last_metrics)
-                    if bar is None:
-                        info(_summary_line(last_metrics))
-                window, t_window, seg_window = [], now, 0
             if opts.save_every and update % opts.save_every == 0:
                 save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
                 saved_at = update
-            if m["stop"]:
-                break
+            # read the previous update's metrics only now, with this one queued behind it
+            stop = pending is not None and record(*pending)
+            pending = (result, update, position, sum(len(b["x"]) for b in micro) * ctx.world_size)
+        if pending is not None:
+            record(*pending)
         if window:
             last_metrics = _log_line(window, update, position, prep, time.monotonic() - t_window, seg_window,
                                      time.monotonic() - t_start, ctx)
