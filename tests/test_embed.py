@@ -21,6 +21,7 @@ from ecgfm_cli.embed import (
     EmbedError,
     InferenceEncoder,
     LoadedModel,
+    attention,
     check_input,
     merge_parquet,
     plan_ranges,
@@ -233,6 +234,19 @@ def test_inference_encoder_general_conv_matches_module():
     x = torch.randn(3, 12, 500)
     with torch.no_grad():
         torch.testing.assert_close(InferenceEncoder(enc)(x), enc.embed(x), atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_attention_equals_sdpa():
+    """The per-sample CPU attention (float32 softmax, heads written in place) is softmax(q k^T) v with q
+    pre-scaled, as ``scaled_dot_product_attention(scale=1)`` computes it on the (B, H, T, d) views."""
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 10, 3, 4, 8)  # (B, T, 3, H, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(3, 10, 32)
+    torch.testing.assert_close(attention(qkv), want, atol=1e-5, rtol=1e-5)
+    got16 = attention(qkv.bfloat16())
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), want, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
