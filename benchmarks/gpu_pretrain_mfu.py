@@ -90,7 +90,7 @@ def _worker(args: argparse.Namespace, out: str) -> None:
     if args.compile:
         from ecgfm_cli.model.encoder import compile_layers
 
-        compile_layers(model.encoder)
+        compile_layers(model.encoder, mode=args.compile_mode)
     net = model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -143,6 +143,9 @@ def main() -> None:
     ap.add_argument("--preset", default="base")
     ap.add_argument("--no-cmsc", action="store_true")
     ap.add_argument("--compile", action="store_true", help="as `ecgfm pretrain --compile` (warm-up compiles)")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode for --compile (reduce-overhead: CUDA graphs; not yet in the CLI)")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "mem_efficient", "math", "cudnn"],
                     help="attention backend (auto: torch's choice)")
     ap.add_argument("--profile", action="store_true", help="also print the GPU time per kernel of 3 more steps")
@@ -174,11 +177,14 @@ def main() -> None:
     flops = step_flops(preset(args.preset))
     util = mfu(segs, flops.total, args.gpus, args.peak_tflops)
     result = {**res, "preset": args.preset, "gpus": args.gpus, "batch_per_gpu": args.batch, "steps": args.steps,
-              "compile": args.compile, "sdpa": args.sdpa, "ms_per_step": round(1000 * res["seconds"] / args.steps, 2),
+              "compile": args.compile, "compile_mode": args.compile_mode, "sdpa": args.sdpa,
+              "ms_per_step": round(1000 * res["seconds"] / args.steps, 2),
               "segments_per_s": round(segs, 1), "tflops_per_segment_step": flops.total / 1e12,
               "achieved_tflops_per_gpu": round(segs * flops.total / args.gpus / 1e12, 1),
               "peak_tflops": args.peak_tflops, "mfu": round(util, 4)}
-    mode = ("compiled" if args.compile else "eager") + ("" if args.sdpa == "auto" else f", sdpa {args.sdpa}")
+    mode = "compiled" if args.compile else "eager"
+    mode += f" ({args.compile_mode})" if args.compile and args.compile_mode else ""
+    mode += "" if args.sdpa == "auto" else f", sdpa {args.sdpa}"
     print(f"{args.preset} on {args.gpus} x {res['device']} (bf16 {mode}, batch {args.batch}/GPU, {args.steps} steps): "
           f"{segs:.0f} segments/s, {result['achieved_tflops_per_gpu']} TFLOP/s per GPU, MFU {100 * util:.1f} % "
           f"of {args.peak_tflops:.0f}; peak memory {res['max_memory_gib']:.1f} GiB")

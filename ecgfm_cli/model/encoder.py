@@ -327,15 +327,16 @@ class EcgEncoder(nn.Module):
         return out, torch.stack(maps, dim=1)
 
 
-def compile_layers(encoder: EcgEncoder) -> None:
+def compile_layers(encoder: EcgEncoder, mode: str | None = None) -> None:
     """``torch.compile`` each transformer layer in place (one graph, shared by all layers of the same shape).
 
     Fuses the elementwise work around the matmuls (dropout, residual, LayerNorm, GELU, dtype casts), which
     dominates a bf16 step's non-matmul time on GPU. Compiling per layer, not the whole model, keeps state-dict
     keys unchanged and leaves the data-dependent masking code eager. The first step pays the compilation.
+    ``mode``: ``torch.compile``'s (None = its default; the GPU benchmark tries ``"reduce-overhead"``, CUDA graphs).
     """
     for layer in encoder.encoder.layers:
-        layer.compile()
+        layer.compile(mode=mode)
 
 
 class EcgClassifier(nn.Module):
