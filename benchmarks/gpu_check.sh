@@ -7,7 +7,8 @@
 # --model MODEL -o X.parquet` made on CPU (float32), to compare against. Runs, each under its own time limit so
 # one failure does not hide the rest:
 #   1. pretraining MFU of the base model, bf16: batch 128 per GPU eager, and 128, 256, 512 with --compile (the
-#      256 run also prints where the GPU time goes, by kernel), and 256 with the layers under CUDA graphs;
+#      256 run also prints where the GPU time goes, by kernel), 256 again reading each update's metrics at once
+#      (the loop before the deferred read, for the A/B) and 256 with the layers under CUDA graphs;
 #   2. `ecgfm pretrain --gpus 1 --compile` (bf16 autocast, compiled layers, checkpoints) on the tiny preset;
 #   3. `ecgfm embed` on cuda in float32 and, through `--gpus 1`, in bfloat16, against the CPU embeddings;
 #   4. embedding throughput of the base model on the GPU, ecgfm vs transformers (bench_embed.py).
@@ -39,6 +40,8 @@ step "MFU base compiled batch 128" 150 $PY benchmarks/gpu_pretrain_mfu.py --gpus
     --json "$OUT/mfu_compiled_b128.json"
 step "MFU base compiled batch 256" 150 $PY benchmarks/gpu_pretrain_mfu.py --gpus 1 --batch 256 --compile --profile \
     --json "$OUT/mfu_compiled_b256.json"
+step "MFU base compiled batch 256, sync each update (the old loop)" 150 $PY benchmarks/gpu_pretrain_mfu.py --gpus 1 \
+    --batch 256 --compile --sync-each-update --json "$OUT/mfu_compiled_b256_sync.json"
 step "MFU base compiled (CUDA graphs) batch 256" 180 $PY benchmarks/gpu_pretrain_mfu.py --gpus 1 --batch 256 --compile \
     --compile-mode reduce-overhead --json "$OUT/mfu_cudagraphs_b256.json"
 step "MFU base compiled batch 512" 150 $PY benchmarks/gpu_pretrain_mfu.py --gpus 1 --batch 512 --compile \

@@ -105,13 +105,15 @@ def _worker(args: argparse.Namespace, out: str) -> None:
 
     def updates(n: int) -> None:
         """``n`` updates as the training loop runs them: update u's metrics are read (the one host sync)
-        after update u + 1 is queued."""
+        after update u + 1 is queued; with ``--sync-each-update`` right away, as the loop did before."""
         pending = None
         for _ in range(n):
             result = train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
             if pending is not None:
                 pending.metrics()
             pending = result
+            if args.sync_each_update:
+                pending.metrics()
         pending.metrics()
 
     updates(args.warmup)
@@ -148,6 +150,8 @@ def main() -> None:
                     help="torch.compile mode for --compile (reduce-overhead: CUDA graphs; not yet in the CLI)")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "mem_efficient", "math", "cudnn"],
                     help="attention backend (auto: torch's choice)")
+    ap.add_argument("--sync-each-update", action="store_true",
+                    help="read each update's metrics before queuing the next (the loop before the deferred read)")
     ap.add_argument("--profile", action="store_true", help="also print the GPU time per kernel of 3 more steps")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                     help="dense bf16 peak per GPU (H100 SXM 989, H200 989, A100 312)")
@@ -178,6 +182,7 @@ def main() -> None:
     util = mfu(segs, flops.total, args.gpus, args.peak_tflops)
     result = {**res, "preset": args.preset, "gpus": args.gpus, "batch_per_gpu": args.batch, "steps": args.steps,
               "compile": args.compile, "compile_mode": args.compile_mode, "sdpa": args.sdpa,
+              "sync_each_update": args.sync_each_update,
               "ms_per_step": round(1000 * res["seconds"] / args.steps, 2),
               "segments_per_s": round(segs, 1), "tflops_per_segment_step": flops.total / 1e12,
               "achieved_tflops_per_gpu": round(segs * flops.total / args.gpus / 1e12, 1),
@@ -185,6 +190,7 @@ def main() -> None:
     mode = "compiled" if args.compile else "eager"
     mode += f" ({args.compile_mode})" if args.compile and args.compile_mode else ""
     mode += "" if args.sdpa == "auto" else f", sdpa {args.sdpa}"
+    mode += ", sync each update" if args.sync_each_update else ""
     print(f"{args.preset} on {args.gpus} x {res['device']} (bf16 {mode}, batch {args.batch}/GPU, {args.steps} steps): "
           f"{segs:.0f} segments/s, {result['achieved_tflops_per_gpu']} TFLOP/s per GPU, MFU {100 * util:.1f} % "
           f"of {args.peak_tflops:.0f}; peak memory {res['max_memory_gib']:.1f} GiB")
