@@ -112,6 +112,26 @@ def test_max_time_stops_within_one_update(segments: Path, tmp_path: Path) -> Non
     assert (run / "latest").read_text().strip() == "checkpoint-2"
 
 
+def test_log_reaches_every_checkpoint(segments: Path, tmp_path: Path, monkeypatch) -> None:
+    """Metrics are read one update late, but a checkpoint is written only after its own update is logged: a run
+    killed right after saving checkpoint-2 has log lines 1 and 2, so the resumed run's log has no gap."""
+    import ecgfm_cli.train.pretrain as pretrain
+
+    real = pretrain.save_run_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the checkpoint")
+
+    monkeypatch.setattr(pretrain, "save_run_checkpoint", save_then_die)
+    run = tmp_path / "run"
+    res = runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", run, *TINY, "--max-updates", "5",
+                                                 "--save-every", "2", "--workers", "1")])
+    assert res.exit_code != 0
+    assert (run / "latest").read_text().strip() == "checkpoint-2"
+    assert [e["update"] for e in read_log(run)] == [1, 2]
+
+
 def test_init_from_our_checkpoint_and_ablations(segments: Path, tmp_path: Path) -> None:
     first = tmp_path / "a"
     invoke("pretrain", segments, "-o", first, *TINY, "--max-updates", "1", "--workers", "1", "--no-cmsc")

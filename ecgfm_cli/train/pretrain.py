@@ -532,12 +532,14 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
             model.set_num_updates(update)
             last = micro[-1]
             position = (int(last["epoch"]), int(last["batch"]) * lcfg.workers + int(last["worker"]) + 1)
-            if opts.save_every and update % opts.save_every == 0:
-                save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
-                saved_at = update
             # read the previous update's metrics only now, with this one queued behind it
             stop = pending is not None and record(*pending)
             pending = (result, update, position, sum(len(b["x"]) for b in micro) * ctx.world_size)
+            if opts.save_every and update % opts.save_every == 0:
+                stop = record(*pending) or stop  # the log holds every update up to a checkpoint
+                pending = None
+                save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
+                saved_at = update
         if pending is not None:
             record(*pending)
         if window:
