@@ -693,6 +693,7 @@ def _worker(rank: int, job: _Job) -> None:
         model = load_model(job.spec)
         net = prepare(model, opts.device, opts.dtype)
         _, mask = parse_leads(opts.leads, model.contract)
+        del model  # the inference copy has what it needs
         schema = embeddings_schema(job.dim).with_metadata(job.schema_meta)
         writer = ArtifactWriter(Output("dir", Path(job.shard_dir)), "embeddings", schema, shard=shard,
                                 row_group_rows=1024)
@@ -726,6 +727,9 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
     ``dir``, ``parquet`` or ``npz``). ``meta``: ``{"contract", "model", "provenance", "leads"}`` stored
     with the output. ``gpus`` > 0 runs one process per GPU (cuda:0..), else ``procs`` CPU processes;
     several processes write one shard each (order = input order) and a file output is merged from them.
+
+    Consumes ``model``: its encoder's weights are released (moved to the meta device) as soon as they are not
+    needed, i.e. once the inference copy exists, or before the worker processes start (they load their own).
     """
     from ecgfm_cli.io.artifacts import ArtifactWriter, Output, write_done_marker
 
@@ -743,6 +747,7 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
             torch.set_num_threads(opts.threads)
         net = prepare(model, opts.device, opts.dtype)
         _, mask = parse_leads(opts.leads, model.contract)
+        model.encoder.to("meta")  # the inference copy has what it needs: free 4 bytes per parameter
         total = reader.num_rows()
         batches = rebatch(reader.iter_batches(INPUT_COLUMNS, batch_size=opts.batch_size), opts.batch_size)
         from ecgfm_cli.console import progress
@@ -772,6 +777,7 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
         summary.files = [str(f) for f in writer.files]
         return summary
 
+    model.encoder.to("meta")  # each worker process loads its own
     ranges = plan_ranges(reader, nproc, align_records=opts.pool == "record")
     if gpus > 0:
         devices = [f"cuda:{k}" for k in range(nproc)]
