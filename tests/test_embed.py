@@ -276,6 +276,19 @@ def test_dense_equals_linear_and_repacks_when_the_weight_changes(dtype, gelu):
     torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))  # the opaque packed copy is not copied
 
 
+def test_dense_without_onednn_packing(monkeypatch):
+    """A torch build that cannot pack weights for oneDNN still computes ``F.linear`` (+ GELU) with the plain one."""
+    def no_packing(*args):
+        raise RuntimeError("not in this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", no_packing)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(7, 24)
+    want = torch.nn.functional.gelu(lin(x))
+    torch.testing.assert_close(Dense.copy(lin, torch.float32, gelu=True)(x), want, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
