@@ -403,7 +403,8 @@ def test_reject_reasons(sample_data, tmp_path):
     (tmp_path / "broken.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 10)
     _rejected(_one(tmp_path / "broken.h5"), "unreadable")
     (tmp_path / "words.csv").write_text("a,b\nhello,world\n")
-    _rejected(_one(tmp_path / "words.csv", ReadOptions(fs=500)), "not_ecg")
+    words = _rejected(_one(tmp_path / "words.csv", ReadOptions(fs=500)), "not_ecg")
+    assert "column 1, data row 1 holds 'hello', not a number" in words.detail and "--labels" in words.detail
     (tmp_path / "trunc.csv.gz").write_bytes(gzip.compress(b"1,2,3\n" * 100)[:30])
     _rejected(_one(tmp_path / "trunc.csv.gz", ReadOptions(fs=500)), "unreadable")
     (tmp_path / "blank.csv").write_text("\n\n")

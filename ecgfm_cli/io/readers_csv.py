@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def _parse_table(body: bytes, delim: str | None, n_cols: int, name: str) -> np.n
         )
     except pa.ArrowInvalid as e:
         msg = str(e).splitlines()[0]
+        text = re.search(r"column #(\d+): Row #(\d+): CSV conversion error to \w+: invalid value '(.*)'", msg)
+        if text:  # say it as a person would: where the text is, and what the file probably is
+            col, row, value = int(text.group(1)) + 1, int(text.group(2)), text.group(3)
+            raise RejectedRecord("not_ecg", f"{name}: column {col}, data row {row} holds {value!r}, not a number: "
+                                 f"not a signal table (a label or metadata table? pass it with --labels)") from None
         reason = "not_ecg" if "conversion" in msg.lower() or "parse" in msg.lower() else "unreadable"
         raise RejectedRecord(reason, f"{name}: {msg}") from None
     out = np.empty((table.num_rows, n_cols), dtype=np.float64)
