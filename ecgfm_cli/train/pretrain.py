@@ -491,8 +491,10 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
     saved_at = update if prep.resume_from else -1
     exhausted = False
 
-    def record(result: UpdateResult, at: int, pos: tuple[int, int], segments: int) -> bool:
+    def record(result: UpdateResult, at: int, pos: tuple[int, int], segments: int, queued: float) -> bool:
         """Book update ``at``'s metrics (waits for it): progress bar, log line every --log-every updates.
+        ``queued``: when the update was queued; rates are measured between those times, which advance as the
+        updates complete (the host runs at most one update ahead) however late the metrics are read.
         Returns whether the ranks voted to stop."""
         nonlocal window, t_window, seg_window, last_metrics
         m = result.metrics()
@@ -504,15 +506,15 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
             bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=pos[0])
         if at % opts.log_every == 0 or (opts.max_updates and at == opts.max_updates) or m["stop"]:
             now = time.monotonic()
-            last_metrics = _log_line(window, at, pos, prep, now - t_window, seg_window, now - t_start, ctx)
+            last_metrics = _log_line(window, at, pos, prep, queued - t_window, seg_window, now - t_start, ctx)
             if ctx.is_main:
                 _append_jsonl(run / "log.jsonl", last_metrics)
                 if bar is None:
                     info(_summary_line(last_metrics))
-            window, t_window, seg_window = [], now, 0
+            window, t_window, seg_window = [], queued, 0
         return m["stop"]
 
-    pending = None  # (result, update, position, segments) of the update queued last, not yet read
+    pending = None  # (result, update, position, segments, queued at) of the update queued last, not yet read
     stop = False
     try:
         while not stop and (opts.max_updates is None or update < opts.max_updates):
@@ -534,7 +536,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
             position = (int(last["epoch"]), int(last["batch"]) * lcfg.workers + int(last["worker"]) + 1)
             # read the previous update's metrics only now, with this one queued behind it
             stop = pending is not None and record(*pending)
-            pending = (result, update, position, sum(len(b["x"]) for b in micro) * ctx.world_size)
+            pending = (result, update, position, sum(len(b["x"]) for b in micro) * ctx.world_size, time.monotonic())
             if opts.save_every and update % opts.save_every == 0:
                 stop = record(*pending) or stop  # the log holds every update up to a checkpoint
                 pending = None
