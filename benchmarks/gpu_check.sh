@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh SEGMENTS MODEL CPU_EMBEDDINGS OUT_DIR
 #
 # SEGMENTS: an `ecgfm segment` output; MODEL: a checkpoint for it; CPU_EMBEDDINGS: `ecgfm embed SEGMENTS
-# --model MODEL -o X.parquet` made on CPU (float32), to compare against. Runs, each under its own time limit so
+# --model MODEL -o X.parquet` made on CPU (float32), to compare against. `bash benchmarks/gpu_check_inputs.sh DIR`
+# makes all three on CPU beforehand and prints this script's command line. Runs, each under its own time limit so
 # one failure does not hide the rest:
 #   1. pretraining MFU of the base model, bf16: batch 128 per GPU eager, and 128, 256, 512 with --compile (the
 #      256 run also prints where the GPU time goes, by kernel), 256 again reading each update's metrics at once
