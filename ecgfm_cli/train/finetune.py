@@ -605,14 +605,15 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
 
             bar = tqdm(total=len(batches), desc=f"finetune epoch {epoch}", unit="batch", file=sys.stderr,
                        dynamic_ncols=True, leave=False)
-        loss_sum, loss_n = 0.0, 0.0
+        # the epoch's loss sum stays on the device: no host sync per step (the bar's postfix reads it now and then)
+        loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=ctx.device), 0.0
         with Prefetch(iter_signals(prep, batches)) as ahead:
-            for b, x in ahead:
-                y = torch.from_numpy(Ys[b]).to(ctx.device, non_blocking=True)
-                n_local = torch.tensor(float((~torch.isnan(y)).sum()), device=ctx.device)
-                n_global = n_local.clone()
+            for i, (b, x) in enumerate(ahead):
+                n_local = float(np.count_nonzero(~np.isnan(Ys[b])))  # labelled entries, counted on the host
+                n_global = torch.full((), n_local, device=ctx.device)
                 if ctx.distributed:
                     dist.all_reduce(n_global)
+                y = torch.from_numpy(Ys[b]).to(ctx.device, non_blocking=True)
                 with _autocast(ctx.device, opts.dtype):
                     out = net(torch.from_numpy(x).to(ctx.device, non_blocking=True))
                 s, _ = finetune_loss(out, y, binary_t, pw_t)
@@ -621,14 +622,15 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += float(s.detach())
-                loss_n += float(n_local)
+                loss_sum += s.detach()
+                loss_n += n_local
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(s.detach()) / max(float(n_local), 1):.4f}")
+                    if i % 20 == 0:
+                        bar.set_postfix(loss=f"{float(s.detach()) / max(n_local, 1):.4f}")
         if bar is not None:
             bar.close()
-        tot, cnt = _reduce([loss_sum, loss_n], ctx)
+        tot, cnt = _reduce([float(loss_sum), loss_n], ctx)
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": tot / cnt if cnt else None, "lr": opts.lr,
                                  "train_batches": len(batches)}
         if len(valid_pos):
