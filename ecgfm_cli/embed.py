@@ -6,7 +6,8 @@ Layers of this module, pure at the core, I/O at the edges:
   (fused q/k/v projection, kernel == stride convolutions as matmuls in channels-last layout, the
   positional conv by FFT, weights pre-cast for bfloat16 and pre-packed for oneDNN): same function as
   ``EcgEncoder.embed``, faster on CPU.
-* :func:`embed_batch` - (B, C, L) numpy -> (B, D) float32 numpy embeddings.
+* :func:`embed_batch` - (B, C, L) numpy -> (B, D) float32 numpy embeddings (:func:`queue_batch`: the same,
+  left on the device).
 * :func:`run_embed` - streams a ``segments`` artifact through the model into an ``embeddings`` artifact,
   optionally fanned out over several processes (one per GPU with ``--gpus``; ``procs`` on CPU).
 
@@ -335,6 +336,13 @@ def embed_batch(net: InferenceEncoder, x: np.ndarray, device: str = "cpu", dtype
     ``lead_mask`` (C,) bool: leads where it is False are zeroed first. bfloat16 runs under
     ``torch.autocast`` (matmuls in bfloat16, block-0 GroupNorm and the final mean in float32).
     """
+    return queue_batch(net, x, device, dtype, lead_mask).cpu().numpy()
+
+
+def queue_batch(net: InferenceEncoder, x: np.ndarray, device: str = "cpu", dtype: str = "float32",
+                lead_mask: np.ndarray | None = None) -> Tensor:
+    """:func:`embed_batch` without waiting for the result: (B, D) float32 on ``device`` (on a GPU, reading it
+    with ``.cpu()`` is what waits, so the host can prepare the next batch meanwhile)."""
     dev = torch.device(device)
     if not x.flags.writeable:  # zero-copy Arrow views are read-only; torch wants writable memory
         x = np.array(x, dtype=np.float32)
@@ -342,8 +350,7 @@ def embed_batch(net: InferenceEncoder, x: np.ndarray, device: str = "cpu", dtype
     if lead_mask is not None and not lead_mask.all():
         t = t * torch.from_numpy(lead_mask.astype(np.float32)).to(dev)[None, :, None]
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        out = net(t)
-    return out.float().cpu().numpy()
+        return net(t).float()
 
 
 def parse_leads(spec: str | None, contract: Contract) -> tuple[list[str], np.ndarray]:
@@ -558,6 +565,17 @@ def embed_rows(batches: Iterator[pa.Table], net: InferenceEncoder, opts: EmbedOp
     from ecgfm_cli.io.schema import segment_signals
 
     pooler = RecordPooler() if opts.pool == "record" else None
+
+    def finish(queued: Tensor, rid: list, pid: list, seg: np.ndarray) -> None:
+        emb = queued.cpu().numpy()
+        summary.dim = emb.shape[1]
+        if pooler is None:
+            write(embeddings_batch(rid, pid, seg, emb, schema))
+            summary.rows += len(rid)
+        else:
+            _write_pooled(pooler.add(rid, pid, emb), schema, write, summary)
+
+    pending = None  # the batch on the device: read only after the next one is queued behind it
     for table in batches:
         x = segment_signals(table)
         rid = table.column("record_id").to_pylist()
@@ -578,13 +596,12 @@ def embed_rows(batches: Iterator[pa.Table], net: InferenceEncoder, opts: EmbedOp
             rid, pid = [rid[i] for i in keep], [pid[i] for i in keep]
             if not len(keep):
                 continue
-        emb = embed_batch(net, x, opts.device, opts.dtype, lead_mask)
-        summary.dim = emb.shape[1]
-        if pooler is None:
-            write(embeddings_batch(rid, pid, seg, emb, schema))
-            summary.rows += len(rid)
-        else:
-            _write_pooled(pooler.add(rid, pid, emb), schema, write, summary)
+        queued = queue_batch(net, x, opts.device, opts.dtype, lead_mask)
+        if pending is not None:
+            finish(*pending)
+        pending = (queued, rid, pid, seg)
+    if pending is not None:
+        finish(*pending)
     if pooler is not None:
         _write_pooled(pooler.flush(), schema, write, summary)
 
