@@ -17,10 +17,8 @@ from ecgfm_cli.model.pretraining import (
     contrastive_logits,
     contrastive_loss,
     from_fairseq_state_dict,
-    gather_negatives,
     pool_time,
     sample_negative_indices,
-    sample_negatives,
     to_fairseq_state_dict,
     total_loss,
 )
@@ -102,6 +100,27 @@ def test_random_lead_mask():
     assert torch.equal(y[~k], torch.zeros_like(y[~k])) and torch.equal(y[k], x[k])
 
 
+# ------------------------------------------------------------------------------ fairseq's formulation (reference)
+
+
+def gather_negatives(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """fairseq's materialised negatives: ``y (B, T', F)``, ``idx (B, T', N)`` per-row indices -> ``(N, B, T', F)``."""
+    bsz, tsz, dim = y.shape
+    flat = idx + torch.arange(bsz)[:, None, None] * tsz
+    return y.reshape(-1, dim)[flat.reshape(-1)].view(*idx.shape, dim).permute(2, 0, 1, 3)
+
+
+def materialised_logits(pred: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, logit_temp: float = 0.1
+                        ) -> torch.Tensor:
+    """fairseq's ``compute_preds``: cosine of ``pred (B, T', F)`` with ``pos (B, T', F)`` and ``negs (N, B, T', F)``
+    / temperature, ``-inf`` where a negative equals the positive -> ``(B, T', 1 + N)``."""
+    neg_is_pos = (pos.unsqueeze(0) == negs).all(-1)  # (N, B, T')
+    targets = torch.cat([pos.unsqueeze(0), negs], dim=0)
+    logits = torch.nn.functional.cosine_similarity(pred.float(), targets.float(), dim=-1) / logit_temp
+    logits = torch.cat([logits[:1], logits[1:].masked_fill(neg_is_pos, float("-inf"))], dim=0)
+    return logits.permute(1, 2, 0)
+
+
 # ------------------------------------------------------------------------------------------------ negatives
 
 
@@ -121,18 +140,18 @@ def test_negatives_exclude_self_and_stay_in_row():
     negs = gather_negatives(y, idx)
     assert negs.shape == (n, bsz, tm, 3)
     assert torch.equal(negs[..., 0], (torch.arange(bsz)[:, None, None] * 1000 + idx).permute(2, 0, 1).float())
-    negs2, idx2 = sample_negatives(y, n, generator=gen(0))
-    assert torch.equal(idx2, idx) and torch.equal(negs2, negs)
+    assert torch.equal(sample_negative_indices(bsz, tm, n, generator=gen(0)), idx)  # same generator, same draw
     with pytest.raises(ValueError):
         sample_negative_indices(2, 1, 10)
 
 
 def test_contrastive_logits_neg_equal_pos_is_masked():
+    """The reference form: column 0 the positive's cosine / temperature, a negative equal to it -inf."""
     torch.manual_seed(0)
     pred, pos = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
     negs = torch.randn(3, 2, 4, 8)
     negs[1, 0, 2] = pos[0, 2]
-    logits = contrastive_logits(pred, pos, negs, 0.1)
+    logits = materialised_logits(pred, pos, negs, 0.1)
     assert logits.shape == (2, 4, 4)
     assert torch.isinf(logits[0, 2, 2]) and torch.isfinite(logits).sum() == logits.numel() - 1
     cos = torch.nn.functional.cosine_similarity(pred[1, 3], pos[1, 3], dim=-1)
@@ -431,16 +450,14 @@ def test_contrastive_loss_matches_transformers():
 
 
 def test_indexed_logits_equal_materialised_negatives_values_and_gradients():
-    from ecgfm_cli.model.pretraining import contrastive_logits_indexed
-
     g = torch.Generator().manual_seed(3)
     pred = torch.randn(3, 12, 8, generator=g, requires_grad=True)
     y = torch.randn(3, 12, 8, generator=g)
     y[:, 5] = y[:, 2]  # a negative equal to the positive must become -inf in both forms
     y.requires_grad_(True)
     idx = sample_negative_indices(3, 12, 20, generator=g)
-    ref = contrastive_logits(pred, y, gather_negatives(y, idx), 0.1)
-    got = contrastive_logits_indexed(pred, y, idx, 0.1)
+    ref = materialised_logits(pred, y, gather_negatives(y, idx), 0.1)
+    got = contrastive_logits(pred, y, idx, 0.1)
     assert torch.equal(torch.isinf(ref), torch.isinf(got)) and torch.isinf(got).any()
     finite = torch.isfinite(ref)
     torch.testing.assert_close(got[finite], ref[finite], atol=1e-5, rtol=1e-5)

@@ -36,11 +36,9 @@ __all__ = [
     "contrastive_logits",
     "contrastive_loss",
     "from_fairseq_state_dict",
-    "gather_negatives",
     "pool_time",
     "random_lead_mask",
     "sample_negative_indices",
-    "sample_negatives",
     "to_fairseq_state_dict",
     "total_loss",
 ]
@@ -117,43 +115,11 @@ def _take_frames(x: Tensor, positions: Tensor) -> Tensor:
     return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def gather_negatives(y: Tensor, idx: Tensor) -> Tensor:
-    """Look up negatives: ``y (B, T', F)``, ``idx (B, T', N)`` per-row indices -> ``(N, B, T', F)``."""
-    bsz, tsz, dim = y.shape
-    flat = idx.to(y.device) + torch.arange(bsz, device=y.device)[:, None, None] * tsz
-    return y.reshape(-1, dim)[flat.reshape(-1)].view(*idx.shape, dim).permute(2, 0, 1, 3)
-
-
-def sample_negatives(
-    y: Tensor, num: int = 100, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """Sample ``num`` same-row negatives per masked frame: ``y (B, T', F)`` -> ``(negs (N, B, T', F), idx)``."""
-    idx = sample_negative_indices(y.shape[0], y.shape[1], num, generator, device=y.device)
-    return gather_negatives(y, idx), idx
-
-
-def contrastive_logits(pred: Tensor, pos: Tensor, negs: Tensor, logit_temp: float = 0.1) -> Tensor:
-    """Cosine-similarity logits of each prediction against its positive and its negatives.
-
-    Args:
-        pred: ``(B, T', F)`` ``final_proj`` outputs at masked frames.
-        pos: ``(B, T', F)`` projected quantized targets.
-        negs: ``(N, B, T', F)``.
-
-    Returns:
-        float32 ``(B, T', 1 + N)``; column 0 is the positive; a negative exactly equal to the positive (same
-        code) gets ``-inf`` (fairseq ``neg_is_pos``).
-    """
-    neg_is_pos = (pos.unsqueeze(0) == negs).all(-1)  # (N, B, T')
-    targets = torch.cat([pos.unsqueeze(0), negs], dim=0)
-    logits = F.cosine_similarity(pred.float(), targets.float(), dim=-1) / logit_temp  # (1+N, B, T')
-    logits = torch.cat([logits[:1], logits[1:].masked_fill(neg_is_pos, float("-inf"))], dim=0)
-    return logits.permute(1, 2, 0)
-
-
-def contrastive_logits_indexed(pred: Tensor, y: Tensor, idx: Tensor, logit_temp: float = 0.1) -> Tensor:
-    """The values of ``contrastive_logits(pred, y, gather_negatives(y, idx))`` without materialising the
-    ``(N, B, T', F)`` negatives (and their gradient scatter), which dominate a small model's step.
+def contrastive_logits(pred: Tensor, y: Tensor, idx: Tensor, logit_temp: float = 0.1) -> Tensor:
+    """Cosine-similarity logits of each prediction against its positive and its ``N`` negatives, ``/ logit_temp``;
+    column 0 is the positive, and a negative exactly equal to the positive (same code) gets ``-inf`` (fairseq's
+    ``neg_is_pos``). The values fairseq gets from materialised ``(N, B, T', F)`` negatives (tested against
+    that form), without materialising them and their gradient scatter, which dominate a small model's step.
 
     Every prediction is compared with every masked target of its row once, ``(B, T', T')``, and the
     negatives' logits are gathered from that matrix. ``neg_is_pos`` is still exact equality of target
@@ -287,7 +253,7 @@ class Wav2Vec2Pretrainer(nn.Module):
                 bsz, n_per_row, cfg.num_negatives, generator=generator, device=x.device
             )
         pred = self.final_proj(_take_frames(x_out, positions))
-        logits = contrastive_logits_indexed(pred, y, negatives_idx, cfg.logit_temp)
+        logits = contrastive_logits(pred, y, negatives_idx, cfg.logit_temp)
         gv = self.quantizer.total_vars
         return {
             "x_out": x_out,
