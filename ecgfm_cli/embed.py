@@ -63,8 +63,7 @@ class InferenceEncoder(nn.Module):
     * q, k and v are one (3D x D) projection; the pos-conv weight norm is folded into a plain weight and
       the conv is computed by FFT in float32 (:meth:`positional`);
     * with ``dtype=torch.bfloat16`` matmul/conv weights are stored in bfloat16 once, so ``torch.autocast``
-      does not re-cast 90 M parameters on every batch, and GELU runs in bfloat16 (the module's
-      ``Fp32GELU`` upcasts a (B, T, 3072) tensor per layer, which costs more than it buys for embeddings).
+      does not re-cast 90 M parameters on every batch; on CPU the FFN's GELU runs inside fc1's matmul.
 
     Dropout and masking do not exist here: the output is deterministic.
     """

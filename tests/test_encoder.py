@@ -75,6 +75,20 @@ def test_conv_stack_as_matmuls_equals_conv1d():
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_bfloat16_gelu_is_fairseqs_float32_gelu():
+    """The layers' plain GELU on bfloat16 input is bit for bit fairseq's gelu(x.float()).type_as(x), in value
+    and gradient, so the encoder need not make float32 copies of its activations."""
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    x = (torch.randn(4096) * 4).to(dtype).requires_grad_()
+    x32 = x.detach().clone().requires_grad_()
+    ours = torch.nn.GELU()(x)
+    ref = torch.nn.functional.gelu(x32.float()).type_as(x32)
+    assert ours.dtype == dtype and torch.equal(ours, ref)
+    g = torch.randn(4096).to(dtype)
+    assert torch.equal(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x32, g)[0])
+
+
 def test_parameter_counts_match_the_reference():
     base, large = _meta(PRESETS["base"]), _meta(PRESETS["large"])
     # The reference's "90,374,016 encoder-only" includes mask_emb (768), which the pretraining wrapper holds.
