@@ -35,7 +35,15 @@ from torch import Tensor, nn
 
 from ecgfm_cli.contract import Contract, canonical_lead
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.model.encoder import EcgEncoder, channel_norm, fft_length, grouped_conv_fft, kernel_spectrum
+from ecgfm_cli.model.encoder import (
+    EcgEncoder,
+    channel_norm,
+    conv_windows,
+    fft_length,
+    grouped_conv_fft,
+    kernel_spectrum,
+    window_weight,
+)
 
 #: Input columns read from a segments artifact.
 INPUT_COLUMNS = ["record_id", "patient_id", "segment_index", "signal", "lead_present"]
@@ -81,8 +89,7 @@ class InferenceEncoder(nn.Module):
                 w = encoder.feature_extractor.conv_layers[i][0].weight.detach()  # (out, in, k)
                 self.conv_specs.append((kernel, stride))
                 if kernel == stride:
-                    # rows of a window in channels-last order are (k, in): match that flattening
-                    w = w.permute(0, 2, 1).reshape(w.shape[0], -1)
+                    w = window_weight(w)
                 self.convs.append(Dense(w.to(wdt), None, gelu=i > 0))  # block 0 normalises before its GELU
             gn = encoder.feature_extractor.conv_layers[0][2]
             self.gn_weight = nn.Parameter(gn.weight.detach().float().clone(), requires_grad=False)
@@ -103,8 +110,7 @@ class InferenceEncoder(nn.Module):
         h = x.transpose(1, 2)  # (B, L, C)
         for i, ((kernel, stride), conv) in enumerate(zip(self.conv_specs, self.convs, strict=True)):
             if kernel == stride:
-                t = h.shape[1] // kernel
-                h = conv(h[:, : t * kernel].reshape(h.shape[0], t, kernel * h.shape[2]))
+                h = conv(conv_windows(h, kernel))
             else:  # general conv (not in ECG-FM): back to channels-first for conv1d
                 w = conv.weight
                 h = F.conv1d(h.transpose(1, 2).to(w.dtype), w, stride=stride).transpose(1, 2)

@@ -70,10 +70,7 @@ class ConvFeatureExtractor(nn.Module):
             conv = block[0]
             kernel, stride = conv.kernel_size[0], conv.stride[0]
             if kernel == stride:
-                t = h.shape[1] // kernel
-                windows = h[:, : t * kernel].reshape(h.shape[0], t, kernel * h.shape[2])
-                # window rows are (tap, channel): flatten the (out, in, k) weight the same way
-                h = F.linear(windows, conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1))
+                h = F.linear(conv_windows(h, kernel), window_weight(conv.weight))
             else:
                 h = conv(h.transpose(1, 2)).transpose(1, 2)
             if i == 0:
@@ -81,6 +78,19 @@ class ConvFeatureExtractor(nn.Module):
                 h = channel_norm(h, gn.weight, gn.bias, gn.eps)
             h = F.gelu(h)
         return h
+
+
+def conv_windows(h: Tensor, kernel: int) -> Tensor:
+    """Channels-last ``h (B, L, C)`` -> ``(B, L // kernel, kernel * C)`` non-overlapping windows, rows ordered
+    (tap, channel); a trailing remainder is dropped, as a conv with stride == kernel drops it."""
+    t = h.shape[1] // kernel
+    return h[:, : t * kernel].reshape(h.shape[0], t, kernel * h.shape[2])
+
+
+def window_weight(weight: Tensor) -> Tensor:
+    """A ``Conv1d`` weight ``(out, in, kernel)`` as the ``(out, kernel * in)`` matrix that multiplies
+    :func:`conv_windows` rows (tap, channel)."""
+    return weight.permute(0, 2, 1).reshape(weight.shape[0], -1)
 
 
 def channel_norm(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
