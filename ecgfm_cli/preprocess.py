@@ -59,15 +59,10 @@ def _reorder(signal: np.ndarray, leads: Sequence[str], order: Sequence[str],
     lm = tuple(lead_map.items()) if isinstance(lead_map, dict) else tuple(lead_map or ())
     pairs, identity = _lead_plan(tuple(leads), tuple(order), lm)
     dtype = signal.dtype if signal.dtype.kind == "f" else np.float64
-    if identity and not copy and signal.dtype == dtype:
-        return signal, np.ones(len(order), dtype=bool)  # already in contract order: no copy
-    out = np.zeros((len(order), signal.shape[1]), dtype=dtype) if not identity else \
-        np.empty((len(order), signal.shape[1]), dtype=dtype)
+    if identity:  # already in contract order: the rows as they are (a copy only when asked or converting)
+        return signal.astype(dtype, copy=copy), np.ones(len(order), dtype=bool)
+    out = np.zeros((len(order), signal.shape[1]), dtype=dtype)
     present = np.zeros(len(order), dtype=bool)
-    if identity:
-        out[...] = signal
-        present[:] = True
-        return out, present
     for row, slot in pairs:
         out[slot] = signal[row]
         present[slot] = True
