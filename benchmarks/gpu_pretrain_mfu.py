@@ -109,12 +109,14 @@ def _worker(args: argparse.Namespace, out: str) -> None:
         pending = None
         for _ in range(n):
             result = train_update(model, net, opt, [batch], ctx, 5e-5, dtype="bfloat16")
+            if args.sync_each_update:
+                result.metrics()
+                continue
             if pending is not None:
                 pending.metrics()
             pending = result
-            if args.sync_each_update:
-                pending.metrics()
-        pending.metrics()
+        if pending is not None:
+            pending.metrics()
 
     updates(args.warmup)
     torch.cuda.synchronize()
