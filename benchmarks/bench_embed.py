@@ -36,10 +36,11 @@ sys.path.insert(0, str(REPO / "tests"))  # tests/hf_reference.py: the transforme
 
 from hf_reference import build_hf_model, fairseq_to_hf_state, random_fairseq_state  # noqa: E402
 
-from ecgfm_cli.embed import InferenceEncoder, embed_batch  # noqa: E402
+from ecgfm_cli.embed import embed_batch  # noqa: E402
 from ecgfm_cli.model.checkpoint import state_dict_from_fairseq  # noqa: E402
 from ecgfm_cli.model.config import EncoderConfig, preset  # noqa: E402
 from ecgfm_cli.model.encoder import EcgEncoder  # noqa: E402
+from ecgfm_cli.model.inference import InferenceEncoder  # noqa: E402
 
 
 def forward_flops(cfg: EncoderConfig, length: int) -> float:

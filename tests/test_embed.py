@@ -16,22 +16,13 @@ import torch
 from conftest import run_main as ecgfm
 
 from ecgfm_cli.contract import Contract
-from ecgfm_cli.embed import (
-    Dense,
-    EmbedError,
-    InferenceEncoder,
-    LoadedModel,
-    attention,
-    check_input,
-    merge_parquet,
-    plan_ranges,
-    rebatch,
-)
+from ecgfm_cli.embed import EmbedError, LoadedModel, check_input, merge_parquet, plan_ranges, rebatch
 from ecgfm_cli.io.artifacts import Output, open_artifact
 from ecgfm_cli.io.schema import segment_signals
 from ecgfm_cli.model.checkpoint import build_encoder, load_checkpoint, make_config, save_checkpoint
 from ecgfm_cli.model.config import EncoderConfig, preset
 from ecgfm_cli.model.encoder import EcgEncoder
+from ecgfm_cli.model.inference import Dense, InferenceEncoder, attention
 
 TINY = preset("tiny")
 

@@ -1,4 +1,4 @@
-"""ECG-FM models: encoder, classifier, checkpoints.
+"""ECG-FM models: encoder, classifier, inference encoder, pretraining heads, checkpoints.
 
 Names are exported lazily so that ``import ecgfm_cli.model.config`` does not import torch.
 """
@@ -16,6 +16,7 @@ _EXPORTS = {
     "EcgClassifier": "encoder",
     "GradMultiply": "encoder",
     "count_parameters": "encoder",
+    "InferenceEncoder": "inference",
     "CheckpointError": "checkpoint",
     "LoadedCheckpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
