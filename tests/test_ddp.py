@@ -130,7 +130,7 @@ def test_cli_with_two_processes(tmp_path: Path, sample_data: Path) -> None:
               "--max-updates", "4", "--log-every", "2", "--save-every", "2", "--num-negatives", "10",
               "--workers", "1", "--worker-processes", "--cmsc-gather")
     assert "2 rank(s)" in res.stderr
-    from ecgfm_cli.train.pretrain import read_log
+    from ecgfm_cli.train.runs import read_log
 
     log = read_log(run)
     assert [e["update"] for e in log] == [2, 4] and all(e["loss"] > 0 for e in log)

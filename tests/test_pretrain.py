@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
 from ecgfm_cli.console import UsageError
-from ecgfm_cli.train.pretrain import lr_at, read_log
+from ecgfm_cli.train.pretrain import lr_at
+from ecgfm_cli.train.runs import read_log
 
 runner = CliRunner()
 
@@ -54,12 +55,17 @@ def test_resume_continues_exactly(segments: Path, tmp_path: Path) -> None:
     """Kill at update 3 (simulated: stop there with a checkpoint), resume to 6: the per-update losses equal an
     uninterrupted 6-update run. Accumulation over 2 batches, 2 loader workers, an epoch boundary crossed
     after the resume."""
-    common = (*TINY, "--update-freq", "2", "--workers", "2", "--seed", "7")
+    common = (*TINY, "--update-freq", "2", "--workers", "2")
+    seeded = ("--seed", "7", "--shuffle-buffer", "8")
     full, cut = tmp_path / "full", tmp_path / "cut"
-    invoke("pretrain", segments, "-o", full, *common, "--max-updates", "6", "--save-every", "3")
+    invoke("pretrain", segments, "-o", full, *common, *seeded, "--max-updates", "6", "--save-every", "3")
     # the interrupted run loads with DataLoader processes, the others with threads: same batches
-    invoke("pretrain", segments, "-o", cut, *common, "--max-updates", "3", "--save-every", "3", "--worker-processes")
+    invoke("pretrain", segments, "-o", cut, *common, *seeded, "--max-updates", "3", "--save-every", "3",
+           "--worker-processes")
     assert (cut / "latest").read_text().strip() == "checkpoint-3"
+    # killed while appending a log line; resumed without repeating --seed / --shuffle-buffer: the run's are kept
+    with open(cut / "log.jsonl", "a") as f:
+        f.write('{"update": 4, "lo')
     invoke("pretrain", segments, "-o", cut, *common, "--max-updates", "6", "--save-every", "3", "--resume")
     a, b = read_log(full), read_log(cut)
     assert [e["update"] for e in a] == [e["update"] for e in b] == [1, 2, 3, 4, 5, 6]

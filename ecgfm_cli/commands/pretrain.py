@@ -220,6 +220,6 @@ def pretrain_command(
         workers=workers, worker_processes=worker_processes, shuffle_buffer=shuffle_buffer, dropout=dropout,
         pretrain=pcfg,
     )
-    prep = prepare(opts, world)
+    opts, prep = prepare(opts, world)
     distributed.launch(train_worker, (opts, prep), nprocs=nprocs, nnodes=nnodes, node_rank=node_rank,
                        master_addr=master_addr, master_port=master_port)

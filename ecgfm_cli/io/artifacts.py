@@ -62,15 +62,20 @@ def resolve_output(path: str | None, allowed: tuple[str, ...], command: str) -> 
     if fmt not in allowed:
         fail(f"cannot write {path!r}: {command} does not write {_describe(fmt)}; it writes "
              + ", ".join(_describe(a) for a in allowed))
-    parent = p if fmt == "dir" else p.parent
-    probe = parent
+    check_writable_dir(p if fmt == "dir" else p.parent, repr(path))
+    return Output(fmt, p)
+
+
+def check_writable_dir(directory: Path, target: str) -> None:
+    """Fail (one line naming ``target``) unless ``directory``, existing or not, can be written: its nearest
+    existing ancestor must be a writable directory."""
+    probe = Path(directory)
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        fail(f"cannot write {target}: {probe} is a file, not a writable directory")
     if not os.access(probe, os.W_OK):
-        fail(f"cannot write {path!r}: {probe} is not writable")
-    if probe.is_file():
-        fail(f"cannot write {path!r}: {probe} is a file, not a directory")
-    return Output(fmt, p)
+        fail(f"cannot write {target}: {probe} is not a writable directory")
 
 
 def _describe(fmt: str) -> str:

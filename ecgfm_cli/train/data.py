@@ -257,7 +257,9 @@ class LoaderConfig:
         return self.batch_size // 2 if self.cmsc else self.batch_size
 
 
-def _rng(*key: int) -> np.random.Generator:
+def seeded_rng(*key: int) -> np.random.Generator:
+    """A numpy generator determined by ``key`` alone (seed, epoch, stream, ...): what makes every batch of every
+    rank a function of the seed."""
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
 
@@ -272,7 +274,7 @@ def assign_units(index: SegmentIndex, cfg: LoaderConfig, epoch: int) -> tuple[li
     starts, stops = index.units(cfg.consumers * cfg.min_units_per_consumer)
     items = index.items(cfg.cmsc)
     counts = np.searchsorted(items, stops) - np.searchsorted(items, starts)
-    order = _rng(cfg.seed, epoch, 1).permutation(len(starts))
+    order = seeded_rng(cfg.seed, epoch, 1).permutation(len(starts))
     heap = [(0, c) for c in range(cfg.consumers)]
     owned: list[list[int]] = [[] for _ in range(cfg.consumers)]
     for u in order.tolist():
@@ -296,7 +298,7 @@ def epoch_plan(index: SegmentIndex, cfg: LoaderConfig, epoch: int, consumer: int
     mine = owned[consumer]
     rows = np.concatenate([items[np.searchsorted(items, starts[u]):np.searchsorted(items, stops[u])]
                            for u in mine.tolist()] or [np.zeros(0, np.int64)])
-    rng = _rng(cfg.seed, epoch, 2, consumer)
+    rng = seeded_rng(cfg.seed, epoch, 2, consumer)
     block = max(cfg.shuffle_buffer, cfg.batch_items)
     for b in range(0, len(rows), block):
         rows[b:b + block] = rows[b:b + block][rng.permutation(len(rows[b:b + block]))]
@@ -411,7 +413,7 @@ def lead_keep(cfg: LoaderConfig, epoch: int, consumer: int, batch: int, n: int, 
     Seeded by (seed, epoch, consumer, batch): independent of workers' timing and of resumption."""
     if not cfg.rlm:
         return np.ones((n, n_leads), dtype=bool)
-    rng = _rng(cfg.seed, epoch, 3, consumer, batch)
+    rng = seeded_rng(cfg.seed, epoch, 3, consumer, batch)
     keep = rng.random((n, n_leads)) >= cfg.rlm_prob
     if cfg.rlm_apply_prob < 1.0:
         keep |= rng.random((n, 1)) >= cfg.rlm_apply_prob

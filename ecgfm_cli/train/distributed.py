@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,12 +41,6 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
     """Run ``worker(*args)`` in every process of the job (see the module docstring)."""
@@ -56,7 +49,7 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
         return
     rendezvous = tempfile.mkdtemp(prefix="ecgfm-dist-") if nnodes == 1 and master_port is None else None
     init = f"file://{rendezvous}/store" if rendezvous else None
-    port = master_port or (free_port() if nnodes == 1 else 29500)
+    port = master_port or 29500  # unused by a single-node spawn, which meets through the file
     try:
         torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port, init),
                                     nprocs=nprocs, join=True)

@@ -41,9 +41,11 @@ from torch import Tensor, nn
 
 from ecgfm_cli.console import fail, info
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex, last_use
+from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex, last_use, seeded_rng
 from ecgfm_cli.train.distributed import DistContext, cleanup, setup
+from ecgfm_cli.train.runs import append_jsonl, autocast, seed_everything
 
 #: ECG-FM's finetuning dropouts (reference 1: fairseq-signals diagnosis.yaml).
 FINETUNE_DROPOUTS = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.1, "dropout_input": 0.0}
@@ -129,11 +131,7 @@ def _check_output(run: Path, overwrite: bool) -> Path:
     ``.NAME.partial`` that replaces ``run`` when the run ends. Refuses a non-empty ``run`` without overwrite."""
     if run.exists() and not run.is_dir():
         fail(f"-o {run}: exists and is not a directory")
-    probe = run
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        fail(f"cannot write the run directory {run}: {probe} is not a writable directory")
+    check_writable_dir(run, f"the run directory {run}")
     if run.is_dir() and any(run.iterdir()):
         if not overwrite:
             fail(f"-o {run}: the directory is not empty (an earlier run?); pass --overwrite to replace it when "
@@ -347,10 +345,6 @@ def prepare(opts: FinetuneOptions) -> Prepared:
 # --------------------------------------------------------------------------------------------- data
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
-
-
 def epoch_batches(rows: np.ndarray, rg_start: np.ndarray, positions: np.ndarray, batch_size: int, seed: int,
                   epoch: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 4096) -> list[np.ndarray]:
     """This rank's training batches for ``epoch``: a list of arrays of ``positions`` entries. Pure.
@@ -367,9 +361,9 @@ def epoch_batches(rows: np.ndarray, rg_start: np.ndarray, positions: np.ndarray,
     rg = np.searchsorted(rg_start, rows[pos], side="right") - 1
     groups = np.unique(rg)
     order = np.empty(int(groups.max()) + 1, dtype=np.int64)
-    order[groups] = _rng(seed, epoch, 11).permutation(len(groups))
+    order[groups] = seeded_rng(seed, epoch, 11).permutation(len(groups))
     pos = pos[np.lexsort((rows[pos], order[rg]))]
-    rng = _rng(seed, epoch, 12)
+    rng = seeded_rng(seed, epoch, 12)
     block = max(shuffle_buffer, batch_size * world_size)
     for b in range(0, len(pos), block):
         pos[b:b + block] = pos[b:b + block][rng.permutation(len(pos[b:b + block]))]
@@ -441,14 +435,6 @@ def folded_state(model: nn.Module, prep: Prepared) -> dict[str, Tensor]:
     return state
 
 
-def _autocast(device: torch.device, dtype: str):
-    import contextlib
-
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def predict_outputs(model: nn.Module, prep: Prepared, positions: np.ndarray, batch_size: int, device: torch.device,
                     dtype: str = "float32") -> np.ndarray:
@@ -459,7 +445,7 @@ def predict_outputs(model: nn.Module, prep: Prepared, positions: np.ndarray, bat
     k = 0
     with Prefetch(iter_signals(prep, batches)) as ahead:
         for b, x in ahead:
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 z = model(torch.from_numpy(x).to(device, non_blocking=True))
             out[k:k + len(b)] = z.float().cpu().numpy()
             k += len(b)
@@ -530,25 +516,13 @@ def selection_score(metrics: dict[str, Any]) -> tuple[str, float] | None:
 
 def finetune_worker(opts: FinetuneOptions, prep: Prepared) -> None:
     """Entry point of every rank (see :func:`ecgfm_cli.train.distributed.launch`)."""
-    ctx = setup(opts.device)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    if ctx.device.type == "cpu" and local > 1:  # N CPU processes: share the cores instead of oversubscribing
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    ctx = setup(opts.device)  # N CPU processes share the cores (setup sets the thread count)
     completed = False
     try:
         run_finetune(opts, prep, ctx)
         completed = True
     finally:
         cleanup(completed)
-
-
-def _seed(seed: int, rank: int) -> None:
-    import random
-
-    s = seed * 1_000_003 + rank + 1
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
 
 
 def _reduce(values: list[float], ctx: DistContext) -> list[float]:
@@ -562,7 +536,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
     """Train, select, save, predict (every rank calls it; rank 0 writes). Returns the summary on rank 0."""
     work, run = Path(prep.work_dir), Path(prep.run_dir)
     model = build_model(prep, opts.seed, opts.unsafe_pickle).to(ctx.device)
-    _seed(opts.seed, ctx.rank)
+    seed_everything(opts.seed, ctx.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr, betas=opts.adam_betas, eps=opts.adam_eps, weight_decay=0.0)
     net: nn.Module = model
@@ -614,7 +588,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
                 if ctx.distributed:
                     dist.all_reduce(n_global)
                 y = torch.from_numpy(Ys[b]).to(ctx.device, non_blocking=True)
-                with _autocast(ctx.device, opts.dtype):
+                with autocast(ctx.device, opts.dtype):
                     out = net(torch.from_numpy(x).to(ctx.device, non_blocking=True))
                 s, _ = finetune_loss(out, y, binary_t, pw_t)
                 # DDP averages gradients over ranks: scale so the result is d(global sum)/(global count).
@@ -654,8 +628,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
         entry.update(best_epoch=best["epoch"], seconds=round(time.monotonic() - t_epoch, 3))
         history.append(entry)
         if ctx.is_main:
-            with open(work / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_jsonl(work / "log.jsonl", entry)
             info("finetune: " + _epoch_line(entry))
         if opts.patience and stale >= opts.patience:
             stopped_by = f"early stopping (no improvement in {opts.patience} epochs)"
@@ -681,9 +654,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
         "leads": prep.leads, "init": prep.init, "init_kind": prep.init_kind, "world_size": ctx.world_size,
     }
     _write_predictions(work / "predictions.parquet", prep, pred_pos, P, summary)
-    tmp = work / f".summary.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, work / "summary.json")
+    atomic_write_text(work / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     if work != run:
         from ecgfm_cli.io.artifacts import replace_dir
 
@@ -740,8 +711,3 @@ def _write_predictions(path: Path, prep: Prepared, pos: np.ndarray, P: np.ndarra
                                                               "target_standardization")}, default=str),
     }
     write_table(predictions_table(data, P, prep.labels, prep.kinds, meta), Path(path), "predictions")
-
-
-def read_log(run: str | Path) -> list[dict]:
-    """The entries of ``RUN/log.jsonl``."""
-    return [json.loads(line) for line in Path(run, "log.jsonl").read_text().splitlines() if line.strip()]

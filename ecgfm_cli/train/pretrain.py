@@ -36,10 +36,12 @@ from torch import nn
 
 from ecgfm_cli.console import fail, info
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, replace_dir
 from ecgfm_cli.model.config import EncoderConfig, preset
 from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, cmsc_loss, total_loss
 from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
 from ecgfm_cli.train.distributed import DistContext, cleanup, setup
+from ecgfm_cli.train.runs import append_jsonl, autocast, read_jsonl, seed_everything
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
@@ -119,15 +121,14 @@ def latest_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prepare(opts: TrainOptions, world_size: int) -> Prepared:
+def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared]:
     """Every check that can fail, before any process group or model exists: output directory, resume
-    state, init checkpoint, segments (kind, contract vs the model's), enough data for one batch per rank."""
+    state, init checkpoint, segments (kind, contract vs the model's), enough data for one batch per rank.
+
+    Returns the options to train with: ``opts``, except that ``--resume`` keeps the run's ``seed`` and
+    ``shuffle_buffer`` (they fix the data order, so the continued run sees what the original would have)."""
     run = Path(opts.output)
-    probe = run
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        fail(f"cannot write the run directory {run}: {probe} is not a writable directory")
+    check_writable_dir(run, f"the run directory {run}")
     resume_from = None
     if opts.resume:
         ck = latest_checkpoint(run) if run.is_dir() else None
@@ -145,9 +146,14 @@ def prepare(opts: TrainOptions, world_size: int) -> Prepared:
         config = json.loads((Path(resume_from) / "config.json").read_text())
         enc_cfg = EncoderConfig.from_dict(config["encoder"])
         model_contract = Contract.from_dict(config.get("contract") or {})
-        saved = (config.get("source") or {}).get("pretrain")
-        if saved:
-            pcfg = PretrainConfig(**{**saved, "cmsc_gather": pcfg.cmsc_gather})
+        source = config.get("source") or {}
+        if source.get("pretrain"):
+            pcfg = PretrainConfig(**{**source["pretrain"], "cmsc_gather": pcfg.cmsc_gather})
+        order = source.get("data_order")
+        if order and (opts.seed, opts.shuffle_buffer) != (order["seed"], order["shuffle_buffer"]):
+            info(f"pretrain: --resume keeps the run's --seed {order['seed']} and --shuffle-buffer "
+                 f"{order['shuffle_buffer']} (they fix the data order); the values given are not used")
+            opts = replace(opts, seed=int(order["seed"]), shuffle_buffer=int(order["shuffle_buffer"]))
     elif opts.init:
         from ecgfm_cli.model.checkpoint import CheckpointError, load_checkpoint
 
@@ -181,7 +187,7 @@ def prepare(opts: TrainOptions, world_size: int) -> Prepared:
         fail(f"not enough data for one batch of {opts.batch_size} segments on each of {world_size} rank(s) x "
              f"{lcfg.workers} loader worker(s): {index.stats.describe(pcfg.cmsc)} ({items} usable "
              f"{'pairs' if pcfg.cmsc else 'segments'}); lower --batch-size/--workers/--procs")
-    return Prepared(enc_cfg, pcfg, index.contract, index.stats, world_size, n, resume_from, init_kind)
+    return opts, Prepared(enc_cfg, pcfg, index.contract, index.stats, world_size, n, resume_from, init_kind)
 
 
 def loader_config(opts: TrainOptions, pcfg: PretrainConfig, world_size: int) -> LoaderConfig:
@@ -221,12 +227,6 @@ def load_init(model: Wav2Vec2Pretrainer, path: str) -> None:
         model.load_state_dict(state, strict=True)
     else:
         model.encoder.load_state_dict(encoder_state(loaded.kind, loaded.state_dict), strict=True)
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
 
 _SUM_KEYS = ("sample_size", "loss", "contrastive", "correct", "count")
@@ -335,13 +335,6 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _seed_everything(seed: int, rank: int) -> None:
-    s = seed * 1_000_003 + rank + 1
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
 def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.optim.Optimizer, prep: Prepared,
                         opts: TrainOptions, ctx: DistContext, update: int, position: tuple[int, int]) -> Path | None:
     """Collective (every rank calls it: the RNG states are gathered); rank 0 writes
@@ -361,6 +354,7 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
     config = make_config("pretraining", model.encoder_cfg, heads=heads, contract=prep.contract, source={
         "command": "ecgfm pretrain", "update": update, "epoch": position[0], "pretrain": asdict(pcfg),
         "init": opts.init, "segments": str(opts.segments),
+        "data_order": {"seed": opts.seed, "shuffle_buffer": opts.shuffle_buffer},
     })
     final = run / f"checkpoint-{update}"
     tmp = run / f".checkpoint-{update}.partial-{os.getpid()}"
@@ -377,12 +371,8 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
         "temperature": model.quantizer.temperature,
         "rng": states,
     }, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = run / f".{LATEST}.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, run / LATEST)
+    replace_dir(tmp, final)
+    atomic_write_text(run / LATEST, final.name + "\n")
     for old in checkpoints(run)[: -opts.keep_last] if opts.keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -453,7 +443,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         rng = state["rng"]
         _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
     else:
-        _seed_everything(opts.seed, ctx.rank)
+        seed_everything(opts.seed, ctx.rank)
     net: nn.Module = model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -508,7 +498,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
             now = time.monotonic()
             last_metrics = _log_line(window, at, pos, prep, queued - t_window, seg_window, now - t_start, ctx)
             if ctx.is_main:
-                _append_jsonl(run / "log.jsonl", last_metrics)
+                append_jsonl(run / "log.jsonl", last_metrics)
                 if bar is None:
                     info(_summary_line(last_metrics))
             window, t_window, seg_window = [], queued, 0
@@ -548,7 +538,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
             last_metrics = _log_line(window, update, position, prep, time.monotonic() - t_window, seg_window,
                                      time.monotonic() - t_start, ctx)
             if ctx.is_main:
-                _append_jsonl(run / "log.jsonl", last_metrics)
+                append_jsonl(run / "log.jsonl", last_metrics)
         final = None
         if update != saved_at and update > 0:
             final = save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
@@ -589,26 +579,13 @@ def _summary_line(m: dict) -> str:
             f"gnorm {m['grad_norm']:.3f} {m['segments_per_s']:.0f} seg/s mem {m['max_memory_mb']:.0f} MB")
 
 
-def _append_jsonl(path: Path, obj: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _truncate_log(path: Path, update: int) -> None:
     """On resume, drop log lines of updates after the checkpoint (the killed run got further)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line).get("update", 0) <= update]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def read_log(run: str | Path) -> list[dict]:
-    """The entries of ``RUN/log.jsonl``."""
-    return [json.loads(line) for line in Path(run, "log.jsonl").read_text().splitlines() if line.strip()]
+    keep = [e for e in read_jsonl(path) if e.get("update", 0) <= update]
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in keep))
