@@ -228,3 +228,25 @@ def test_every_rank_and_worker_reads_correct_pairs(tmp_path: Path) -> None:
                 seen.append(got[i])
     assert len(seen) == len(set(seen)) and set(seen) <= expected_pairs(counts)
     assert len(seen) >= index.stats.pairs - cfg.consumers * 20
+
+
+def test_unreadable_shard_and_null_signals_are_refused(tmp_path: Path) -> None:
+    """A corrupt second shard is one clear error at open; a null signal row (which ``ecgfm segment`` never writes)
+    is refused when read instead of shifting every later row by one."""
+    import pyarrow.parquet as pq
+
+    path = make_segments(tmp_path / "seg", [2, 2, 2, 2], window=8, rows_per_group=4)
+    (shard,) = path.glob("*.parquet")
+    table = pq.read_table(shard)
+    signal = table.column("signal").combine_chunks()
+    holes = pa.FixedSizeListArray.from_arrays(signal.values, type=signal.type,
+                                              mask=pa.array([False, True] + [False] * (len(signal) - 2)))
+    field = table.schema.field("signal").with_nullable(True)
+    pq.write_table(table.set_column(table.schema.get_field_index("signal"), field, holes), shard, row_group_size=4)
+    with pytest.raises(ValueError, match="row group 0 holds 1 null signals"):
+        list(iter_rank(open_segments(path), LoaderConfig(batch_size=2, rlm=False, cmsc=False), 0))
+
+    bad = shard.with_name(shard.name.replace("p00000", "p00001"))
+    bad.write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(UsageError, match=f"cannot read {bad}"):
+        open_segments(path)

@@ -164,14 +164,17 @@ def open_segments(path: str | Path, model_contract: Contract | None = None, comm
     n_leads, window = len(contract.leads), int(contract.window)
     files = list(reader.files)
     for f in files:
-        schema = _file_schema(f)
+        try:
+            schema = _file_schema(f)
+        except (OSError, pa.ArrowInvalid) as e:
+            fail(f"{command}: cannot read {f}: {e}")
         if "signal" not in schema.names or "record_id" not in schema.names or "segment_index" not in schema.names:
             fail(f"{command}: {f} lacks the signal/record_id/segment_index columns of a segments artifact")
         t = schema.field("signal").type
         if not pa.types.is_fixed_size_list(t) or t.list_size != n_leads * window:
             fail(f"{command}: {f}: signal is {t}, expected fixed_size_list<float>[{n_leads * window}] "
                  f"({n_leads} leads x {window} samples, as its contract says)")
-        if json.loads(schema.metadata.get(b"ecgfm.contract", b"null") or b"null") not in (None, json.loads(
+        if json.loads((schema.metadata or {}).get(b"ecgfm.contract", b"null") or b"null") not in (None, json.loads(
                 meta["ecgfm.contract"])):
             fail(f"{command}: {f} was written under another contract than {files[0].name}; "
                  "segment every input with the same options")
@@ -352,7 +355,10 @@ class BatchReader:
                 col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         else:
             col = h.get_batch(number).column("signal")
-        flat = col.flatten().to_numpy(zero_copy_only=col.null_count == 0)
+        if col.null_count:  # flatten() would drop the null rows and shift every later one
+            raise ValueError(f"{idx.files[int(idx.rg_file[rg])]}: row group {number} holds {col.null_count} null "
+                             "signals; `ecgfm segment` writes none: re-segment the records")
+        flat = col.flatten().to_numpy(zero_copy_only=True)
         arr = flat.reshape(-1, idx.n_leads, idx.window)
         self.bytes_read += arr.nbytes
         return arr
