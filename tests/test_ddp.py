@@ -137,3 +137,27 @@ def test_cli_with_two_processes(tmp_path: Path, sample_data: Path) -> None:
     state = torch.load(run / "checkpoint-4" / "trainer_state.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["data"]["world_size"] == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # ranks draw different masks
+
+
+def test_device_options_resolve_the_same_for_every_training_command(monkeypatch) -> None:
+    """--device / --gpus / --procs: one rule for pretrain and finetune, each impossible combination one line."""
+    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.train.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", None, None) == ("cpu", 1)
+    assert resolve_device("auto", None, 2) == ("cpu", 2)
+    no_cuda = "CUDA is not available"
+    for args, message in [(("auto", 1, 2), "not both"), (("cpu", 2, None), "use --procs"),
+                          (("cuda", None, None), no_cuda), (("auto", 1, None), no_cuda)]:
+        with pytest.raises(UsageError, match=message):
+            resolve_device(*args)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", None, None) == ("cuda", 1)
+    assert resolve_device("auto", 2, None) == ("cuda", 2)
+    assert resolve_device("auto", None, 2) == ("cpu", 2)  # --procs: CPU processes even with a GPU
+    with pytest.raises(UsageError, match="only 2 GPU"):
+        resolve_device("auto", 4, None)
+    with pytest.raises(UsageError, match="--procs runs CPU processes"):
+        resolve_device("cuda", None, 2)

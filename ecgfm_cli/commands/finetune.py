@@ -85,8 +85,6 @@ def finetune_command(
         fail(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: expected auto, cpu or cuda")
-    if gpus is not None and procs is not None:
-        fail("give --gpus (one process per GPU) or --procs (CPU processes), not both")
     if random_init and init is not None:
         fail("--init and --random-init exclude each other")
     if not random_init and init is None:
@@ -96,25 +94,10 @@ def finetune_command(
     except ValueError as e:
         fail(f"--split-fractions: {e}")
 
-    import os
-
-    import torch
-
     from ecgfm_cli.train import distributed
     from ecgfm_cli.train.finetune import FinetuneOptions, finetune_worker, prepare
 
-    if gpus is not None and device == "cpu":
-        fail("--gpus with --device cpu: use --procs for CPU processes")
-    dev = device
-    if dev == "auto":
-        dev = "cuda" if (gpus is not None or torch.cuda.is_available()) and procs is None else "cpu"
-    if dev == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda / --gpus: CUDA is not available here (torch " + torch.__version__ + ")")
-    if procs is not None and dev == "cuda":
-        fail("--procs runs CPU processes; use --gpus for GPUs")
-    nprocs = gpus or procs or 1
-    if dev == "cuda" and not distributed.under_launcher() and nprocs > torch.cuda.device_count():
-        fail(f"--gpus {nprocs}: only {torch.cuda.device_count()} GPU(s) visible")
+    dev, nprocs = distributed.resolve_device(device, gpus, procs)
     if dtype == "bfloat16" and dev == "cpu":
         fail("--dtype bfloat16 is for GPUs; use float32 on CPU")
 
@@ -127,6 +110,4 @@ def finetune_command(
         unsafe_pickle=unsafe_pickle,
     )
     prep = prepare(opts)
-    if distributed.under_launcher():
-        nprocs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     distributed.launch(finetune_worker, (opts, prep), nprocs=nprocs)

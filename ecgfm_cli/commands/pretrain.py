@@ -169,8 +169,6 @@ def pretrain_command(
         fail(f"--device {device!r}: expected auto, cpu or cuda")
     if no_w2v and no_cmsc:
         fail("--no-w2v with --no-cmsc leaves no objective")
-    if gpus is not None and procs is not None:
-        fail("give --gpus (one process per GPU) or --procs (CPU processes), not both")
     if not no_cmsc and batch_size % 2:
         fail(f"--batch-size {batch_size}: must be even with CMSC (pairs of segments)")
     if node_rank >= nnodes:
@@ -181,22 +179,11 @@ def pretrain_command(
 
     import os
 
-    import torch
-
     from ecgfm_cli.model.pretraining import PretrainConfig
     from ecgfm_cli.train import distributed
     from ecgfm_cli.train.pretrain import TrainOptions, prepare, train_worker
 
-    if gpus is not None and device == "cpu":
-        fail("--gpus with --device cpu: use --procs for CPU processes")
-    dev = device
-    if dev == "auto":  # --procs means CPU processes unless --device cuda says otherwise
-        dev = "cuda" if gpus is not None or (procs is None and torch.cuda.is_available()) else "cpu"
-    if dev == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda / --gpus: CUDA is not available here (torch " + torch.__version__ + ")")
-    nprocs = gpus or procs or 1
-    if dev == "cuda" and not distributed.under_launcher() and nprocs > torch.cuda.device_count():
-        fail(f"--gpus {nprocs}: only {torch.cuda.device_count()} GPU(s) visible")
+    dev, nprocs = distributed.resolve_device(device, gpus, procs)
     world = int(os.environ["WORLD_SIZE"]) if distributed.under_launcher() else nprocs * nnodes
     if max_updates is None and max_epochs is None and seconds is None:
         max_epochs = 200

@@ -75,7 +75,6 @@ class SegmentIndex:
     contract: Contract
     n_leads: int
     window: int
-    value_type: str
     rg_file: np.ndarray
     rg_number: np.ndarray
     rg_start: np.ndarray
@@ -178,16 +177,13 @@ def open_segments(path: str | Path, model_contract: Contract | None = None, comm
                 meta["ecgfm.contract"])):
             fail(f"{command}: {f} was written under another contract than {files[0].name}; "
                  "segment every input with the same options")
-    value_type = "float16" if pa.types.is_float16(_file_schema(files[0]).field("signal").type.value_type) \
-        else "float32"
-    index = _build_index(files, contract, n_leads, window, value_type)
+    index = _build_index(files, contract, n_leads, window)
     if index.n_rows == 0:
         fail(f"{command}: {path} holds no segments")
     return index
 
 
-def _build_index(files: list[Path], contract: Contract, n_leads: int, window: int,
-                 value_type: str) -> SegmentIndex:
+def _build_index(files: list[Path], contract: Contract, n_leads: int, window: int) -> SegmentIndex:
     rg_file, rg_number, rg_rows = [], [], []
     records, pair_first = [], []
     stats = DataStats(files=len(files))
@@ -221,7 +217,7 @@ def _build_index(files: list[Path], contract: Contract, n_leads: int, window: in
     stats.segments = offset
     stats.row_groups = len(rows)
     return SegmentIndex(
-        files=files, contract=contract, n_leads=n_leads, window=window, value_type=value_type,
+        files=files, contract=contract, n_leads=n_leads, window=window,
         rg_file=np.asarray(rg_file, dtype=np.int64), rg_number=np.asarray(rg_number, dtype=np.int64),
         rg_start=np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else rows,
         rg_rows=rows,
@@ -328,7 +324,6 @@ class BatchReader:
         self.index = index
         self._files: dict[int, object] = {}
         self._cache: dict[int, np.ndarray] = {}
-        self.bytes_read = 0
 
     def _handle(self, fi: int):
         h = self._files.get(fi)
@@ -359,17 +354,15 @@ class BatchReader:
             raise ValueError(f"{idx.files[int(idx.rg_file[rg])]}: row group {number} holds {col.null_count} null "
                              "signals; `ecgfm segment` writes none: re-segment the records")
         flat = col.flatten().to_numpy(zero_copy_only=True)
-        arr = flat.reshape(-1, idx.n_leads, idx.window)
-        self.bytes_read += arr.nbytes
-        return arr
+        return flat.reshape(-1, idx.n_leads, idx.window)
 
-    def gather(self, rows: np.ndarray, keep_until: dict[int, int] | None = None, step: int = 0,
-               scale: np.ndarray | None = None, alloc=None) -> np.ndarray:
+    def gather(self, rows: np.ndarray, keep_until: dict[int, int], step: int, scale: np.ndarray | None = None,
+               alloc=None) -> np.ndarray:
         """Signals of global ``rows`` as a fresh float32 ``(len(rows), n_leads, window)`` array.
 
         ``scale`` (optional ``(len(rows), n_leads)``): multiplied in while copying (the RLM lead mask: one pass
-        over memory). ``keep_until`` maps row group -> last step that needs it; groups past ``step`` are
-        dropped after this call (without it a small LRU is kept). ``alloc(shape)`` -> float32 array
+        over memory). ``keep_until`` (see :func:`last_use`) maps row group -> last step that needs it; groups past
+        ``step`` are dropped after this call. ``alloc(shape)`` -> float32 array
         provides the output buffer (e.g. in shared memory, so a DataLoader worker hands it over uncopied).
         """
         idx = self.index
@@ -385,7 +378,7 @@ class BatchReader:
             arr = self._cache.get(g)
             if arr is None or arr.shape[0] < need:
                 upto = need
-                if keep_until is None or keep_until.get(g, step) > step:
+                if keep_until.get(g, step) > step:
                     upto = int(idx.rg_rows[g])  # needed again later: decode it whole once
                 arr = self._read_rg(g, max(upto, need))
                 self._cache[g] = arr
@@ -395,12 +388,8 @@ class BatchReader:
                 out[i] = arrays[g][loc]
             else:
                 np.multiply(arrays[g][loc], factors[i], out=out[i])
-        if keep_until is None:
-            for g in list(self._cache)[:-4]:
-                del self._cache[g]
-        else:
-            for g in [g for g in self._cache if keep_until.get(g, -1) <= step]:
-                del self._cache[g]
+        for g in [g for g in self._cache if keep_until.get(g, -1) <= step]:
+            del self._cache[g]
         return out
 
 

@@ -41,6 +41,29 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_device(device: str, gpus: int | None, procs: int | None) -> tuple[str, int]:
+    """The ``--device`` / ``--gpus`` / ``--procs`` options of a training command -> (``cpu`` or ``cuda``,
+    processes on this node). ``auto`` is CUDA when ``--gpus`` is given, or when a GPU is visible and ``--procs``
+    (CPU processes) is not; every impossible combination fails with one line."""
+    from ecgfm_cli.console import fail
+
+    if gpus is not None and procs is not None:
+        fail("give --gpus (one process per GPU) or --procs (CPU processes), not both")
+    if gpus is not None and device == "cpu":
+        fail("--gpus with --device cpu: use --procs for CPU processes")
+    dev = device
+    if dev == "auto":
+        dev = "cuda" if gpus is not None or (procs is None and torch.cuda.is_available()) else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda / --gpus: CUDA is not available here (torch " + torch.__version__ + ")")
+    if procs is not None and dev == "cuda":
+        fail("--procs runs CPU processes; use --gpus for GPUs")
+    nprocs = gpus or procs or 1
+    if dev == "cuda" and not under_launcher() and nprocs > torch.cuda.device_count():
+        fail(f"--gpus {nprocs}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev, nprocs
+
+
 def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
     """Run ``worker(*args)`` in every process of the job (see the module docstring)."""

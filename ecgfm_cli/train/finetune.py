@@ -372,10 +372,9 @@ def epoch_batches(rows: np.ndarray, rg_start: np.ndarray, positions: np.ndarray,
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def iter_signals(prep: Prepared, batches: list[np.ndarray], reader: BatchReader | None = None) -> Iterator[
-        tuple[np.ndarray, np.ndarray]]:
+def iter_signals(prep: Prepared, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(positions, signals float32 (B, n_leads, window) with ``--leads`` applied) per batch of positions."""
-    reader = reader or BatchReader(prep.index)
+    reader = BatchReader(prep.index)
     global_rows = [prep.rows[b] for b in batches]
     last = last_use(prep.index, global_rows)
     subset = bool((prep.lead_scale == 0).any())

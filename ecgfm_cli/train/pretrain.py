@@ -457,7 +457,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         _write_json(run / "run.json", {
             "options": {**asdict(opts), "pretrain": asdict(prep.pretrain)},
             "encoder": model.encoder_cfg.to_dict(), "data": asdict(prep.stats), "world_size": ctx.world_size,
-            "batches_per_epoch": prep.batches_per_epoch, "resumed_from": prep.resume_from,
+            "batches_per_epoch": prep.batches_per_epoch, "resumed_from": prep.resume_from, "init_kind": prep.init_kind,
             "parameters": sum(p.numel() for p in model.parameters()),
         })
         _truncate_log(run / "log.jsonl", update)
