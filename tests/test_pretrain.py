@@ -63,10 +63,12 @@ def test_resume_continues_exactly(segments: Path, tmp_path: Path) -> None:
     invoke("pretrain", segments, "-o", cut, *common, *seeded, "--max-updates", "3", "--save-every", "3",
            "--worker-processes")
     assert (cut / "latest").read_text().strip() == "checkpoint-3"
-    # killed while appending a log line; resumed without repeating --seed / --shuffle-buffer: the run's are kept
+    # killed while appending a log line; resumed without repeating --seed / --shuffle-buffer and with another
+    # objective option: the run's data order and objective are kept
     with open(cut / "log.jsonl", "a") as f:
         f.write('{"update": 4, "lo')
-    invoke("pretrain", segments, "-o", cut, *common, "--max-updates", "6", "--save-every", "3", "--resume")
+    invoke("pretrain", segments, "-o", cut, *common, "--max-updates", "6", "--save-every", "3", "--resume",
+           "--cmsc-weight", "3")
     a, b = read_log(full), read_log(cut)
     assert [e["update"] for e in a] == [e["update"] for e in b] == [1, 2, 3, 4, 5, 6]
     assert max(e["epoch"] for e in a) > 1.0  # the data stream wrapped into a new epoch
@@ -188,6 +190,7 @@ def test_bad_input_fails_before_training(segments: Path, tmp_path: Path, sample_
     afile.write_text("x")
     fails("pretrain", segments, "-o", afile / "run", *TINY, match="not a writable directory")
     fails("pretrain", segments, "-o", tmp_path / "r3", *TINY, "--batch-size", "200", match="not enough data")
+    fails("pretrain", segments, "-o", tmp_path / "r3", *TINY, "--batch-size", "7", match="must be even with CMSC")
     fails("pretrain", segments, "-o", tmp_path / "r4", *TINY, "--resume", match="no complete checkpoint")
     fails("pretrain", segments, "-o", tmp_path / "r5", *TINY, "--init", tmp_path / "missing",
           match="no such file")

@@ -49,6 +49,9 @@ def pretrain_command(
     init: Annotated[str | None, typer.Option(help="Start from this checkpoint (official ECG-FM .pt or ours): "
                                              "continued pretraining. Its architecture replaces --preset.",
                                              rich_help_panel=_DATA)] = None,
+    unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a .pt "
+                                                "--init (runs code: trusted files only).",
+                                                rich_help_panel=_DATA)] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in -o exactly where its latest "
                                          "checkpoint left off (weights, optimizer, RNG, data position).",
                                          rich_help_panel=_DATA)] = False,
@@ -169,8 +172,6 @@ def pretrain_command(
         fail(f"--device {device!r}: expected auto, cpu or cuda")
     if no_w2v and no_cmsc:
         fail("--no-w2v with --no-cmsc leaves no objective")
-    if not no_cmsc and batch_size % 2:
-        fail(f"--batch-size {batch_size}: must be even with CMSC (pairs of segments)")
     if node_rank >= nnodes:
         fail(f"--node-rank {node_rank}: must be below --nnodes {nnodes}")
     betas = _floats(adam_betas, 2, "--adam-betas")
@@ -198,7 +199,8 @@ def pretrain_command(
         cmsc_gather=cmsc_gather, rlm_prob=rlm_prob, rlm_apply_prob=rlm_apply_prob,
     )
     opts = TrainOptions(
-        segments=segments, output=output, preset=preset, init=init, resume=resume, device=dev,
+        segments=segments, output=output, preset=preset, init=init, unsafe_pickle=unsafe_pickle, resume=resume,
+        device=dev,
         dtype=("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype, compile=compile,
         batch_size=batch_size, update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
         warmup_updates=warmup_updates, weight_decay=weight_decay, adam_betas=(betas[0], betas[1]),

@@ -60,6 +60,7 @@ class TrainOptions:
     output: str
     preset: str = "base"
     init: str | None = None
+    unsafe_pickle: bool = False
     resume: bool = False
     device: str = "cpu"
     dtype: str = "float32"
@@ -148,7 +149,12 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         model_contract = Contract.from_dict(config.get("contract") or {})
         source = config.get("source") or {}
         if source.get("pretrain"):
-            pcfg = PretrainConfig(**{**source["pretrain"], "cmsc_gather": pcfg.cmsc_gather})
+            saved = PretrainConfig(**{**source["pretrain"], "cmsc_gather": pcfg.cmsc_gather})
+            changed = [k for k, v in asdict(pcfg).items() if getattr(saved, k) != v]
+            if changed:
+                info("pretrain: --resume keeps the run's objective; not used: "
+                     + ", ".join(f"{k}={getattr(pcfg, k)} (run: {getattr(saved, k)})" for k in changed))
+            pcfg = saved
         order = source.get("data_order")
         if order and (opts.seed, opts.shuffle_buffer) != (order["seed"], order["shuffle_buffer"]):
             info(f"pretrain: --resume keeps the run's --seed {order['seed']} and --shuffle-buffer "
@@ -158,7 +164,7 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         from ecgfm_cli.model.checkpoint import CheckpointError, load_checkpoint
 
         try:
-            loaded = load_checkpoint(opts.init)
+            loaded = load_checkpoint(opts.init, allow_pickle=opts.unsafe_pickle)
         except CheckpointError as e:
             fail(f"--init {opts.init}: {e}")
         enc_cfg, model_contract, init_kind = loaded.encoder_config, loaded.contract, loaded.kind
@@ -173,6 +179,8 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             fail(str(e))
     if opts.dropout is not None:
         enc_cfg = enc_cfg.with_dropouts(opts.dropout)
+    if pcfg.cmsc and opts.batch_size % 2:
+        fail(f"--batch-size {opts.batch_size}: must be even with CMSC (pairs of segments)")
 
     what = f"the checkpoint {opts.init}" if opts.init and resume_from is None else "the model"
     index = open_segments(opts.segments, model_contract, "pretrain", what=what)
@@ -216,12 +224,12 @@ def build_model(prep: Prepared, seed: int) -> Wav2Vec2Pretrainer:
     return Wav2Vec2Pretrainer(prep.encoder_config, prep.pretrain)
 
 
-def load_init(model: Wav2Vec2Pretrainer, path: str) -> None:
+def load_init(model: Wav2Vec2Pretrainer, path: str, allow_pickle: bool = False) -> None:
     """Weights of ``--init``: a pretraining checkpoint (ours or official) loads whole; an encoder or classifier
     checkpoint loads the encoder and leaves the pretraining heads freshly initialised."""
     from ecgfm_cli.model.checkpoint import encoder_state, load_checkpoint
 
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path, allow_pickle=allow_pickle)
     if loaded.kind == "pretraining":
         state = {k: v for k, v in loaded.state_dict.items() if not k.startswith("target_glu.")}
         model.load_state_dict(state, strict=True)
@@ -429,7 +437,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
                 info("pretrain: resuming with another world size/workers/batch size: the data order differs "
                      "from the original run from here on")
     elif opts.init:
-        load_init(model, opts.init)
+        load_init(model, opts.init, opts.unsafe_pickle)
     model.set_num_updates(update)
     model.to(ctx.device)
     if opts.compile:
