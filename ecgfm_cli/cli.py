@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import typer
@@ -53,6 +54,16 @@ def _keep_freed_memory() -> None:
         pass
 
 
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """Click's usage-error base class: typer >= 0.2x raises its vendored copy (``typer._click``), older typer the
+    ``click`` package's."""
+    found: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(__import__(module, fromlist=["ClickException"]).ClickException)
+    return tuple(found)
+
+
 def main() -> None:
     """Entry point: one-line errors with exit status 2 instead of tracebacks."""
     _keep_freed_memory()
@@ -73,9 +84,7 @@ def main() -> None:
     except BrokenPipeError:
         sys.exit(141)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, _click_exceptions()):  # bad option, missing argument, unknown command: click's one line
             e.show()
             sys.exit(e.exit_code)
         raise

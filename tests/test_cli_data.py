@@ -259,3 +259,17 @@ def test_binary_never_written_to_a_terminal(sample_data):
     os.close(primary)
     assert res.returncode == 2 and b"stdout is a terminal" in res.stderr
     assert written == b""
+
+
+@pytest.mark.parametrize("args, message", [
+    (("segment", "--bogus"), "No such option"),
+    (("nosuchcmd",), "No such command"),
+    (("ingest", "sample", "--workers", "0"), "--workers"),
+])
+def test_usage_errors_are_one_line_without_traceback(capsys, args, message):
+    """The real entry point turns click's usage errors (typer's vendored click included) into exit 2 and a short
+    message, never a traceback."""
+    from conftest import run_main
+
+    code, err = run_main(capsys, *args)
+    assert code == 2 and message in err and "Traceback" not in err, err
