@@ -148,6 +148,10 @@ def test_bad_inputs_are_rejected_with_reasons_and_run_continues(sample_data, tmp
     reasons = {r["source_path"].rsplit("/", 1)[-1]: r["reason"] for r in table(out, "rejects").to_pylist()}
     assert reasons == {"broken.hea": "missing_data", "short.hea": "size_mismatch", "zero.hea": "bad_sample_rate",
                        "notes.csv": "not_ecg"}, reasons
+    # the same with reader processes: rejects cross the process boundary whole (this once hung)
+    pooled = run_cli("ingest", src, "-o", tmp_path / "pooled", "--workers", "2")
+    assert pooled.returncode == 0 and b"4 skipped" in pooled.stderr, pooled.stderr.decode()
+    assert table(tmp_path / "pooled", "rejects").to_pylist() == table(out, "rejects").to_pylist()
     strict = run_cli("ingest", src, "-o", tmp_path / "strict", "--strict")
     assert strict.returncode == 1
     nothing = run_cli("ingest", src / "notes.csv", "-o", tmp_path / "none")

@@ -20,6 +20,9 @@ class RejectedRecord(Exception):
         self.path = path
         self.record_id = record_id
 
+    def __reduce__(self):  # rebuilt from all four fields when it crosses a process boundary (ingest --workers)
+        return type(self), (self.reason, self.detail, self.path, self.record_id)
+
 
 #: Reason codes written to the rejects table (stage ingest or segment).
 REASONS = {
