@@ -171,7 +171,10 @@ def _results(reader: ArtifactReader, schema: pa.Schema, opts: SegmentOptions, wo
 
     with get_context("spawn").Pool(workers) as pool:
         # imap keeps input order, so the output is the same whatever the worker count
-        yield from pool.imap(_segment_worker, ((b, schema, opts) for b in batches))
+        for result in pool.imap(_segment_worker, ((b, schema, opts) for b in batches)):
+            if result.batch is not None:  # pickling drops the lists' non-null item fields: restore the schema
+                result.batch = pa.RecordBatch.from_arrays(result.batch.columns, schema=schema)
+            yield result
 
 
 def report(summary: SegmentSummary, output: Output) -> str:

@@ -115,6 +115,14 @@ def test_segment_options_float16_stride_pad_leadmap(records_dir, tmp_path):
     assert cp["lead_present"] == [True, True] + [False] * 10
 
 
+def test_segment_worker_processes_write_what_one_process_writes(records_dir, tmp_path):
+    one = invoke("segment", records_dir, "-o", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    two = invoke("segment", records_dir, "-o", tmp_path / "two", "--workers", "2")
+    assert two.exit_code == 0, two.output
+    assert table(tmp_path / "two", "segments").equals(table(tmp_path / "one", "segments"))
+
+
 def test_single_lead_csv_needs_lead_map(tmp_path):
     rng = np.random.default_rng(0)
     np.savetxt(tmp_path / "holter.csv", rng.standard_normal((3000, 1)), delimiter=",", header="ECG", comments="")
