@@ -65,7 +65,11 @@ def load_embeddings(path: str | Path) -> Embeddings:
     if p.suffix.lower() == ".npz":
         if not p.is_file():
             raise ProbeError(f"{p}: no such file")
-        with np.load(p, allow_pickle=False) as z:
+        try:
+            z = np.load(p, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:  # not a zip, or an object array that would need pickle
+            raise ProbeError(f"{p}: not a readable NPZ of ecgfm embed output ({e})") from None
+        with z:
             missing = {"record_id", "embedding"} - set(z.files)
             if missing:
                 raise ProbeError(f"{p}: NPZ lacks array(s) {sorted(missing)} (expected ecgfm embed output)")
@@ -347,13 +351,14 @@ def probe_files(
 
     for note in labels.notes:
         log(note)
-    runs = [("model", embeddings, Path(out))]
+    # every input is read (and refused if bad) before anything is fitted or written
+    runs = [("model", embeddings, load_embeddings(embeddings), Path(out))]
     if baseline is not None:
-        runs.append(("baseline", baseline, Path(baseline_out) if baseline_out else baseline_path(out)))
+        runs.append(("baseline", baseline, load_embeddings(baseline),
+                     Path(baseline_out) if baseline_out else baseline_path(out)))
     split_of: dict[str, str] | None = None
     summary: dict[str, Any] = {"outputs": [], "notes": list(labels.notes)}
-    for role, emb_path, out_path in runs:
-        emb = load_embeddings(emb_path)
+    for role, emb_path, emb, out_path in runs:
         if split_of is None:
             split_of, notes, check = record_splits(labels, emb, fractions, seed)
             summary["split_check"] = check

@@ -282,9 +282,10 @@ def test_cli_end_to_end(tmp_path):
     rows = zip(lt.record_ids, lt.patient_ids, lt.values, strict=True)
     lines = ["record_id,patient_id,AF,PVC,const"] + [f"{r},{p},{int(a)},{int(b)},{int(c)}" for r, p, (a, b, c) in rows]
     labels_csv.write_text("\n".join(lines) + "\n")
-    plots = tmp_path / "plots"
-    plots.mkdir()
-    (plots / "stale.png").write_text("old run")
+    plots = tmp_path / "plots"  # an earlier run's plots: replaced whole
+    (plots / "segment").mkdir(parents=True)
+    (plots / "segment" / "stale.png").write_text("old run")
+    (plots / "provenance.json").write_text("{}")
     args = ["evaluate", str(tmp_path / "p.parquet"), "--labels", str(labels_csv), "--aggregate", "label",
             "--bootstrap", "50", "--calibrate", "-o", str(tmp_path / "r.json"), "--plots", str(plots),
             "--baseline", str(tmp_path / "b.parquet")]
@@ -303,7 +304,19 @@ def test_cli_end_to_end(tmp_path):
     assert rep["provenance"]["inputs"]["predictions"]["sha256"]
     assert rep["provenance"]["seed"] == 0
     pngs = sorted(p.relative_to(plots).as_posix() for p in plots.rglob("*.png"))
-    assert "segment/AF.png" in pngs and "record/PVC.png" in pngs and "stale.png" not in pngs
+    assert "segment/AF.png" in pngs and "record/PVC.png" in pngs and "segment/stale.png" not in pngs
+    # a directory holding anything else is refused before any work, and left as it was
+    mine = tmp_path / "mine"
+    (mine / "segment").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "provenance.json").write_text("{}")
+    res = CliRunner().invoke(_app(), args[:4] + ["--bootstrap", "0", "--plots", str(mine)])
+    assert res.exit_code != 0 and "not an earlier `ecgfm evaluate --plots` output" in str(res.exception or res.output)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = CliRunner().invoke(_app(), args[:4] + ["--bootstrap", "0", "-o", str(afile / "r.json")])
+    assert res.exit_code != 0 and "is a file" in str(res.exception or res.output)
     # markdown and csv outputs; a wrong extension is refused before any work
     assert CliRunner().invoke(_app(), args[:4] + ["--bootstrap", "0", "-o", str(tmp_path / "r.csv")]).exit_code == 0
     assert "model,level,label,metric" in (tmp_path / "r.csv").read_text()

@@ -157,6 +157,19 @@ def test_cli_probe_errors(tmp_path):
                                     str(tmp_path / "p.parquet")])
     assert r.exit_code == 2 and "not in the labels" not in r.output and "record_id" in r.output
     assert not (tmp_path / "p.parquet").exists()
+    # a bad --baseline is found before the main predictions are written; outputs are checked before any work
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
+                                    str(tmp_path / "p.parquet"), "--baseline", str(tmp_path / "junk.npz")])
+    assert r.exit_code == 2 and "junk.npz" in r.output and not (tmp_path / "p.parquet").exists()
+    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
+                                    str(tmp_path / "p.parquet"), "--baseline", str(tmp_path / "e.npz"),
+                                    "--baseline-output", str(tmp_path / "b.csv")])
+    assert r.exit_code == 2 and "--baseline-output" in r.output and ".parquet" in r.output
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
+                                    str(tmp_path / "afile" / "p.parquet")])
+    assert r.exit_code != 0 and "is a file" in str(r.exception or r.output)
 
 
 @pytest.mark.parametrize("segs", [1, 3])

@@ -77,7 +77,7 @@ def evaluate_command(
         report_markdown,
         upstream_info,
     )
-    from ecgfm_cli.io.artifacts import atomic_path, atomic_write_text
+    from ecgfm_cli.io.artifacts import atomic_path, atomic_write_text, check_writable_dir
     from ecgfm_cli.labels import LabelError, load_aggregate_rules, load_labels, resolve_aggregation
     from ecgfm_cli.provenance import build_provenance
 
@@ -88,7 +88,7 @@ def evaluate_command(
     if aggregate_rules is not None and aggregate is not Aggregate.label:
         raise typer.BadParameter("needs --aggregate label", param_hint="--aggregate-rules")
     if plots is not None:
-        from ecgfm_cli.plots import PlotsUnavailable, require_matplotlib
+        from ecgfm_cli.plots import PlotsUnavailable, check_plots_dir, require_matplotlib
 
         try:
             require_matplotlib()
@@ -98,6 +98,10 @@ def evaluate_command(
                     (aggregate_rules, "--aggregate-rules")):
         if p is not None and not p.exists():
             raise _fail(f"{what} {p}: no such file or directory")
+    if output is not None:
+        check_writable_dir(output.parent, f"-o {output}")
+    if plots is not None:
+        check_plots_dir(plots)
 
     def log(msg: str) -> None:
         typer.echo(f"ecgfm evaluate: {msg}", err=True)

@@ -50,6 +50,7 @@ def probe_command(
 ) -> None:
     """Fit a linear probe per label on frozen embeddings (patient-grouped train/valid/test split) and write
     predictions for every split."""
+    from ecgfm_cli.io.artifacts import check_writable_dir
     from ecgfm_cli.labels import LabelError, load_labels
     from ecgfm_cli.probe import ProbeError, baseline_path, probe_files
     from ecgfm_cli.provenance import build_provenance
@@ -59,6 +60,12 @@ def probe_command(
         raise _fail(f"-o {output}: predictions are written as one Parquet file; use a name ending in .parquet")
     if baseline is not None and (baseline_output or baseline_path(output)).resolve() == output.resolve():
         raise _fail("--baseline-output must differ from -o")
+    if baseline_output is not None and baseline_output.suffix.lower() != ".parquet":
+        raise _fail(f"--baseline-output {baseline_output}: predictions are written as one Parquet file; use a name "
+                    "ending in .parquet")
+    for path, what in ((output, "-o"), (baseline_output, "--baseline-output")):
+        if path is not None:
+            check_writable_dir(path.parent, f"{what} {path}")
     try:
         fractions = parse_fractions(split_fractions)
     except ValueError as e:
