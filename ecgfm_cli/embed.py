@@ -534,13 +534,14 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
     Consumes ``model``: its encoder's weights are released (moved to the meta device) as soon as they are not
     needed, i.e. once the inference copy exists, or before the worker processes start (they load their own).
     """
-    from ecgfm_cli.io.artifacts import ArtifactWriter, Output, write_done_marker
+    from ecgfm_cli.io.artifacts import ArtifactWriter, Output, check_output_kind, write_done_marker
 
     dim = model.cfg.embed_dim
     schema_meta = {f"ecgfm.{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()}
     schema = embeddings_schema(dim).with_metadata(schema_meta)
     nproc = gpus if gpus > 0 else procs
     if output.format == "dir":
+        check_output_kind(output.path, "embeddings", "embed")
         _clear_embeddings(output.path)
     summary = EmbedSummary(dim=dim)
 

@@ -24,7 +24,7 @@ from ecgfm_cli.io.artifacts import (
     write_sidecars,
 )
 from ecgfm_cli.io.readers import ReadOptions, Source, discover, read_source
-from ecgfm_cli.io.record import RawRecord, RejectedRecord
+from ecgfm_cli.io.record import RawRecord, RejectedRecord, reject_example
 from ecgfm_cli.io.schema import LABELS, RECORDS, REJECTS, records_to_batch, table_from_rows
 
 
@@ -44,6 +44,7 @@ class IngestSummary:
     files: int = 0
     records: int = 0
     rejects: Counter = field(default_factory=Counter)
+    reject_example: str = ""  # the most common reason's first reject, with its detail (see reject_example)
     skipped_shard: bool = False
 
     @property
@@ -113,7 +114,7 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
         if not p.exists():
             fail(f"ingest: {p} does not exist")
     summary = IngestSummary()
-    if not start_shard(output, opts.shard, "ingest"):
+    if not start_shard(output, opts.shard, "ingest", "records"):
         summary.skipped_shard = True
         return summary
     sources = [s for s in discover(list(paths)) if in_shard(s, opts.shard)]
@@ -152,8 +153,9 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
         writer.abort()
         raise
     summary.rejects = Counter(r["reason"] for r in rejects)
+    summary.reject_example = reject_example(rejects)
     _write_sidecars(output, opts, labels, rejects)
-    if output.format == "dir":
+    if output.format == "dir" and summary.records:  # a shard that read nothing failed: a rerun redoes it
         write_done_marker(output.path, opts.shard, {
             "kind": "records", "shard": list(opts.shard), "files": summary.files, "records": summary.records,
             "rejects": dict(summary.rejects), "parts": [f.name for f in writer.files]})

@@ -19,6 +19,7 @@ from ecgfm_cli.io.artifacts import (
     write_done_marker,
     write_sidecars,
 )
+from ecgfm_cli.io.record import reject_example
 from ecgfm_cli.io.schema import LABELS, REJECTS, iter_records, numeric_array, segments_schema, table_from_rows
 from ecgfm_cli.preprocess import PreprocessError, SegmentOptions, segment_record
 
@@ -28,6 +29,7 @@ class SegmentSummary:
     records: int = 0
     segments: int = 0
     rejects: Counter = field(default_factory=Counter)
+    reject_example: str = ""  # the most common reason's first reject, with its detail (see reject_example)
     nan_zeroed: int = 0
     missing_leads: int = 0
     padded: int = 0
@@ -42,7 +44,7 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
                 shard: tuple[int, int] = (0, 1), rejects_path=None, workers: int = 1) -> SegmentSummary:
     """Segment every record of ``reader`` into ``output``; see docs/commands/segment.md."""
     summary = SegmentSummary()
-    if not start_shard(output, shard, "segment"):
+    if not start_shard(output, shard, "segment", "segments"):
         summary.skipped_shard = True
         return summary
     if shard[1] > 1:
@@ -71,9 +73,10 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
         writer.abort()
         raise
     summary.rejects = Counter(r["reason"] for r in rejects)
+    summary.reject_example = reject_example(rejects)
     write_sidecars(output, shard, "segment", table_from_rows(labels, LABELS), table_from_rows(rejects, REJECTS),
                    rejects_path)
-    if output.format == "dir":
+    if output.format == "dir" and summary.segments:  # a shard that wrote nothing failed: a rerun redoes it
         write_done_marker(output.path, shard, {
             "kind": "segments", "shard": list(shard), "records": summary.records, "segments": summary.segments,
             "rejects": dict(summary.rejects), "contract": contract.to_json(), "parts": [f.name for f in writer.files]})

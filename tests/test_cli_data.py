@@ -199,6 +199,23 @@ def test_shards_partition_and_rerun_skips_finished(sample_data, tmp_path):
     assert table(out, "records").num_rows == 41
 
 
+def test_failed_or_foreign_outputs_are_not_taken_for_finished(sample_data, tmp_path):
+    """A run that wrote nothing leaves no done-marker (and no empty file); a directory holding another command's
+    artifact is refused instead of being mixed with (embed: cleared into) the new one; an all-rejected input
+    names the most common reason with its detail."""
+    out = tmp_path / "rec"
+    failed = run_cli("ingest", sample_data / "cinc2011", "-o", out)  # CSV tables need --fs
+    assert failed.returncode == 2 and b"every file was rejected, e.g. bad_sample_rate" in failed.stderr
+    assert b"--fs" in failed.stderr and not list(out.glob("_done-*"))
+    assert run_cli("ingest", sample_data / "cinc2011", "-o", tmp_path / "x.parquet").returncode == 2
+    assert not (tmp_path / "x.parquet").exists()
+    fixed = run_cli("ingest", sample_data / "cinc2011", "--fs", "500", "-o", out)
+    assert fixed.returncode == 0 and table(out, "records").num_rows > 0
+    into_records = run_cli("segment", out, "-o", out)
+    assert into_records.returncode == 2 and b"already holds records" in into_records.stderr
+    assert table(out, "records").num_rows > 0
+
+
 def test_interrupted_writer_leaves_no_readable_file(tmp_path):
     from ecgfm_cli.io.artifacts import ArtifactWriter, Output
     from ecgfm_cli.io.schema import REJECTS

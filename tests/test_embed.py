@@ -339,6 +339,16 @@ def test_empty_input(data, capsys, tmp_path):
     assert code == 2 and "no segments" in err
 
 
+def test_output_directory_of_another_artifact_is_refused(data, capsys, tmp_path):
+    """Embeddings written into a segments directory would clear its done-marker and mix two artifacts."""
+    segs = tmp_path / "segs"
+    _run("segment", data["root"] / "rec", "-o", segs)
+    before = sorted(p.name for p in segs.iterdir())
+    code, err = ecgfm(capsys, "embed", segs, "--model", data["ckpt"], "-o", segs)
+    assert code == 2 and "already holds segments" in err
+    assert sorted(p.name for p in segs.iterdir()) == before
+
+
 def test_bad_output_refused_before_model_load(data, capsys, tmp_path):
     # the model path does not exist either: the output is checked first
     code, err = ecgfm(capsys, "embed", data["seg"], "--model", tmp_path / "nope", "-o", tmp_path / "x.csv")

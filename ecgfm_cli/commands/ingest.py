@@ -51,7 +51,10 @@ def ingest_command(
         return
     info(report(summary, out))
     if summary.records == 0:
-        fail("no record was read" + (" (every file was rejected; see the rejects table)" if summary.rejected
+        if out.format in ("parquet", "arrow"):
+            out.path.unlink(missing_ok=True)  # no empty artifact left to look like a result
+        fail("no record was read" + (f": every file was rejected, e.g. {summary.reject_example} (all reasons in "
+                                     "the rejects table)" if summary.rejected
                                      else f" under {', '.join(map(str, paths))}: no ECG files found"))
     if strict and summary.rejected:
         raise typer.Exit(1)

@@ -65,5 +65,8 @@ def segment_command(
         return
     info(report(summary, out))
     if summary.segments == 0:
-        fail("no segment was written" + (" (every record was rejected; see the rejects table)"
-                                         if summary.rejects else ": the input holds no records"))
+        if out.format in ("parquet", "arrow"):
+            out.path.unlink(missing_ok=True)  # no empty artifact left to look like a result
+        fail("no segment was written" + (f": every record was rejected, e.g. {summary.reject_example} (all "
+                                         "reasons in the rejects table)" if summary.rejects
+                                         else ": the input holds no records"))

@@ -258,15 +258,30 @@ def write_done_marker(directory: Path, shard: tuple[int, int], summary: dict) ->
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
 
 
-def start_shard(output: Output, shard: tuple[int, int], command: str) -> bool:
-    """Prepare a shard of a ``dir`` output: False (and a message) when its done-marker says it is complete;
-    otherwise delete the parts an interrupted run of the same shard left, so the shard is redone from scratch."""
+def check_output_kind(directory: Path, kind: str, command: str) -> None:
+    """Fail when ``directory`` already holds a finished artifact of another kind (its done-markers say which):
+    writing beside it would mix two artifacts in one folder."""
+    for marker in sorted(Path(directory).glob("_done-*.json")):
+        try:
+            other = json.loads(marker.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            other = None
+        if other != kind:
+            fail(f"{command}: {directory} already holds {other or 'another artifact'} ({marker.name}); write the "
+                 f"{kind} to another directory")
+
+
+def start_shard(output: Output, shard: tuple[int, int], command: str, kind: str) -> bool:
+    """Prepare a shard of a ``dir`` output of artifact ``kind``: False (and a message) when its done-marker says
+    it is complete; otherwise delete the parts an interrupted run of the same shard left, so the shard is redone
+    from scratch. A directory holding another kind of artifact is refused."""
     if output.format != "dir":
         return True
+    check_output_kind(output.path, kind, command)
     marker = done_marker(output.path, shard)
     if marker.exists():
-        info(f"{command}: shard {shard[0]}/{shard[1]} is already complete in {output.path} ({marker.name}); "
-             f"nothing to do")
+        info(f"{command}: shard {shard[0]}/{shard[1]} is already complete in {output.path}; nothing to do "
+             f"(delete {marker} to redo it)")
         return False
     for stale in output.path.glob(f"*-{shard_tag(shard)}*.parquet"):
         stale.unlink()

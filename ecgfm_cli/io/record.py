@@ -40,6 +40,19 @@ REASONS = {
 }
 
 
+def reject_example(rows: list[dict]) -> str:
+    """One line showing the most common reject reason of the rejects-table ``rows``: its first row's reason,
+    record (or file) and detail, which usually says how to fix it. Empty when there are no rows."""
+    if not rows:
+        return ""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    top = max(counts, key=counts.__getitem__)
+    row = next(r for r in rows if r["reason"] == top)
+    return f"{top}: {row.get('record_id') or row.get('source_path')}: {row['detail']}"
+
+
 @dataclass
 class RawRecord:
     """One ECG record as read from disk, before any preprocessing.
