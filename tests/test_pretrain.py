@@ -67,14 +67,22 @@ def test_resume_continues_exactly(segments: Path, tmp_path: Path) -> None:
     # objective option: the run's data order and objective are kept
     with open(cut / "log.jsonl", "a") as f:
         f.write('{"update": 4, "lo')
-    invoke("pretrain", segments, "-o", cut, *common, "--max-updates", "6", "--save-every", "3", "--resume",
-           "--cmsc-weight", "3")
+    res = runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", cut, *common, "--max-updates", "6",
+                                               "--save-every", "3", "--resume", "--cmsc-weight", "3", "--lr", "1e-3")],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "given but not used: cmsc_weight=3.0 (run: 1.0), seed=1 (run: 7)" in res.output
+    assert "lr=0.001 (run: 5e-05)" in res.output
     a, b = read_log(full), read_log(cut)
     assert [e["update"] for e in a] == [e["update"] for e in b] == [1, 2, 3, 4, 5, 6]
     assert max(e["epoch"] for e in a) > 1.0  # the data stream wrapped into a new epoch
     for key in ("loss", "contrastive", "cmsc", "code_perplexity", "grad_norm"):
         np.testing.assert_allclose([e[key] for e in b], [e[key] for e in a], rtol=1e-5, atol=1e-7, err_msg=key)
     assert a[-1]["temperature"] == b[-1]["temperature"] < 2.0
+    assert [e["lr"] for e in b] == [e["lr"] for e in a]
+    done = runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", cut, *common, "--max-updates", "6",
+                                                "--resume")])
+    assert done.exit_code != 0 and "already at --max-updates 6" in str(done.exception)
 
     # the checkpoints are in the project's format and hold the complete trainer state
     import torch

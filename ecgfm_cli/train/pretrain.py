@@ -46,6 +46,10 @@ from ecgfm_cli.train.runs import append_jsonl, autocast, read_jsonl, seed_everyt
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
+#: Options a resumed run takes from its checkpoint, not the command line: they fix the data order and the
+#: optimisation. Stopping (--max-*), cadence (--save-every, --log-every), devices and the loader layout may change.
+RESUME_KEEPS = ("seed", "shuffle_buffer", "lr", "lr_schedule", "warmup_updates", "weight_decay", "adam_betas",
+                "adam_eps", "clip_norm", "update_freq", "dropout")
 
 
 @dataclass
@@ -126,8 +130,8 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
     """Every check that can fail, before any process group or model exists: output directory, resume
     state, init checkpoint, segments (kind, contract vs the model's), enough data for one batch per rank.
 
-    Returns the options to train with: ``opts``, except that ``--resume`` keeps the run's ``seed`` and
-    ``shuffle_buffer`` (they fix the data order, so the continued run sees what the original would have)."""
+    Returns the options to train with: ``opts``, except that ``--resume`` keeps the run's objective and its
+    :data:`RESUME_KEEPS` options (data order, optimisation), so that the run continues as it would have."""
     run = Path(opts.output)
     check_writable_dir(run, f"the run directory {run}")
     resume_from = None
@@ -148,18 +152,21 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         enc_cfg = EncoderConfig.from_dict(config["encoder"])
         model_contract = Contract.from_dict(config.get("contract") or {})
         source = config.get("source") or {}
+        at = int(source.get("update", 0))
+        if opts.max_updates is not None and at >= opts.max_updates:
+            fail(f"--resume: {resume_from} is at update {at}, already at --max-updates {opts.max_updates}; "
+                 "raise --max-updates to continue")
+        ignored = []
         if source.get("pretrain"):
             saved = PretrainConfig(**{**source["pretrain"], "cmsc_gather": pcfg.cmsc_gather})
-            changed = [k for k, v in asdict(pcfg).items() if getattr(saved, k) != v]
-            if changed:
-                info("pretrain: --resume keeps the run's objective; not used: "
-                     + ", ".join(f"{k}={getattr(pcfg, k)} (run: {getattr(saved, k)})" for k in changed))
+            ignored += [f"{k}={v} (run: {getattr(saved, k)})" for k, v in asdict(pcfg).items()
+                        if getattr(saved, k) != v]
             pcfg = saved
-        order = source.get("data_order")
-        if order and (opts.seed, opts.shuffle_buffer) != (order["seed"], order["shuffle_buffer"]):
-            info(f"pretrain: --resume keeps the run's --seed {order['seed']} and --shuffle-buffer "
-                 f"{order['shuffle_buffer']} (they fix the data order); the values given are not used")
-            opts = replace(opts, seed=int(order["seed"]), shuffle_buffer=int(order["shuffle_buffer"]))
+        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in (source.get("resume_keeps") or {}).items()}
+        ignored += [f"{k}={getattr(opts, k)} (run: {v})" for k, v in kept.items() if getattr(opts, k) != v]
+        opts = replace(opts, **kept)
+        if ignored:
+            info("pretrain: --resume continues with the run's own settings; given but not used: " + ", ".join(ignored))
     elif opts.init:
         from ecgfm_cli.model.checkpoint import CheckpointError, load_checkpoint
 
@@ -362,7 +369,7 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
     config = make_config("pretraining", model.encoder_cfg, heads=heads, contract=prep.contract, source={
         "command": "ecgfm pretrain", "update": update, "epoch": position[0], "pretrain": asdict(pcfg),
         "init": opts.init, "segments": str(opts.segments),
-        "data_order": {"seed": opts.seed, "shuffle_buffer": opts.shuffle_buffer},
+        "resume_keeps": {k: getattr(opts, k) for k in RESUME_KEEPS},
     })
     final = run / f"checkpoint-{update}"
     tmp = run / f".checkpoint-{update}.partial-{os.getpid()}"
