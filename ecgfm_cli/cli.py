@@ -71,7 +71,11 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
     except UsageError as e:
-        print(f"{prog.strip()}: error: {e}", file=sys.stderr)
+        message = str(e)
+        sub = prog.split()[-1] + ": "
+        if message.startswith(sub):  # library messages name their command; the prefix here already does
+            message = message[len(sub):]
+        print(f"{prog.strip()}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

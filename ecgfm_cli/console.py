@@ -29,6 +29,11 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
                     disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
 
 
+def plural(n: int, noun: str) -> str:
+    """``plural(1, "record")`` -> ``"1 record"``, ``plural(3, "record")`` -> ``"3 records"``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def count_summary(counts: dict[str, int]) -> str:
     """``{"unreadable": 2, "too_short": 1}`` -> ``"unreadable 2, too_short 1"`` (largest first)."""
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

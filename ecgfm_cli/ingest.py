@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ecgfm_cli.console import count_summary, fail, info, progress
+from ecgfm_cli.console import count_summary, fail, info, plural, progress
 from ecgfm_cli.io.artifacts import (
     ArtifactWriter,
     Output,
@@ -218,7 +218,7 @@ def read_user_table(path: Path) -> pa.Table:
 
 def report(summary: IngestSummary, output: Output) -> str:
     where = "stdout" if output.format == "stream" else str(output.path)
-    line = f"ingest: {summary.records} records from {summary.files} files -> {where}"
+    line = f"ingest: {plural(summary.records, 'record')} from {plural(summary.files, 'file')} -> {where}"
     if summary.rejected:
         line += f"; {summary.rejected} skipped ({count_summary(summary.rejects)})"
         rej = sidecar_path(output, "rejects")

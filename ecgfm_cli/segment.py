@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ecgfm_cli.console import count_summary, progress
+from ecgfm_cli.console import count_summary, plural, progress
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.ingest import label_codes, widen_stdout_pipe
 from ecgfm_cli.io.artifacts import (
@@ -182,7 +182,7 @@ def _results(reader: ArtifactReader, schema: pa.Schema, opts: SegmentOptions, wo
 
 def report(summary: SegmentSummary, output: Output) -> str:
     where = "stdout" if output.format == "stream" else str(output.path)
-    line = f"segment: {summary.segments} segments from {summary.records} records -> {where}"
+    line = f"segment: {plural(summary.segments, 'segment')} from {plural(summary.records, 'record')} -> {where}"
     extras = []
     if summary.rejects:
         extras.append(f"{sum(summary.rejects.values())} records skipped ({count_summary(summary.rejects)})")

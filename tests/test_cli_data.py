@@ -152,7 +152,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_run_continues(sample_data, tmp
     out = tmp_path / "rec"
     res = run_cli("ingest", src, "-o", out)
     assert res.returncode == 0, res.stderr.decode()
-    assert b"1 records from" in res.stderr and b"4 skipped" in res.stderr
+    assert b"1 record from" in res.stderr and b"4 skipped" in res.stderr
     reasons = {r["source_path"].rsplit("/", 1)[-1]: r["reason"] for r in table(out, "rejects").to_pylist()}
     assert reasons == {"broken.hea": "missing_data", "short.hea": "size_mismatch", "zero.hea": "bad_sample_rate",
                        "notes.csv": "not_ecg"}, reasons

@@ -24,11 +24,11 @@ def embed_command(
                                               "zeroed; recorded in the output metadata).")] = None,
     nan: Annotated[str, typer.Option(help="Segments holding NaN/Inf: refuse (error naming them) or skip "
                                      "(leave them out, counted).")] = "refuse",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda [default: cuda if available, else cpu].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available, else cpu).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (torch.autocast: faster, cosine > 0.999 "
                                        "to float32).")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.", min=1)] = 32,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process [default: torch's].",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process (default: torch's).",
                                                 min=1)] = None,
     gpus: Annotated[int, typer.Option(help="Split the input over this many GPUs (one process each).",
                                       min=0)] = 0,

@@ -19,8 +19,8 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 def finetune_command(
-    segments: Annotated[str, typer.Argument(help="Segments from `ecgfm segment`: DIR of shards or FILE.parquet/.arrow.",
-                                            rich_help_panel=_DATA)],
+    segments: Annotated[str, typer.Argument(
+        help="Segments from `ecgfm segment`: DIR of shards or FILE.parquet/.arrow.")],
     labels: Annotated[str, typer.Option("--labels", "-l", help="Labels table: wide CSV/Parquet (record_id + one 0/1 "
                                         "or continuous column per label [+ patient_id, split]) or the long codes "
                                         "table of ingest/segment (labels-*.parquet, a DIR) with --label-map.",

@@ -41,6 +41,8 @@ def ingest_command(
     shard_t = parse_shard(shard)
     if shard_t[1] > 1 and out.format != "dir":
         fail("--shard needs -o DIR: each shard writes its own files into the directory")
+    if labels is not None and not labels.is_file():
+        fail(f"--labels {labels}: no such file")
     if fs is not None and not (0 < fs <= 20000):
         fail(f"--fs {fs}: expected a sampling rate in Hz (0 < fs <= 20000)")
     lead_list = [s.strip() for s in leads.split(",")] if leads else None

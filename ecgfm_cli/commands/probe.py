@@ -37,8 +37,8 @@ def probe_command(
         "--baseline", help="Embeddings of a random-init encoder (`ecgfm embed --random-init`); probed with the same "
         "splits.")] = None,
     baseline_output: Annotated[Path | None, typer.Option(
-        "--baseline-output", help="Where to write the baseline predictions [default: OUTPUT with "
-        ".baseline.parquet].")] = None,
+        "--baseline-output", help="Where to write the baseline predictions (default: OUTPUT with "
+        ".baseline.parquet).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the patient-grouped split.")] = 0,
     split_fractions: Annotated[str, typer.Option(help="train,valid,test fractions of the patient-grouped split "
                                                  "(used when the labels have no split column).")] = "0.8,0.1,0.1",

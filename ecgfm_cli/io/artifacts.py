@@ -387,6 +387,9 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm") -> Artifa
     if spath == "-":
         if sys.stdin.isatty():
             fail(f"{command}: no input: give a path, or pipe `ecgfm ingest ... |` into it")
+        head = sys.stdin.buffer.peek(1)[:1] if hasattr(sys.stdin.buffer, "peek") else b"?"
+        if not head:
+            fail(f"{command}: stdin is empty: the command before the pipe wrote nothing (did it fail?)")
         try:
             stream = ipc.open_stream(sys.stdin.buffer)
         except pa.ArrowInvalid as e:

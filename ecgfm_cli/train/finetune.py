@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ecgfm_cli.console import fail, info
+from ecgfm_cli.console import fail, info, plural
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir
 from ecgfm_cli.model.config import EncoderConfig
@@ -658,7 +658,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
         from ecgfm_cli.io.artifacts import replace_dir
 
         replace_dir(work, run)
-    info(f"finetune: {len(history)} epochs ({stopped_by}); best epoch {best['epoch']} by {best['criterion']}"
+    info(f"finetune: {plural(len(history), 'epoch')} ({stopped_by}); best epoch {best['epoch']} by {best['criterion']}"
          + (f" = {abs(best['score']):.4f}" if best["score"] is not None else "")
          + f"; {len(pred_pos)} predictions; {summary['elapsed_s']:.0f} s -> {run}/")
     return summary

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ecgfm_cli.console import fail, info
+from ecgfm_cli.console import fail, info, plural
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, replace_dir
 from ecgfm_cli.model.config import EncoderConfig, preset
@@ -571,7 +571,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
                    "elapsed_s": round(time.monotonic() - t_start, 3), "checkpoint": str(final) if final else None,
                    "last": last_metrics}
         _write_json(run / "summary.json", summary)
-        info(f"pretrain: {update} updates ({reason}), loss {last_metrics.get('loss', float('nan')):.4f}, "
+        info(f"pretrain: {plural(update, 'update')} ({reason}), loss {last_metrics.get('loss', float('nan')):.4f}, "
              f"{summary['elapsed_s']:.0f} s; checkpoint {final}")
 
 
