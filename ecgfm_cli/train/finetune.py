@@ -560,6 +560,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
         info(f"finetune: {prep.counts['segments_used']} segments of {prep.counts['records_used']} records ("
              + ", ".join(f"{k} {v['rows']} seg / {v['patients']} patients" for k, v in sp.items())
              + f"), {len(prep.labels)} labels, init {prep.init_kind}"
+             + (f" ({opts.preset} preset)" if opts.random_init else "")
              + (f" ({prep.init})" if prep.init else "") + f", {ctx.world_size} process(es) on {ctx.device} "
              f"({opts.dtype}), leads {','.join(prep.leads)}")
 
