@@ -250,3 +250,20 @@ def test_unreadable_shard_and_null_signals_are_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"PAR1 not a parquet file")
     with pytest.raises(UsageError, match=f"cannot read {bad}"):
         open_segments(path)
+
+
+def test_an_empty_epoch_is_skipped_not_the_end(segs: Path, monkeypatch) -> None:
+    """The batch count of an epoch varies with the unit shuffle: an epoch that comes out empty on barely enough
+    data must not end the stream (it would end a run early, reported as max-epochs)."""
+    from ecgfm_cli.train import data
+
+    real = data.epoch_plan
+
+    def plan(index, cfg, epoch, consumer):
+        out = real(index, cfg, epoch, consumer)
+        return out[:0] if epoch == 1 else out
+
+    monkeypatch.setattr(data, "epoch_plan", plan)
+    cfg = LoaderConfig(batch_size=4, rlm=False)
+    epochs = {b["epoch"] for b in iter_rank(open_segments(segs), cfg, 0, max_epochs=3)}
+    assert epochs == {0, 2}
