@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ecgfm_cli import metrics as M
+from ecgfm_cli.console import progress
 from ecgfm_cli.labels import LabelTable, read_table, string_column, table_metadata
 from ecgfm_cli.splits import check_patient_disjoint, patient_keys
 
@@ -239,7 +240,8 @@ def evaluate_level(
     if cfg.n_boot > 0 and boot_cache:
         reps: dict[str, dict[str, list]] = {lab: {} for lab, _, _ in boot_cache}
         macro_reps: dict[str, list] = {k: [] for k in MACRO_METRICS}
-        for w_all in M.patient_bootstrap_weights(ev_keys, cfg.n_boot, cfg.seed):
+        replicates = M.patient_bootstrap_weights(ev_keys, cfg.n_boot, cfg.seed)
+        for w_all in progress(replicates, "bootstrap", total=cfg.n_boot, unit="resample"):
             vals: dict[str, dict[str, float | None]] = {}
             for lab, mask, data in boot_cache:
                 w = w_all[mask]
