@@ -17,14 +17,13 @@ import numpy as np
 
 from ecgfm_cli import metrics as M
 from ecgfm_cli.console import progress
-from ecgfm_cli.labels import LabelTable, read_table, string_column, table_metadata
+from ecgfm_cli.labels import RESERVED_COLUMNS, LabelTable, read_table, string_column, table_metadata
 from ecgfm_cli.splits import check_patient_disjoint, patient_keys
 
 BINARY_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "f1", "ece", "brier")
 MACRO_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "f1")
 REGRESSION_METRICS = ("mae", "rmse", "r2", "pearson_r")
 REPORT_VERSION = 1
-_PRED_RESERVED = ("record_id", "patient_id", "study_id", "segment_index", "split")
 
 
 class EvaluateError(ValueError):
@@ -75,7 +74,7 @@ def load_predictions(path: str | Path) -> Predictions:
         if missing:
             raise EvaluateError(f"{path}: ecgfm.labels names columns that are absent: {missing}")
     else:
-        labels = [c for c in table.column_names if c not in _PRED_RESERVED
+        labels = [c for c in table.column_names if c not in RESERVED_COLUMNS
                   and (pat.is_floating(table.schema.field(c).type) or pat.is_integer(table.schema.field(c).type))]
     if not labels:
         raise EvaluateError(f"{path}: no prediction columns")
@@ -164,7 +163,8 @@ def evaluate_level(
     """
     if split is not None:
         ev = split == cfg.eval_split
-        va = split == "valid"
+        # thresholds and temperatures are fitted on valid: never when valid is what is evaluated
+        va = split == "valid" if cfg.eval_split != "valid" else np.zeros(len(y), dtype=bool)
         if not ev.any():
             raise EvaluateError(f"no rows in the {cfg.eval_split!r} split (splits present: "
                                 f"{sorted({str(x) for x in split if x is not None})}); use --eval-split")
@@ -207,7 +207,8 @@ def evaluate_level(
         mv = va & np.isfinite(yj) & np.isfinite(sj)
         thr = M.choose_threshold(yj[mv], sj[mv], cfg.threshold_method) if mv.any() else None
         if thr is None:
-            why = "no valid split" if not mv.any() else "valid split has a single class"
+            why = ("the valid split is the one evaluated" if cfg.eval_split == "valid" else "no valid split"
+                   if not mv.any() else "valid split has a single class")
             entry["threshold"] = {"value": 0.5, "method": "default", "chosen_on": None, "reason": f"{why}; 0.5 used"}
             thr = 0.5
         else:
@@ -218,7 +219,7 @@ def evaluate_level(
         single = "undefined: the evaluated rows hold a single class"
         for k in BINARY_METRICS:
             entry[k] = _metric(point[k], reason=single if k in ("auroc", "auprc") else "zero denominator")
-        curves[lab] = {"y": yt, "s": st, "threshold": thr}
+        curves[lab] = {"y": yt, "s": st}
         if cfg.calibrate:
             cal: dict[str, Any]
             if mv.any() and 0 < yj[mv].sum() < mv.sum():
@@ -228,7 +229,8 @@ def evaluate_level(
                        "ece": M.expected_calibration_error(yt, sc), "brier": M.brier(yt, sc)}
                 curves[lab]["s_cal"] = sc
             else:
-                cal = {"temperature": None, "reason": "needs a valid split with both classes"}
+                cal = {"temperature": None, "reason": "the valid split is the one evaluated"
+                       if cfg.eval_split == "valid" else "needs a valid split with both classes"}
             entry["calibrated"] = cal
         boot_cache.append((lab, m[ev], ("binary", yt, st, rs, thr)))
 

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from ecgfm_cli.splits import SPLITS
+
 #: Columns of a labels table that are never labels.
 RESERVED_COLUMNS = ("record_id", "patient_id", "study_id", "split", "codes", "segment_index")
-SPLITS = ("train", "valid", "test")
 #: Label maps shipped with the package, usable by name with ``--label-map NAME``.
 PACKAGED_LABEL_MAPS = {"challenge2021": "challenge2021_scored.csv"}
 #: The newest ``ecgfm.schema_version`` this module knows.
@@ -65,9 +66,17 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
             files = sorted(f for f in p.glob("*.parquet") if ".tmp-" not in f.name)
         if not files:
             raise LabelError(f"{p}: directory holds no .parquet files")
-        tables = [pq.read_table(f) for f in files]
+        tables = []
+        for f in files:
+            try:
+                tables.append(pq.read_table(f))
+            except (OSError, pa.ArrowInvalid) as e:
+                raise LabelError(f"{f}: cannot read as Parquet ({e})") from e
         meta = tables[0].schema.metadata
-        table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(meta)
+        try:
+            table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(meta)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise LabelError(f"{p}: its files hold different columns ({e})") from e
     elif not p.exists():
         raise LabelError(f"{p}: no such file or directory")
     elif p.name.lower().endswith((".csv", ".csv.gz")):
@@ -82,7 +91,10 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
     elif p.suffix.lower() in (".arrow", ".feather", ".ipc"):
         import pyarrow.feather as feather
 
-        table = feather.read_table(p)
+        try:
+            table = feather.read_table(p)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise LabelError(f"{p}: cannot read as an Arrow file ({e})") from e
     else:
         try:
             table = pq.read_table(p)

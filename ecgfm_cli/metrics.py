@@ -49,25 +49,10 @@ class RankedScores:
         fp = np.cumsum(ws * (1 - self.y))[self.ends]
         return tp, fp, float(tp[-1]) if len(tp) else 0.0, float(fp[-1]) if len(fp) else 0.0
 
-    def auroc(self, w: np.ndarray | None = None) -> float | None:
-        tp, fp, p, n = self.counts(w)
-        if p <= 0 or n <= 0:
-            return None
-        tpr, fpr = np.r_[0.0, tp / p], np.r_[0.0, fp / n]
-        return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-    def average_precision(self, w: np.ndarray | None = None) -> float | None:
-        """Sum over thresholds of (recall increase) x precision (scikit-learn's definition, no interpolation)."""
-        tp, fp, p, n = self.counts(w)
-        if p <= 0 or n <= 0:
-            return None
-        denom = tp + fp
-        prec = np.divide(tp, denom, out=np.zeros_like(tp), where=denom > 0)
-        rec = tp / p
-        return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
-
     def auroc_ap(self, w: np.ndarray | None = None) -> tuple[float | None, float | None]:
-        """(AUROC, average precision) from one pass; both None when one class has zero weight."""
+        """(AUROC, average precision) from one pass; both None when one class has zero weight. AUROC: trapezoids
+        (ties count half); average precision: sum over thresholds of (recall increase) x precision (scikit-learn's
+        definition, no interpolation)."""
         tp, fp, p, n = self.counts(w)
         if p <= 0 or n <= 0:
             return None, None
@@ -93,12 +78,12 @@ class RankedScores:
 
 def roc_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> float | None:
     """Area under the ROC curve (ties count one half); None when y has one class."""
-    return RankedScores(y, s).auroc(w)
+    return RankedScores(y, s).auroc_ap(w)[0]
 
 
 def average_precision(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> float | None:
     """Average precision (the AUPRC reported by ecgfm); None when y has one class."""
-    return RankedScores(y, s).average_precision(w)
+    return RankedScores(y, s).auroc_ap(w)[1]
 
 
 def choose_threshold(y: np.ndarray, s: np.ndarray, method: str = "f1") -> float | None:

@@ -115,7 +115,6 @@ class ProbeData:
     emb: Embeddings
     Y: np.ndarray
     split: np.ndarray
-    keys: np.ndarray
     notes: list[str]
     counts: dict[str, Any]
 
@@ -187,7 +186,7 @@ def join_labels(emb: Embeddings, labels: LabelTable, split_of: dict[str, str]) -
     sub.patient_ids = pid
     counts = {"rows_used": int(keep.sum()), "rows_unknown_record": n_unknown, "rows_nonfinite": n_nonfinite,
               "labelled_records_without_embedding": n_rec_unembedded}
-    return ProbeData(sub, Y, split, patient_keys(sub.record_ids, pid), notes, counts)
+    return ProbeData(sub, Y, split, notes, counts)
 
 
 # --------------------------------------------------------------------------------------------- fitting
@@ -212,7 +211,8 @@ def fit_label(X: np.ndarray, y: np.ndarray, split: np.ndarray, kind: str,
     """Fit one label's probe. X: (N, D) standardised; y: (N,) with NaN = missing; split: (N,) names.
 
     Returns (predictions for all N rows: probabilities or values, NaN when skipped) and an info dict
-    ``{"status": "fitted"|"skipped", "reason"?, "C"|"alpha", "valid_score", "selection", "n_train", ...}``.
+    ``{"status": "fitted"|"skipped", "reason"?, "C"|"alpha", "valid_average_precision"|"valid_mse", "selection",
+    "n_train", ...}``.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, Ridge

@@ -76,6 +76,9 @@ def test_label_errors(files, capsys):
     code, err = ecgfm(capsys, "convert", root / "junk.pt", "-o", root / "x")
     assert code == 2 and "not a PyTorch checkpoint" in err
     assert not (root / "x").exists()
+    assert ecgfm(capsys, "convert", files["pt"], "-o", root / "once")[0] == 0
+    code, err = ecgfm(capsys, "convert", root / "once", "-o", root / "twice")
+    assert code == 2 and "already an ecgfm checkpoint" in err and not (root / "twice").exists()
 
 
 def test_resolve_labels(tmp_path):

@@ -126,6 +126,12 @@ def test_threshold_chosen_on_valid_is_applied_to_test():
     assert e["sensitivity"]["value"] == pytest.approx(1 / 3)  # only 0.7 of (0.3, 0.5, 0.7) is >= 0.7
     assert e["auroc"]["value"] == pytest.approx(roc_auc_score(yt, st))
     assert e["n"] == 5 and e["prevalence"] == pytest.approx(0.6)
+    # evaluating the valid split itself: nothing is fitted on the rows being scored
+    res, _ = evaluate_level(y, s, split, keys, ["X"], {"X": "binary"}, _cfg(eval_split="valid", calibrate=True))
+    e = res["labels"]["X"]
+    assert e["threshold"]["value"] == 0.5 and e["threshold"]["chosen_on"] is None
+    assert "valid split is the one evaluated" in e["threshold"]["reason"]
+    assert e["calibrated"]["temperature"] is None
 
 
 def _synthetic(n_pat=60, segs=3, seed=0):

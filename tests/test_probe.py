@@ -166,6 +166,11 @@ def test_cli_probe_errors(tmp_path):
                                     str(tmp_path / "p.parquet"), "--baseline", str(tmp_path / "e.npz"),
                                     "--baseline-output", str(tmp_path / "b.csv")])
     assert r.exit_code == 2 and "--baseline-output" in r.output and ".parquet" in r.output
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "embeddings-0.parquet").write_bytes(b"not parquet")
+    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "shards"), "--labels", str(tmp_path / "l.csv"), "-o",
+                                    str(tmp_path / "p.parquet")])
+    assert r.exit_code == 2 and "embeddings-0.parquet: cannot read as Parquet" in r.output
     (tmp_path / "afile").write_text("x")
     r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
                                     str(tmp_path / "afile" / "p.parquet")])

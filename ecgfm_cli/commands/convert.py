@@ -28,23 +28,12 @@ MIMIC_IV_ECG_LABELS: tuple[str, ...] = (
     "Electronic pacemaker",
 )
 
-#: Names accepted by ``--labels`` besides a file or a comma-separated list.
-PACKAGED_LABELS = ("mimic-iv-ecg", "challenge2021")
-
-
 def challenge2021_labels() -> list[str]:
     """The 26 scored PhysioNet/CinC Challenge 2021 classes (equivalent codes merged), in file order of
-    ``ecgfm_cli/data/challenge2021_scored.csv``."""
-    import csv
-    from importlib.resources import files
+    ``ecgfm_cli/data/challenge2021_scored.csv``: the packaged label map's labels."""
+    from ecgfm_cli.labels import load_label_map
 
-    text = files("ecgfm_cli").joinpath("data/challenge2021_scored.csv").read_text()
-    rows = csv.DictReader(line for line in text.splitlines() if not line.startswith("#"))
-    out: list[str] = []
-    for row in rows:
-        if row["label"] not in out:
-            out.append(row["label"])
-    return out
+    return list(load_label_map("challenge2021").labels)
 
 
 def resolve_labels(spec: str) -> list[str]:

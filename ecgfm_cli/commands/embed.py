@@ -67,7 +67,9 @@ def embed_command(
 
     if random_init and preset not in PRESETS:
         fail(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    device = device or ("cuda" if gpus or torch.cuda.is_available() else "cpu")
+    if procs > 1 and device is not None and device.startswith("cuda"):
+        fail("--procs runs CPU processes; use --gpus N for several GPUs")
+    device = device or ("cuda" if gpus or (procs <= 1 and torch.cuda.is_available()) else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         fail(f"--device {device!r}: expected cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -69,6 +69,7 @@ def evaluate_command(
     """Evaluate predictions against labels on the test split: AUROC, AUPRC, sensitivity, specificity, PPV, F1,
     calibration (and MAE/RMSE/R²/r for continuous targets) with patient-level bootstrap CIs."""
     from ecgfm_cli.evaluate import (
+        REPORT_VERSION,
         EvalConfig,
         EvaluateError,
         evaluate,
@@ -79,6 +80,7 @@ def evaluate_command(
     )
     from ecgfm_cli.io.artifacts import atomic_path, atomic_write_text, check_writable_dir
     from ecgfm_cli.labels import LabelError, load_aggregate_rules, load_labels, resolve_aggregation
+    from ecgfm_cli.metrics import ECE_BINS
     from ecgfm_cli.provenance import build_provenance
 
     if output is not None and output.suffix.lower() not in (".json", ".md", ".csv"):
@@ -126,9 +128,9 @@ def evaluate_command(
     lm_input = label_map if label_map and Path(label_map).is_file() else None
     settings = {"aggregate": cfg.aggregate, "aggregate_methods": methods or None, "bootstrap": bootstrap,
                 "seed": seed, "ci_level": cfg.ci_level, "threshold_method": cfg.threshold_method,
-                "calibrate": calibrate, "eval_split": eval_split, "ece_bins": 15, "label_map": label_map}
+                "calibrate": calibrate, "eval_split": eval_split, "ece_bins": ECE_BINS, "label_map": label_map}
     report: dict[str, Any] = {
-        "ecgfm_report_version": 1,
+        "ecgfm_report_version": REPORT_VERSION,
         "kind": "evaluate",
         "predictions": str(predictions),
         "labels": str(labels),

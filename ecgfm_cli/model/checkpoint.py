@@ -572,9 +572,9 @@ def convert_fairseq(pt_path: str | os.PathLike, out_dir: str | os.PathLike, allo
     ``labels`` optionally names a classifier's outputs. Provenance (file name, sha256) goes to "source".
     Returns the checkpoint as re-loaded from ``out_dir``.
     """
+    if Path(pt_path).is_dir():
+        raise CheckpointError(f"{pt_path}: already an ecgfm checkpoint directory; nothing to convert")
     loaded = load_checkpoint(pt_path, allow_pickle=allow_pickle)
-    if loaded.config.get("format") != FORMAT or "fairseq" not in str(loaded.config["source"].get("format")):
-        raise CheckpointError(f"{pt_path}: already an ecgfm checkpoint; nothing to convert")
     config = dict(loaded.config)
     config["source"] = {**config["source"], "sha256": sha256_file(pt_path)}
     if labels is not None:

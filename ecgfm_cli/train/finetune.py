@@ -694,12 +694,10 @@ def _save(path: Path, state: dict[str, Tensor], prep: Prepared, opts: FinetuneOp
 def _write_predictions(path: Path, prep: Prepared, pos: np.ndarray, P: np.ndarray, summary: dict) -> None:
     from ecgfm_cli.io.artifacts import write_table
     from ecgfm_cli.probe import Embeddings, ProbeData, predictions_table
-    from ecgfm_cli.splits import patient_keys
 
     emb = Embeddings(prep.record_ids[pos], prep.patient_ids[pos], prep.segment_index[pos],
                      np.zeros((len(pos), 0), np.float32))
-    data = ProbeData(emb, prep.Y[pos].astype(np.float64), prep.split[pos],
-                     patient_keys(emb.record_ids, emb.patient_ids), [], {})
+    data = ProbeData(emb, prep.Y[pos].astype(np.float64), prep.split[pos], [], {})
     meta = {
         "ecgfm.provenance": json.dumps(prep.provenance, default=str),
         "ecgfm.contract": prep.contract.to_json(),
