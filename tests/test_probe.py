@@ -145,36 +145,37 @@ def test_cli_probe_then_evaluate_with_baseline(tmp_path):
     assert "| LVEF |" in res.stdout
 
 
-def test_cli_probe_errors(tmp_path):
+def test_cli_probe_errors(tmp_path, capsys):
+    """Through the real entry point: each mistake is one line, exit status 2, before anything is written."""
+    from conftest import run_main
+
     X, rid, pid, seg, lt = _data(n_rec=20)
-    _write_npz(tmp_path / "e.npz", X, rid, pid, seg)
-    _labels_csv(tmp_path / "l.csv", lt)
-    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
-                                    str(tmp_path / "p.csv")])
-    assert r.exit_code == 2 and "ecgfm probe: error:" in r.output and ".parquet" in r.output
+    emb, labels, out = tmp_path / "e.npz", tmp_path / "l.csv", tmp_path / "p.parquet"
+    _write_npz(emb, X, rid, pid, seg)
+    _labels_csv(labels, lt)
+
+    def probe(*args):
+        return run_main(capsys, "probe", *args)
+
+    code, err = probe(emb, "--labels", labels, "-o", tmp_path / "p.csv")
+    assert code == 2 and "ecgfm probe: error:" in err and ".parquet" in err
     (tmp_path / "other.csv").write_text("record_id,AF\nzzz,1\n")
-    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "other.csv"), "-o",
-                                    str(tmp_path / "p.parquet")])
-    assert r.exit_code == 2 and "not in the labels" not in r.output and "record_id" in r.output
-    assert not (tmp_path / "p.parquet").exists()
+    code, err = probe(emb, "--labels", tmp_path / "other.csv", "-o", out)
+    assert code == 2 and "not in the labels" not in err and "record_id" in err
+    assert not out.exists()
     # a bad --baseline is found before the main predictions are written; outputs are checked before any work
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
-    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
-                                    str(tmp_path / "p.parquet"), "--baseline", str(tmp_path / "junk.npz")])
-    assert r.exit_code == 2 and "junk.npz" in r.output and not (tmp_path / "p.parquet").exists()
-    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
-                                    str(tmp_path / "p.parquet"), "--baseline", str(tmp_path / "e.npz"),
-                                    "--baseline-output", str(tmp_path / "b.csv")])
-    assert r.exit_code == 2 and "--baseline-output" in r.output and ".parquet" in r.output
+    code, err = probe(emb, "--labels", labels, "-o", out, "--baseline", tmp_path / "junk.npz")
+    assert code == 2 and "junk.npz" in err and not out.exists()
+    code, err = probe(emb, "--labels", labels, "-o", out, "--baseline", emb, "--baseline-output", tmp_path / "b.csv")
+    assert code == 2 and "--baseline-output" in err and ".parquet" in err
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "embeddings-0.parquet").write_bytes(b"not parquet")
-    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "shards"), "--labels", str(tmp_path / "l.csv"), "-o",
-                                    str(tmp_path / "p.parquet")])
-    assert r.exit_code == 2 and "embeddings-0.parquet: cannot read as Parquet" in r.output
+    code, err = probe(tmp_path / "shards", "--labels", labels, "-o", out)
+    assert code == 2 and "embeddings-0.parquet: cannot read as Parquet" in err
     (tmp_path / "afile").write_text("x")
-    r = CliRunner().invoke(_app(), ["probe", str(tmp_path / "e.npz"), "--labels", str(tmp_path / "l.csv"), "-o",
-                                    str(tmp_path / "afile" / "p.parquet")])
-    assert r.exit_code != 0 and "is a file" in str(r.exception or r.output)
+    code, err = probe(emb, "--labels", labels, "-o", tmp_path / "afile" / "p.parquet")
+    assert code == 2 and "is a file" in err
 
 
 @pytest.mark.parametrize("segs", [1, 3])

@@ -24,10 +24,6 @@ class ThresholdMethod(str, Enum):
     youden = "youden"
 
 
-def _fail(msg: str) -> typer.Exit:
-    typer.echo(f"ecgfm evaluate: error: {msg}", err=True)
-    return typer.Exit(2)
-
 
 def _clean(o: Any) -> Any:
     """NaN/inf -> None so the JSON is strict."""
@@ -68,6 +64,7 @@ def evaluate_command(
 ) -> None:
     """Evaluate predictions against labels on the test split: AUROC, AUPRC, sensitivity, specificity, PPV, F1,
     calibration (and MAE/RMSE/R²/r for continuous targets) with patient-level bootstrap CIs."""
+    from ecgfm_cli.console import fail
     from ecgfm_cli.evaluate import (
         REPORT_VERSION,
         EvalConfig,
@@ -84,7 +81,7 @@ def evaluate_command(
     from ecgfm_cli.provenance import build_provenance
 
     if output is not None and output.suffix.lower() not in (".json", ".md", ".csv"):
-        raise _fail(f"-o {output}: the report format comes from the extension; use .json, .md or .csv")
+        fail(f"-o {output}: the report format comes from the extension; use .json, .md or .csv")
     if bootstrap < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--bootstrap")
     if aggregate_rules is not None and aggregate is not Aggregate.label:
@@ -95,11 +92,11 @@ def evaluate_command(
         try:
             require_matplotlib()
         except PlotsUnavailable as e:
-            raise _fail(str(e)) from None
+            fail(str(e))
     for p, what in ((predictions, "PREDICTIONS"), (labels, "--labels"), (baseline, "--baseline"),
                     (aggregate_rules, "--aggregate-rules")):
         if p is not None and not p.exists():
-            raise _fail(f"{what} {p}: no such file or directory")
+            fail(f"{what} {p}: no such file or directory")
     if output is not None:
         check_writable_dir(output.parent, f"-o {output}")
     if plots is not None:
@@ -123,7 +120,7 @@ def evaluate_command(
             bpreds = load_predictions(baseline)
             base_body, base_curves = evaluate(bpreds, table, cfg, log=lambda m: log(f"baseline: {m}"))
     except (LabelError, EvaluateError) as e:
-        raise _fail(str(e)) from None
+        fail(str(e))
 
     lm_input = label_map if label_map and Path(label_map).is_file() else None
     settings = {"aggregate": cfg.aggregate, "aggregate_methods": methods or None, "bootstrap": bootstrap,

@@ -9,11 +9,6 @@ from typing import Annotated
 import typer
 
 
-def _fail(msg: str) -> typer.Exit:
-    typer.echo(f"ecgfm probe: error: {msg}", err=True)
-    return typer.Exit(2)
-
-
 def _grid(text: str, name: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(x) for x in text.split(","))
@@ -50,6 +45,7 @@ def probe_command(
 ) -> None:
     """Fit a linear probe per label on frozen embeddings (patient-grouped train/valid/test split) and write
     predictions for every split."""
+    from ecgfm_cli.console import fail
     from ecgfm_cli.io.artifacts import check_writable_dir
     from ecgfm_cli.labels import LabelError, load_labels
     from ecgfm_cli.probe import ProbeError, baseline_path, probe_files
@@ -57,11 +53,11 @@ def probe_command(
     from ecgfm_cli.splits import parse_fractions
 
     if output.suffix.lower() != ".parquet":
-        raise _fail(f"-o {output}: predictions are written as one Parquet file; use a name ending in .parquet")
+        fail(f"-o {output}: predictions are written as one Parquet file; use a name ending in .parquet")
     if baseline is not None and (baseline_output or baseline_path(output)).resolve() == output.resolve():
-        raise _fail("--baseline-output must differ from -o")
+        fail("--baseline-output must differ from -o")
     if baseline_output is not None and baseline_output.suffix.lower() != ".parquet":
-        raise _fail(f"--baseline-output {baseline_output}: predictions are written as one Parquet file; use a name "
+        fail(f"--baseline-output {baseline_output}: predictions are written as one Parquet file; use a name "
                     "ending in .parquet")
     for path, what in ((output, "-o"), (baseline_output, "--baseline-output")):
         if path is not None:
@@ -73,7 +69,7 @@ def probe_command(
     cs, alphas = _grid(c_grid, "--c-grid"), _grid(alpha_grid, "--alpha-grid")
     for p, what in ((embeddings, "EMBEDDINGS"), (labels, "--labels"), (baseline, "--baseline")):
         if p is not None and not p.exists():
-            raise _fail(f"{what} {p}: no such file or directory")
+            fail(f"{what} {p}: no such file or directory")
 
     def log(msg: str) -> None:
         typer.echo(f"ecgfm probe: {msg}", err=True)
@@ -96,4 +92,4 @@ def probe_command(
                     fractions=fractions, seed=seed, c_grid=cs, alpha_grid=alphas, max_iter=max_iter, log=log,
                     progress_factory=bar)
     except (LabelError, ProbeError) as e:
-        raise _fail(str(e)) from None
+        fail(str(e))
