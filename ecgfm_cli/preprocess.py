@@ -117,15 +117,23 @@ def resample_linear(signal: np.ndarray, fs: float, target_fs: float) -> np.ndarr
     return out
 
 
-def lead_stats(signal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-lead mean and population std of (n_leads, n), as (n_leads, 1) float64 columns.
+def zscore_terms(signal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-lead mean and ``1 / std`` (population std) of (n_leads, n), as (n_leads, 1) float64 columns; the
+    scale of a constant lead (max == min) is 0, so it becomes 0 (ECG-FM's ``constant_lead_strategy='zero'``).
 
-    Float32 input is summed pairwise in float32 (relative error ~1e-7, well inside ECG-FM parity).
+    Float32 input is summed pairwise in float32 (relative error ~1e-7, well inside ECG-FM parity). Constancy is
+    decided exactly, not from the std: a flat lead at 0.1 has a float32 std of ~1e-8, not 0, and would
+    otherwise become +-1 everywhere.
     """
     mean = signal.mean(axis=1, keepdims=True)
     centred = signal - mean.astype(signal.dtype)
     var = np.square(centred, out=centred).mean(axis=1, keepdims=True)
-    return mean.astype(np.float64), np.sqrt(var, dtype=np.float64)
+    std = np.sqrt(var, dtype=np.float64)
+    if signal.shape[1]:
+        constant = (signal.max(axis=1, keepdims=True) == signal.min(axis=1, keepdims=True)) | ~(std > 0)
+    else:
+        constant = np.ones((signal.shape[0], 1), dtype=bool)
+    return mean.astype(np.float64), np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
 
 
 def zscore(signal: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -134,9 +142,7 @@ def zscore(signal: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     ``out`` (n_leads, n), e.g. a transposed view of the final window array, receives the result
     (float32 by default) so that no further copy is needed.
     """
-    mean, std = lead_stats(signal)
-    constant = ~(std > 0)
-    scale = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
+    mean, scale = zscore_terms(signal)
     if out is None:
         out = np.empty(signal.shape, dtype=np.float32)
     np.subtract(signal, mean.astype(signal.dtype), out=out, casting="unsafe")
@@ -211,9 +217,7 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
         # z-score straight into the (n_windows, n_leads, window) layout: one pass, no transposing copy
         used = len(starts) * opts.window
         windows = np.empty((len(starts), x.shape[0], opts.window), dtype=np.float32)
-        mean, std = lead_stats(x)
-        constant = ~(std > 0)
-        scale = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
+        mean, scale = zscore_terms(x)
         view = windows.transpose(1, 0, 2)
         src = x[:, :used].reshape(x.shape[0], len(starts), opts.window)
         np.subtract(src, mean[:, :, None].astype(x.dtype), out=view, casting="unsafe")

@@ -45,6 +45,12 @@ def test_zscore_constant_lead_becomes_zero():
     z = zscore(x)
     assert np.allclose(z[1], 0)
     assert z[0].mean() == pytest.approx(0, abs=1e-6) and z[0].std() == pytest.approx(1, abs=1e-6)
+    # float32 flat leads away from 0: their rounded mean leaves a std of ~1e-8, which must not scale them to +-1
+    flat = np.vstack([np.full(5000, v, np.float32) for v in (0.1, 0.3, -1.7)] + [np.ones(5000, np.float32)])
+    assert not zscore(flat).any()
+    seg = segment_record(flat[[0, 1, 2, 3] * 3], ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4",
+                                                  "V5", "V6"], 500.0, SegmentOptions())
+    assert not seg.windows.any()
 
 
 def test_reorder_by_name_case_insensitive_and_missing_zero_filled():
