@@ -245,6 +245,22 @@ def test_multifrequency_falls_back_to_wfdb(tmp_path):
     np.testing.assert_allclose(r.signal, _expected(hea))
 
 
+def test_multi_segment_record_is_read_once_through_its_master(tmp_path):
+    """The segment headers a multi-segment master lists are not records of their own (they were read twice)."""
+    rng = np.random.default_rng(2)
+    for name in ("rec_0001", "rec_0002"):
+        wfdb.wrsamp(name, fs=500, units=["mV", "mV"], sig_name=["I", "II"], p_signal=rng.normal(size=(1500, 2)),
+                    fmt=["16", "16"], write_dir=str(tmp_path))
+    (tmp_path / "rec.hea").write_text("rec/2 2 500 3000\nrec_0001 1500\nrec_0002 1500\n")
+    wfdb.wrsamp("other_1", fs=500, units=["mV"], sig_name=["I"], p_signal=rng.normal(size=(500, 1)), fmt=["16"],
+                write_dir=str(tmp_path))  # named like a segment, but no master lists it
+    srcs = [s.path.name for s in discover([tmp_path])]
+    assert srcs == ["other_1.hea", "rec.hea"]
+    rec = _ok(_one(tmp_path / "rec.hea"))
+    np.testing.assert_allclose(rec.signal, _expected(tmp_path / "rec.hea"), atol=1e-6)
+    assert rec.signal.shape == (2, 3000)
+
+
 def test_mat_v4_without_offset_in_header(sample_data, tmp_path):
     src = sample_data / "challenge2021" / "A0001.hea"
     hea = _copy_record(src, tmp_path)

@@ -13,6 +13,7 @@ path ``.../pNNNNNNNN/sNNNNNNNN/NNNNNNNN.hea``; CODE-15% HDF5 ``patient_id`` / ``
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +74,13 @@ def _kind(name: str) -> str | None:
 
 def _sources_in_dir(dirpath: Path, files: list[str], root: Path) -> Iterator[Source]:
     stems_with_header = {f[:-4].lower() for f in files if f.lower().endswith(".hea")}
+    segments = _segment_headers(dirpath, files)
     for fname in files:
         kind = _kind(fname)
         if kind is None:
             continue
+        if kind == "wfdb" and fname[:-4] in segments:
+            continue  # read through its multi-segment master header
         low = fname.lower()
         stem = low.rsplit(".", 1)[0]
         if stem in stems_with_header and (low.endswith(".mat") or low.endswith(".dat")):
@@ -84,6 +88,30 @@ def _sources_in_dir(dirpath: Path, files: list[str], root: Path) -> Iterator[Sou
         if kind == "unsupported" and low.endswith(".dat") and _is_named_by_header(dirpath, files, fname):
             continue
         yield Source(dirpath / fname, root, kind)
+
+
+_SEGMENT_STEM = re.compile(r"^(.+)_(\d+|layout)$")
+
+
+def _segment_headers(dirpath: Path, files: list[str]) -> set[str]:
+    """Stems of the segment (and layout) headers that a multi-segment master header of this folder lists.
+
+    WFDB names them ``<master>_<n>`` / ``<master>_layout``; only masters with such siblings are opened, so a
+    folder of ordinary records costs no extra reads.
+    """
+    stems = {f[:-4]: f for f in files if f.lower().endswith(".hea")}
+    masters = {m.group(1) for s in stems if (m := _SEGMENT_STEM.match(s)) and m.group(1) in stems}
+    listed: set[str] = set()
+    for master in sorted(masters):
+        try:
+            text = (dirpath / stems[master]).read_text(errors="replace")
+        except OSError:
+            continue
+        lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if not lines or "/" not in lines[0][0]:
+            continue  # not a multi-segment header
+        listed.update(ln[0] for ln in lines[1:] if ln[0] != "~")
+    return listed
 
 
 def _is_named_by_header(dirpath: Path, files: list[str], fname: str) -> bool:
