@@ -46,6 +46,8 @@ class IngestSummary:
     rejects: Counter = field(default_factory=Counter)
     reject_example: str = ""  # the most common reason's first reject, with its detail (see reject_example)
     skipped_shard: bool = False
+    found: int = 0  # record files found under the paths, in every shard
+    named_twice: int = 0  # files found twice by overlapping PATH arguments (read once)
 
     @property
     def rejected(self) -> int:
@@ -72,6 +74,8 @@ def in_shard(src: Source, shard: tuple[int, int]) -> bool:
     try:
         rel = src.path.relative_to(src.root).as_posix()
     except ValueError:
+        rel = "."
+    if rel == ".":  # a file named on the command line is its own root: hash its name
         rel = src.path.name
     return zlib.crc32(rel.encode()) % n == i
 
@@ -117,7 +121,16 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
     if not start_shard(output, opts.shard, "ingest", "records"):
         summary.skipped_shard = True
         return summary
-    sources = [s for s in discover(list(paths)) if in_shard(s, opts.shard)]
+    found, seen = [], set()
+    for s in discover(list(paths)):
+        key = s.path.resolve()
+        if key in seen:  # overlapping PATH arguments name the same file twice
+            summary.named_twice += 1
+            continue
+        seen.add(key)
+        found.append(s)
+    summary.found = len(found)
+    sources = [s for s in found if in_shard(s, opts.shard)]
     if output.format == "stream":
         widen_stdout_pipe()
     summary.files = len(sources)
@@ -181,14 +194,21 @@ def _write_sidecars(output: Output, opts: IngestOptions, labels: list[dict], rej
     write_sidecars(output, opts.shard, "ingest", label_table, table_from_rows(rejects, REJECTS), opts.rejects_path)
 
 
-def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
-    """Left-join the user's label columns onto ``table``: keyed by ``record_id`` or, for tables that
-    name exams rather than files (CODE-15%'s ``exams.csv``), by ``study_id``/``exam_id``."""
+def check_user_labels(csv_path: Path) -> tuple[pa.Table, str]:
+    """The user's ``--labels`` table and its key column (``record_id``, ``study_id`` or ``exam_id``); one clear
+    error when it has none."""
     user = read_user_table(csv_path)
     key = next((k for k in ("record_id", "study_id", "exam_id") if k in user.column_names), None)
     if key is None:
         fail(f"--labels {csv_path}: needs a record_id (or study_id / exam_id) column; it has "
              f"{', '.join(user.column_names[:10])}")
+    return user, key
+
+
+def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
+    """Left-join the user's label columns onto ``table``: keyed by ``record_id`` or, for tables that
+    name exams rather than files (CODE-15%'s ``exams.csv``), by ``study_id``/``exam_id``."""
+    user, key = check_user_labels(csv_path)
     ours = "record_id" if key == "record_id" else "study_id"
     user_keys = [None if v is None else str(v) for v in user.column(key).to_pylist()]
     rows = dict(zip(user_keys, user.to_pylist(), strict=True))
@@ -219,6 +239,8 @@ def read_user_table(path: Path) -> pa.Table:
 def report(summary: IngestSummary, output: Output) -> str:
     where = "stdout" if output.format == "stream" else str(output.path)
     line = f"ingest: {plural(summary.records, 'record')} from {plural(summary.files, 'file')} -> {where}"
+    if summary.named_twice:
+        line += f"; {plural(summary.named_twice, 'file')} named twice by overlapping paths, read once"
     if summary.rejected:
         line += f"; {summary.rejected} skipped ({count_summary(summary.rejects)})"
         rej = sidecar_path(output, "rejects")

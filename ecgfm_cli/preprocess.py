@@ -189,12 +189,16 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
     signal = np.asarray(signal)
     # x may be ``signal`` itself (leads already in contract order): it is only read, never written
     x, present = _reorder(signal, leads, opts.leads, opts.lead_map, copy=False)
-    # max propagates NaN: one reduction, no boolean temporary
-    nan_rows = np.isnan(x.max(axis=1)) if x.shape[1] else np.zeros(x.shape[0], dtype=bool)
+    # NaN (missing samples) or +-inf in a lead: max/min propagate NaN and show inf; no boolean temporary
+    if x.shape[1]:
+        nan_rows = ~(np.isfinite(x.max(axis=1)) & np.isfinite(x.min(axis=1)))
+    else:
+        nan_rows = np.zeros(x.shape[0], dtype=bool)
     nan_leads = [opts.leads[i] for i in np.flatnonzero(nan_rows)]
     if nan_leads:
         if opts.nan == "drop":
-            raise PreprocessError("nan_lead", f"NaN in lead(s) {', '.join(nan_leads)} (--nan zero keeps the record)")
+            raise PreprocessError("nan_lead", f"NaN or infinite values in lead(s) {', '.join(nan_leads)} (--nan zero "
+                                  "keeps the record)")
         if x is signal:
             x = x.copy()
         x[nan_rows] = 0.0

@@ -123,7 +123,9 @@ def segment_batch(batch: pa.RecordBatch, schema: pa.Schema, opts: SegmentOptions
         kept.append(i)
         k = len(seg.starts)
         out.nan_zeroed += bool(seg.nan_leads)
-        out.missing_leads += int(not seg.present.all())
+        absent = ~seg.present  # leads the file lacks; a lead zeroed for NaN is counted under nan_zeroed only
+        absent[[opts.leads.index(name) for name in seg.nan_leads]] = False
+        out.missing_leads += int(absent.any())
         out.padded += int(seg.padded)
         rec_of_row += [i] * k
         seg_index.append(np.arange(k, dtype=np.int32))

@@ -216,6 +216,33 @@ def test_failed_or_foreign_outputs_are_not_taken_for_finished(sample_data, tmp_p
     assert table(out, "records").num_rows > 0
 
 
+def test_shards_of_named_files_overlapping_paths_and_early_checks(sample_data, tmp_path):
+    heads = sorted((sample_data / "challenge2021").glob("*.hea"))
+    per_shard = []
+    for i in range(3):  # files named one by one hash by name: they spread over the shards
+        res = run_cli("ingest", *heads, "-o", tmp_path / "named", "--shard", f"{i}/3")
+        assert res.returncode == 0, res.stderr.decode()
+        per_shard.append(len(list((tmp_path / "named").glob(f"records-s0000{i}of00003-*.parquet"))))
+    assert sum(1 for n in per_shard if n) >= 2
+    assert table(tmp_path / "named", "records").num_rows == len(heads)
+    # one file, two shards: one of them holds nothing, which is not an error in a job array
+    runs = [run_cli("ingest", heads[0], "-o", tmp_path / "one", "--shard", f"{i}/2") for i in range(2)]
+    assert [r.returncode for r in runs] == [0, 0]
+    assert sum(b"holds none of the 1 files found" in r.stderr for r in runs) == 1
+    twice = run_cli("ingest", sample_data / "ptbxl", sample_data / "ptbxl" / "records500", "-o", tmp_path / "t.parquet")
+    assert twice.returncode == 0 and b"named twice by overlapping paths" in twice.stderr
+    assert run_cli("ingest", sample_data / "ptbxl", "-o", tmp_path / "once.parquet").returncode == 0
+    ids = table(tmp_path / "t.parquet", "records").column("record_id").to_pylist()
+    assert len(ids) == len(set(ids)) == table(tmp_path / "once.parquet", "records").num_rows
+    (tmp_path / "nokey.csv").write_text("name,AF\nx,1\n")
+    nokey = run_cli("ingest", sample_data / "ptbxl", "--labels", tmp_path / "nokey.csv", "-o", tmp_path / "nk")
+    assert nokey.returncode == 2 and b"needs a record_id" in nokey.stderr and not (tmp_path / "nk").exists()
+    rej = run_cli("ingest", sample_data / "ptbxl", "-o", tmp_path / "r", "--shard", "0/2", "--rejects", tmp_path / "x")
+    assert rej.returncode == 2 and b"--rejects with --shard" in rej.stderr
+    seg = run_cli("segment", tmp_path / "t.parquet", "-o", tmp_path / "s", "--shard", "0/2")
+    assert seg.returncode == 2 and b"give a records directory as input" in seg.stderr
+
+
 def test_interrupted_writer_leaves_no_readable_file(tmp_path):
     from ecgfm_cli.io.artifacts import ArtifactWriter, Output
     from ecgfm_cli.io.schema import REJECTS

@@ -104,6 +104,10 @@ def test_nan_lead_zeroed_and_flagged_or_dropped():
     with pytest.raises(PreprocessError) as e:
         segment_record(x, STANDARD_LEADS, 500, SegmentOptions(nan="drop"))
     assert e.value.reason == "nan_lead"
+    # an infinite sample is as unusable as a missing one (it made the whole lead NaN, flagged present)
+    x[3, 100], x[7, 5], x[8, 9] = 0.0, np.inf, -np.inf
+    seg = segment_record(x, STANDARD_LEADS, 500, SegmentOptions())
+    assert seg.nan_leads == ["V2", "V3"] and np.isfinite(seg.windows).all() and seg.present.sum() == 10
 
 
 def test_short_record_rejected_or_padded():

@@ -33,7 +33,7 @@ def ingest_command(
     """Find ECG records under PATHS and write one row per record (signal, leads, rate, metadata,
     per-lead quality flags), a labels table from the headers, and a rejects table."""
     from ecgfm_cli.console import fail, info
-    from ecgfm_cli.ingest import IngestOptions, parse_shard, report, run_ingest
+    from ecgfm_cli.ingest import IngestOptions, check_user_labels, parse_shard, report, run_ingest
     from ecgfm_cli.io.artifacts import resolve_output
     from ecgfm_cli.io.readers import ReadOptions
 
@@ -43,15 +43,24 @@ def ingest_command(
         fail("--shard needs -o DIR: each shard writes its own files into the directory")
     if labels is not None and not labels.is_file():
         fail(f"--labels {labels}: no such file")
+    if rejects is not None and shard_t[1] > 1:
+        fail("--rejects with --shard: every shard writes its own rejects table beside the output; leave --rejects out")
+    if gain is not None and not gain > 0:
+        fail(f"--gain {gain}: expected ADC units per mV, a positive number")
     if fs is not None and not (0 < fs <= 20000):
         fail(f"--fs {fs}: expected a sampling rate in Hz (0 < fs <= 20000)")
     lead_list = [s.strip() for s in leads.split(",")] if leads else None
     opts = IngestOptions(read=ReadOptions(fs=fs, leads=lead_list, gain=gain, store_digital=store_digital),
                          workers=workers, shard=shard_t, strict=strict, labels_csv=labels, rejects_path=rejects)
+    if labels is not None:
+        check_user_labels(labels)  # before reading every record, not after
     summary = run_ingest(paths, out, opts)
     if summary.skipped_shard:
         return
     info(report(summary, out))
+    if summary.records == 0 and summary.files == 0 and summary.found and shard_t[1] > 1:
+        info(f"ingest: shard {shard} holds none of the {summary.found} files found; nothing to do")
+        return
     if summary.records == 0:
         if out.format in ("parquet", "arrow"):
             out.path.unlink(missing_ok=True)  # no empty artifact left to look like a result

@@ -57,6 +57,11 @@ def segment_command(
     if step < 1:
         fail(f"--stride {stride}: must be at least one sample")
     shard_t = parse_shard(shard)
+    if shard_t[1] > 1 and (out.format != "dir" or input == "-" or not Path(input).is_dir()):
+        fail("--shard splits a directory of record shards among runs: give a records directory as input and "
+             "-o DIR (each shard writes its own files there)")
+    if rejects is not None and shard_t[1] > 1:
+        fail("--rejects with --shard: every shard writes its own rejects table beside the output; leave --rejects out")
     reader = open_artifact(input, "records", "segment")
     opts = SegmentOptions(sample_rate=sample_rate, window=window, stride=step, lead_map=tuple(pairs), nan=nan,
                           pad=pad)
