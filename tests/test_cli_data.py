@@ -255,6 +255,27 @@ def test_interrupted_writer_leaves_no_readable_file(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_interrupted_stream_fails_downstream(tmp_path, monkeypatch):
+    """A writer that gives up mid-stream leaves the stream visibly cut: the reader fails with one line instead of
+    taking the rows so far for the whole input."""
+    import io
+
+    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.io.artifacts import ArtifactWriter, Output
+    from ecgfm_cli.io.schema import REJECTS
+
+    row = {"stage": "x", "source_path": "p", "record_id": None, "reason": "r", "detail": "d"}
+    buf = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buf))
+    w = ArtifactWriter(Output("stream", None), "rejects", REJECTS)
+    w.write(pa.Table.from_pylist([row], schema=REJECTS))
+    w.abort()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(buf.getvalue()))))
+    reader = open_artifact("-", "rejects", "test")
+    with pytest.raises(UsageError, match="stops mid-way"):
+        reader.read_all()
+
+
 def test_user_labels_joined(sample_data, tmp_path):
     (tmp_path / "mine.csv").write_text("record_id,lvef\nSPH00001,55\nSPH00007,30\nnope,1\n")
     out = tmp_path / "rec"

@@ -159,6 +159,10 @@ def _parquet_options(schema: pa.Schema) -> dict:
             "use_dictionary": small, "write_statistics": small}
 
 
+#: An IPC continuation marker and a 2 GiB metadata length with nothing after it: readers fail on it.
+_CUT_STREAM = b"\xff\xff\xff\xff\xff\xff\xff\x7f"
+
+
 @dataclass
 class ArtifactWriter:
     """Streams record batches of one artifact kind to an :class:`Output`.
@@ -244,12 +248,24 @@ class ArtifactWriter:
         self._finish_file()
 
     def abort(self) -> None:
+        """Give up after an error: the temporary file goes. A stream gets no end-of-stream marker but the start of
+        a message that never comes, so that the command downstream fails instead of taking the rows so far for
+        the whole input."""
+        if self.output.format == "stream":
+            if self._writer is not None:
+                with contextlib.suppress(Exception):
+                    sys.stdout.buffer.write(_CUT_STREAM)
+                    sys.stdout.buffer.flush()
+            self._writer = None
+            return
         with contextlib.suppress(Exception):
             if self._writer is not None:
                 self._writer.close()
+            if self._sink is not None:
+                self._sink.close()
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
-        self._writer = None
+        self._writer = self._sink = self._tmp = None
 
 
 def write_done_marker(directory: Path, shard: tuple[int, int], summary: dict) -> None:
@@ -361,8 +377,12 @@ class ArtifactReader:
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
         if self._stream is not None:
             stream, self._stream = self._stream, None
-            for batch in stream:
-                yield batch.select(columns) if columns else batch
+            try:
+                for batch in stream:
+                    yield batch.select(columns) if columns else batch
+            except (OSError, pa.ArrowInvalid) as e:
+                fail(f"stdin: the Arrow stream stops mid-way ({e}): the command before the pipe failed or was "
+                     "interrupted")
             return
         for f in self.files:
             if f.suffix == ".parquet":
