@@ -9,7 +9,6 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +25,7 @@ from ecgfm_cli.io.artifacts import (
 from ecgfm_cli.io.readers import ReadOptions, Source, discover, read_source
 from ecgfm_cli.io.record import RawRecord, RejectedRecord, reject_example
 from ecgfm_cli.io.schema import LABELS, RECORDS, REJECTS, records_to_batch, table_from_rows
+from ecgfm_cli.parallel import ordered_map
 
 
 @dataclass
@@ -93,8 +93,7 @@ def _results(sources: list[Source], opts: IngestOptions) -> Iterator[list[RawRec
     if opts.workers <= 1:
         yield from map(_read_all, work)
         return
-    with get_context("spawn").Pool(opts.workers) as pool:
-        yield from pool.imap(_read_all, work, chunksize=4)
+    yield from ordered_map(_read_all, work, opts.workers)
 
 
 def widen_stdout_pipe(size: int = 1 << 20) -> None:

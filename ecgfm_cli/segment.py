@@ -21,6 +21,7 @@ from ecgfm_cli.io.artifacts import (
 )
 from ecgfm_cli.io.record import reject_example
 from ecgfm_cli.io.schema import LABELS, REJECTS, iter_records, numeric_array, segments_schema, table_from_rows
+from ecgfm_cli.parallel import ordered_map
 from ecgfm_cli.preprocess import PreprocessError, SegmentOptions, segment_record
 
 
@@ -172,14 +173,11 @@ def _results(reader: ArtifactReader, schema: pa.Schema, opts: SegmentOptions, wo
         for b in batches:
             yield segment_batch(b, schema, opts)
         return
-    from multiprocessing import get_context
-
-    with get_context("spawn").Pool(workers) as pool:
-        # imap keeps input order, so the output is the same whatever the worker count
-        for result in pool.imap(_segment_worker, ((b, schema, opts) for b in batches)):
-            if result.batch is not None:  # pickling drops the lists' non-null item fields: restore the schema
-                result.batch = pa.RecordBatch.from_arrays(result.batch.columns, schema=schema)
-            yield result
+    # results in input order, so the output is the same whatever the worker count
+    for result in ordered_map(_segment_worker, ((b, schema, opts) for b in batches), workers):
+        if result.batch is not None:  # pickling drops the lists' non-null item fields: restore the schema
+            result.batch = pa.RecordBatch.from_arrays(result.batch.columns, schema=schema)
+        yield result
 
 
 def report(summary: SegmentSummary, output: Output) -> str:

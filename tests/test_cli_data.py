@@ -350,3 +350,20 @@ def test_usage_errors_are_one_line_without_traceback(capsys, args, message):
 
     code, err = run_main(capsys, *args)
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_worker_pool_keeps_order_and_pulls_input_lazily():
+    """ingest/segment --workers: results in input order, and the input is pulled only a few items ahead (a pool
+    that drained it would hold a whole records artifact in memory)."""
+    from ecgfm_cli.parallel import ordered_map
+
+    pulled: list[int] = []
+
+    def items():
+        for i in range(-50, 50):
+            pulled.append(i)
+            yield i
+
+    results = ordered_map(abs, items(), workers=2)
+    assert next(results) == 50 and len(pulled) <= 4
+    assert list(results) == [abs(i) for i in range(-49, 50)]
