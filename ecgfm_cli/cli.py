@@ -87,6 +87,10 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
+    except SystemExit as e:
+        if isinstance(e.__context__, BrokenPipeError):  # click turns a closed pipe (`| head`) into exit 1
+            sys.exit(141)  # what a shell reports for SIGPIPE, as for any tool cut off by `head`
+        raise
     except Exception as e:
         if isinstance(e, _click_exceptions()):  # bad option, missing argument, unknown command: click's one line
             e.show()

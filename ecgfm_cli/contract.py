@@ -31,9 +31,8 @@ _ALIAS_TO_LEAD = {alias: lead for lead, aliases in _ALIASES.items() for alias in
 def canonical_lead(name: str, lead_map: dict[str, str] | None = None) -> str | None:
     """Map a stored lead name to its standard name, or None if it is not a standard lead.
 
-    ``lead_map`` (from ``--lead-map ECG=I``) is consulted first, case-insensitively.
-    Note ``-aVR`` (inverted aVR, Cabrera display) maps to aVR only by name: callers that
-    care must negate it; ECG-FM's pipeline does not.
+    ``lead_map`` (from ``--lead-map ECG=I``) is consulted first, case-insensitively. ``-aVR`` (inverted aVR,
+    Cabrera display) maps to aVR; :func:`is_inverted` says its signal must be negated.
     """
     key = name.strip().upper()
     if lead_map:
@@ -41,6 +40,12 @@ def canonical_lead(name: str, lead_map: dict[str, str] | None = None) -> str | N
             if src.strip().upper() == key:
                 return canonical_lead(dst)
     return _ALIAS_TO_LEAD.get(key)
+
+
+def is_inverted(name: str, lead_map: dict[str, str] | None = None) -> bool:
+    """Whether a stored lead holds the negative of its standard lead (``-aVR``), unless ``--lead-map`` names it."""
+    key = name.strip().upper()
+    return key == "-AVR" and not any(src.strip().upper() == key for src in (lead_map or {}))
 
 
 @dataclass(frozen=True)

@@ -235,14 +235,15 @@ def read_user_table(path: Path) -> pa.Table:
         fail(str(e))
 
 
-def report(summary: IngestSummary, output: Output) -> str:
+def report(summary: IngestSummary, output: Output, rejects_path: Path | None = None) -> str:
     where = "stdout" if output.format == "stream" else str(output.path)
     line = f"ingest: {plural(summary.records, 'record')} from {plural(summary.files, 'file')} -> {where}"
     if summary.named_twice:
         line += f"; {plural(summary.named_twice, 'file')} named twice by overlapping paths, read once"
     if summary.rejected:
         line += f"; {summary.rejected} skipped ({count_summary(summary.rejects)})"
-        rej = sidecar_path(output, "rejects")
-        if rej is not None:
+        if rejects_path is not None:
+            line += f", see {rejects_path}"
+        elif (rej := sidecar_path(output, "rejects")) is not None:
             line += f", see {rej.parent / ('rejects-*.parquet' if output.format == 'dir' else rej.name)}"
     return line

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ecgfm_cli.contract import canonical_lead
+from ecgfm_cli.contract import canonical_lead, is_inverted
 
 
 class PreprocessError(ValueError):
@@ -29,9 +29,10 @@ class PreprocessError(ValueError):
 
 @functools.lru_cache(maxsize=256)
 def _lead_plan(leads: tuple[str, ...], order: tuple[str, ...],
-               lead_map: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[int, int], ...], bool]:
-    """((stored row, output slot), ...) of the recognised leads, and whether the stored rows are
-    exactly ``order``; raises :class:`PreprocessError` like :func:`reorder_leads`."""
+               lead_map: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[int, int, bool], ...], bool]:
+    """((stored row, output slot, negate), ...) of the recognised leads, and whether the stored rows are
+    exactly ``order``; raises :class:`PreprocessError` like :func:`reorder_leads`. ``negate`` marks a lead
+    stored inverted (``-aVR``, the Cabrera display), which becomes aVR with its sign restored."""
     slot = {name: i for i, name in enumerate(order)}
     lmap = dict(lead_map)
     seen: dict[str, str] = {}
@@ -43,13 +44,13 @@ def _lead_plan(leads: tuple[str, ...], order: tuple[str, ...],
         if canon in seen:
             raise PreprocessError("duplicate_lead", f"leads {seen[canon]!r} and {name!r} are both {canon}")
         seen[canon] = name
-        pairs.append((row, slot[canon]))
+        pairs.append((row, slot[canon], is_inverted(name, lmap)))
     if not pairs:
         raise PreprocessError(
             "unknown_lead",
             f"no recognisable lead among {list(leads)}; name them with --lead-map, e.g. --lead-map {leads[0]}=I"
             if len(leads) else "the record has no leads")
-    identity = len(leads) == len(order) and all(r == s for r, s in pairs) and len(pairs) == len(order)
+    identity = len(leads) == len(order) and all(r == s and not neg for r, s, neg in pairs) and len(pairs) == len(order)
     return tuple(pairs), identity
 
 
@@ -63,8 +64,11 @@ def _reorder(signal: np.ndarray, leads: Sequence[str], order: Sequence[str],
         return signal.astype(dtype, copy=copy), np.ones(len(order), dtype=bool)
     out = np.zeros((len(order), signal.shape[1]), dtype=dtype)
     present = np.zeros(len(order), dtype=bool)
-    for row, slot in pairs:
-        out[slot] = signal[row]
+    for row, slot, negate in pairs:
+        if negate:
+            np.negative(signal[row], out=out[slot])
+        else:
+            out[slot] = signal[row]
         present[slot] = True
     return out, present
 

@@ -367,3 +367,14 @@ def test_worker_pool_keeps_order_and_pulls_input_lazily():
     results = ordered_map(abs, items(), workers=2)
     assert next(results) == 50 and len(pulled) <= 4
     assert list(results) == [abs(i) for i in range(-49, 50)]
+
+
+def test_closed_pipe_ends_quietly_like_other_tools(sample_data):
+    """`ecgfm ingest ... | head -c 100`: exit status 141 (SIGPIPE's, what the shell reports for other tools) and
+    no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "ecgfm_cli", "ingest", str(sample_data / "ptbxl"), "-o", "-"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(100)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 141 and b"Traceback" not in err, err.decode()

@@ -62,6 +62,15 @@ def test_reorder_by_name_case_insensitive_and_missing_zero_filled():
     assert out[STANDARD_LEADS.index("aVF"), 0] == 3 and not out[1].any()
 
 
+def test_inverted_avr_is_negated_back():
+    """-aVR (Cabrera display) holds the negative of aVR: it enters the model as aVR with its sign restored."""
+    x = np.vstack([np.linspace(-1, 1, 8), np.linspace(0, 2, 8)])
+    out, present = reorder_leads(x, ["I", "-aVR"], STANDARD_LEADS)
+    assert present[3] and np.array_equal(out[3], -x[1]) and np.array_equal(out[0], x[0])
+    out, _ = reorder_leads(x, ["I", "-aVR"], STANDARD_LEADS, {"-aVR": "aVR"})  # named by the user: taken as is
+    assert np.array_equal(out[3], x[1])
+
+
 def test_lead_map_names_an_unnamed_lead_and_unknown_leads_are_rejected():
     x = np.ones((1, 5000))
     with pytest.raises(PreprocessError) as e:

@@ -378,6 +378,17 @@ def test_discover_pairs_and_skips(sample_data, tmp_path):
     assert _ok(next(read_source(one[0]))).source_format == "wfdb-mat"
 
 
+def test_orphan_dat_is_reported_even_when_a_header_names_a_longer_file(tmp_path):
+    """``00.dat`` is not ``100.dat``: a signal file is matched by name on the headers' signal lines."""
+    _write_header(tmp_path / "100.hea", "100 1 500 10", ["100.dat 16 200 16 0 0 0 0 I"])
+    (tmp_path / "100.dat").write_bytes(b"\0" * 20)
+    _write_header(tmp_path / "multi.hea", "multi 1 500 10", ["part_a.dat 16 200 16 0 0 0 0 I"])
+    (tmp_path / "part_a.dat").write_bytes(b"\0" * 20)
+    (tmp_path / "00.dat").write_bytes(b"\0" * 20)
+    assert [(s.path.name, s.kind) for s in discover([tmp_path])] == [
+        ("00.dat", "unsupported"), ("100.hea", "wfdb"), ("multi.hea", "wfdb")]
+
+
 # --------------------------------------------------------------------------------------- rejects
 
 def test_reject_reasons(sample_data, tmp_path):

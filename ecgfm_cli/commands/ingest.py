@@ -57,7 +57,7 @@ def ingest_command(
     summary = run_ingest(paths, out, opts)
     if summary.skipped_shard:
         return
-    info(report(summary, out))
+    info(report(summary, out, rejects))
     if summary.records == 0 and summary.files == 0 and summary.found and shard_t[1] > 1:
         info(f"ingest: shard {shard} holds none of the {summary.found} files found; nothing to do")
         return

@@ -75,6 +75,7 @@ def _kind(name: str) -> str | None:
 def _sources_in_dir(dirpath: Path, files: list[str], root: Path) -> Iterator[Source]:
     stems_with_header = {f[:-4].lower() for f in files if f.lower().endswith(".hea")}
     segments = _segment_headers(dirpath, files)
+    named: set[str] | None = None  # signal files the headers of this folder name (read on the first orphan)
     for fname in files:
         kind = _kind(fname)
         if kind is None:
@@ -85,8 +86,10 @@ def _sources_in_dir(dirpath: Path, files: list[str], root: Path) -> Iterator[Sou
         stem = low.rsplit(".", 1)[0]
         if stem in stems_with_header and (low.endswith(".mat") or low.endswith(".dat")):
             continue  # the signal file of a WFDB header
-        if kind == "unsupported" and low.endswith(".dat") and _is_named_by_header(dirpath, files, fname):
-            continue
+        if kind == "unsupported" and low.endswith(".dat"):
+            named = _signal_files_named(dirpath, files) if named is None else named
+            if fname in named:
+                continue
         yield Source(dirpath / fname, root, kind)
 
 
@@ -114,18 +117,19 @@ def _segment_headers(dirpath: Path, files: list[str]) -> set[str]:
     return listed
 
 
-def _is_named_by_header(dirpath: Path, files: list[str], fname: str) -> bool:
-    """A .dat whose stem differs from its header's (multi-file records name files freely)."""
-    needle = fname.encode()
+def _signal_files_named(dirpath: Path, files: list[str]) -> set[str]:
+    """The signal file names on the signal lines of this folder's headers (multi-file records name their
+    ``.dat`` files freely, so a ``.dat`` without a same-stem header may still belong to a record)."""
+    named: set[str] = set()
     for f in files:
         if f.lower().endswith(".hea"):
             try:
-                with open(dirpath / f, "rb") as fh:
-                    if needle in fh.read(65536):
-                        return True
+                text = (dirpath / f).read_text(errors="replace")
             except OSError:
-                pass
-    return False
+                continue
+            lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+            named.update(toks[0] for toks in lines[1:])
+    return named
 
 
 def discover(paths: list[Path]) -> Iterator[Source]:
