@@ -371,8 +371,8 @@ def test_worker_pool_keeps_order_and_pulls_input_lazily():
 
 def test_closed_pipe_ends_quietly_like_other_tools(sample_data):
     """`ecgfm ingest ... | head -c 100`: exit status 141 (SIGPIPE's, what the shell reports for other tools) and
-    no traceback."""
-    p = subprocess.Popen([sys.executable, "-m", "ecgfm_cli", "ingest", str(sample_data / "ptbxl"), "-o", "-"],
+    no traceback. All 41 sample records: several MB, more than the 1 MiB pipe buffer ingest asks for."""
+    p = subprocess.Popen([sys.executable, "-m", "ecgfm_cli", "ingest", str(sample_data), "--fs", "500", "-o", "-"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.read(100)
     p.stdout.close()
