@@ -161,6 +161,24 @@ def test_init_from_our_checkpoint_and_ablations(segments: Path, tmp_path: Path) 
     assert entry["contrastive"] == 0.0 and entry["cmsc"] > 0
     assert json.loads((second / "run.json").read_text())["encoder"]["embed_dim"] == 64  # from --init
 
+    # a classifier carries finetuning dropouts: continued pretraining from it uses the pretraining ones
+    from dataclasses import replace
+
+    from ecgfm_cli.model.checkpoint import make_config, save_checkpoint
+    from ecgfm_cli.model.config import preset
+    from ecgfm_cli.model.encoder import EcgClassifier
+    from ecgfm_cli.train.finetune import FINETUNE_DROPOUTS
+
+    cfg = replace(preset("tiny"), **FINETUNE_DROPOUTS, feature_grad_mult=0.0)
+    save_checkpoint(tmp_path / "clf", EcgClassifier(cfg, 2).state_dict(),
+                    make_config("classifier", cfg, heads={"n_labels": 2}, labels=["a", "b"]))
+    third = tmp_path / "c"
+    invoke("pretrain", segments, "-o", third, "--batch-size", "8", "--init", tmp_path / "clf", "--max-updates", "1",
+           "--workers", "1")
+    enc = json.loads((third / "run.json").read_text())["encoder"]
+    assert (enc["dropout"], enc["attention_dropout"], enc["activation_dropout"], enc["dropout_input"]) == (
+        0.1, 0.1, 0.0, 0.1)
+
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
 def test_compile_trains_and_saves_the_same_layout(segments: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from ecgfm_cli.train.data import (
     assign_units,
     epoch_plan,
     iter_rank,
+    lead_keep,
     make_loader,
     open_segments,
 )
@@ -152,6 +153,12 @@ def test_rlm_statistics_and_application(tmp_path: Path) -> None:
     first, second = k[0::2], k[1::2]  # the two segments of each pair
     assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.05
     assert abs((first == second).mean() - 0.5) < 0.03
+    # rlm_apply_prob: the share of segments perturbed at all; seeded by position, so reproducible
+    never = LoaderConfig(batch_size=64, seed=3, rlm_apply_prob=0.0)
+    assert lead_keep(never, 0, 0, 0, 200, 12).all()
+    half = lead_keep(LoaderConfig(batch_size=64, seed=3, rlm_apply_prob=0.5), 0, 0, 0, 4000, 12)
+    assert abs(half.all(axis=1).mean() - 0.5) < 0.05
+    np.testing.assert_array_equal(lead_keep(cfg, 2, 1, 7, 8, 12), lead_keep(cfg, 2, 1, 7, 8, 12))
 
 
 def test_deterministic_for_a_seed(segs: Path) -> None:

@@ -76,8 +76,10 @@ def pretrain_command(
                                           help="torch.compile the transformer layers (fused elementwise "
                                           "work: faster GPU steps after a one-off compilation; needs a C++ "
                                           "compiler on CPU).", rich_help_panel=_OPT)] = False,
-    dropout: Annotated[float | None, typer.Option(help="Override every encoder dropout (reference 0.1).",
-                                                  min=0.0, max=1.0, rich_help_panel=_OPT)] = None,
+    dropout: Annotated[float | None, typer.Option(help="Override the encoder's dropout, attention dropout and "
+                                                  "input dropout (reference 0.1 each; the activation dropout "
+                                                  "keeps its reference 0.0).", min=0.0, max=1.0,
+                                                  rich_help_panel=_OPT)] = None,
     max_updates: Annotated[int | None, typer.Option(help="Stop after this many updates.", min=1,
                                                     rich_help_panel=_RUN)] = None,
     max_epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs (default 200 when no other "

@@ -26,7 +26,8 @@ class EncoderConfig:
     dropout: on attention output, FFN output and the transformer input. attention_dropout: on attention
     probabilities. activation_dropout: after the FFN GELU. dropout_input: after ``post_extract_proj``.
     feature_grad_mult: gradient scale into the conv stack (0 = frozen, run under ``torch.no_grad``).
-    Defaults are the released base model with its pretraining dropouts.
+    Defaults are the released base model with its pretraining dropouts; ``feature_grad_mult`` 1.0 is neutral
+    (the pretraining model sets ECG-FM's 0.1, finetuning 0).
     """
 
     in_channels: int = 12

@@ -1,8 +1,6 @@
-"""Random masks used in ECG-FM pretraining: wav2vec 2.0 time-span masks and random lead masking (RLM).
-
-Both are pure functions of a shape and a ``torch.Generator`` so a run is reproducible and a test (or a
-DDP-equivalence check) can fix the masks.
-"""
+"""wav2vec 2.0 time-span masks for ECG-FM pretraining: a pure function of a shape and a ``torch.Generator``, so
+a run is reproducible and a test (or a DDP-equivalence check) can fix the masks. Random lead masking happens
+on the data side (:func:`ecgfm_cli.train.data.lead_keep`), where the batches are built."""
 
 from __future__ import annotations
 
@@ -63,36 +61,3 @@ def compute_span_mask(
     out = torch.zeros(bsz, tsz, dtype=torch.bool)
     out.scatter_(1, chosen, True)
     return out.to(device) if device is not None else out
-
-
-def random_lead_mask(
-    batch_size: int,
-    n_leads: int = 12,
-    p: float = 0.5,
-    apply_prob: float = 1.0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Random lead masking (RLM) keep-mask, drawn independently for every segment of the batch.
-
-    fairseq-signals ``RandomLeadsMask``: with probability ``apply_prob`` (reference 1.0) the segment is perturbed;
-    a perturbed segment keeps lead ``l`` iff ``U[0, 1) >= p`` (reference ``mask_leads_prob`` 0.5), so all 12
-    leads may be dropped (probability ``p**12``). The two CMSC segments of one record are separate rows and so get
-    independent masks.
-
-    Returns:
-        Bool tensor ``(batch_size, n_leads)``; True = lead survives.
-    """
-    keep = torch.rand(batch_size, n_leads, generator=generator) >= p
-    if apply_prob < 1.0:
-        perturbed = torch.rand(batch_size, 1, generator=generator) < apply_prob
-        keep = keep | ~perturbed
-    return keep.to(device) if device is not None else keep
-
-
-def apply_lead_mask(x: Tensor, keep: Tensor) -> Tensor:
-    """Zero the dropped leads: ``x (B, n_leads, L)`` * ``keep (B, n_leads)`` -> ``(B, n_leads, L)``.
-
-    On per-lead z-scored input, 0 is the lead mean (the reference sets masked leads to exactly 0).
-    """
-    return x * keep[:, :, None].to(x.dtype)

@@ -23,23 +23,19 @@ from torch import Tensor, nn
 
 from ecgfm_cli.model.config import EncoderConfig
 from ecgfm_cli.model.encoder import EcgEncoder
-from ecgfm_cli.model.masking import apply_lead_mask, compute_span_mask, random_lead_mask
+from ecgfm_cli.model.masking import compute_span_mask
 from ecgfm_cli.model.quantizer import GumbelVectorQuantizer
 
 __all__ = [
     "PretrainConfig",
     "Wav2Vec2Pretrainer",
     "all_gather_keep_local_grad",
-    "apply_lead_mask",
     "cmsc_loss",
     "compute_span_mask",
     "contrastive_logits",
     "contrastive_loss",
-    "from_fairseq_state_dict",
     "pool_time",
-    "random_lead_mask",
     "sample_negative_indices",
-    "to_fairseq_state_dict",
     "total_loss",
 ]
 
@@ -51,7 +47,7 @@ class PretrainConfig:
     # which terms are on (ablations)
     w2v: bool = True  # contrastive + diversity + feature penalty; False also disables time masking
     cmsc: bool = True
-    rlm: bool = True  # applied by the data side (random_lead_mask); kept here for the run config
+    rlm: bool = True  # applied by the data side (train.data.lead_keep); kept here for the run config
     # time masking (compute_span_mask)
     mask_prob: float = 0.65
     mask_length: int = 10
@@ -126,12 +122,15 @@ def contrastive_logits(pred: Tensor, y: Tensor, idx: Tensor, logit_temp: float =
     vectors (a distance of exactly 0, computed without the matmul shortcut).
 
     Args: ``pred``, ``y`` ``(B, T', F)``; ``idx`` ``(B, T', N)`` per-row indices. Returns float32 ``(B, T', 1 + N)``.
+    Computed in float32 also under autocast, as fairseq's ``cosine_similarity(x.float(), y.float())``: in bf16
+    the logits (/ 0.1) are off by up to ~0.03.
     """
-    p = pred.float()
     t = y.float()
-    norms = p.norm(dim=-1, keepdim=True) * t.norm(dim=-1).unsqueeze(1)  # (B, T', T')
-    # torch.cosine_similarity's own guard: x.y / sqrt(max(|x|^2 |y|^2, eps^2)), eps = 1e-8
-    sim = torch.bmm(p, t.transpose(1, 2)) / norms.clamp_min(1e-8) / logit_temp
+    with torch.autocast(pred.device.type, enabled=False):
+        # torch.cosine_similarity's guard: each vector divided by max(|v|, 1e-8)
+        p_unit = pred.float() / pred.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        t_unit = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        sim = torch.bmm(p_unit, t_unit.transpose(1, 2)) / logit_temp  # (B, T', T')
     idx = idx.to(sim.device)
     pos = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)
     neg = torch.gather(sim, 2, idx)
@@ -156,7 +155,7 @@ class Wav2Vec2Pretrainer(nn.Module):
 
     Attributes: ``encoder``, ``mask_emb (D,)`` U[0, 1), ``quantizer``, ``project_q`` Linear(F, F),
     ``final_proj`` Linear(D, F), ``dropout_features``. State-dict keys are ``encoder.<fairseq encoder key>``
-    plus fairseq's own head keys (see :func:`from_fairseq_state_dict`).
+    plus fairseq's own head keys (see :func:`ecgfm_cli.model.checkpoint.state_dict_from_fairseq`).
 
     The encoder is built from ``encoder_cfg`` with ``feature_grad_mult`` replaced by ``cfg.feature_grad_mult``
     (0.1: gradients into the conv stack are scaled by 0.1).
@@ -270,23 +269,6 @@ class Wav2Vec2Pretrainer(nn.Module):
         }
 
 
-_HEAD_PREFIXES = ("mask_emb", "quantizer.", "project_q.", "final_proj.", "target_glu.")
-
-
-def from_fairseq_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """fairseq ``Wav2Vec2(CMSC)Model`` state dict -> :class:`Wav2Vec2Pretrainer` keys.
-
-    Encoder keys get an ``encoder.`` prefix; the head keys (``mask_emb``, ``quantizer.*``, ``project_q.*``,
-    ``final_proj.*``) are identical.
-    """
-    return {k if k.startswith(_HEAD_PREFIXES) else f"encoder.{k}": v for k, v in state.items()}
-
-
-def to_fairseq_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of :func:`from_fairseq_state_dict`."""
-    return {k.removeprefix("encoder."): v for k, v in state.items()}
-
-
 # --------------------------------------------------------------------------------------------------
 # CMSC
 
@@ -345,12 +327,15 @@ def cmsc_loss(
     record_ids = record_ids.to(z.device)
     first = torch.arange(0, z.shape[0] - 1, 2, device=z.device) if first is None else first.to(z.device)
     second = first + 1 if second is None else second.to(z.device)
+    if first.numel() == 0:
+        raise ValueError(f"CMSC needs at least one pair of segments; the batch has {z.shape[0]} row(s)")
     z0, z1 = z[first], z[second]
     id0, id1 = record_ids[first], record_ids[second]
     if gather:
         z0, z1 = all_gather_keep_local_grad(z0), all_gather_keep_local_grad(z1)
         id0, id1 = all_gather_keep_local_grad(id0), all_gather_keep_local_grad(id1)
-    sim = z0 @ z1.T / temp
+    with torch.autocast(z.device.type, enabled=False):  # float32 also under autocast (bf16 moved the loss ~1 %)
+        sim = z0 @ z1.T / temp
     pos = (id0[:, None] == id1[None, :]).to(sim.dtype)  # a weighted mean, not lsm[pos]: no device sync
     n_pos = pos.sum()
     loss_rows = -(sim.log_softmax(dim=1) * pos).sum() / n_pos

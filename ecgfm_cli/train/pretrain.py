@@ -175,6 +175,10 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         except CheckpointError as e:
             fail(f"--init {opts.init}: {e}")
         enc_cfg, model_contract, init_kind = loaded.encoder_config, loaded.contract, loaded.kind
+        if loaded.kind != "pretraining":  # an encoder/classifier carries finetuning (or no) dropouts
+            ref = EncoderConfig()
+            enc_cfg = replace(enc_cfg, dropout=ref.dropout, attention_dropout=ref.attention_dropout,
+                              activation_dropout=ref.activation_dropout, dropout_input=ref.dropout_input)
         heads = loaded.heads
         if loaded.kind == "pretraining" and heads:
             pcfg = replace(pcfg, latent_vars=int(heads["latent_vars"]), latent_groups=int(heads["latent_groups"]),
@@ -184,8 +188,8 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             enc_cfg = preset(opts.preset)
         except ValueError as e:
             fail(str(e))
-    if opts.dropout is not None:
-        enc_cfg = enc_cfg.with_dropouts(opts.dropout)
+    if opts.dropout is not None:  # the activation dropout keeps its own value (reference 0.0)
+        enc_cfg = replace(enc_cfg, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
     if pcfg.cmsc and opts.batch_size % 2:
         fail(f"--batch-size {opts.batch_size}: must be even with CMSC (pairs of segments)")
 
