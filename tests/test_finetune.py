@@ -251,3 +251,16 @@ def test_label_statistics_use_train_only() -> None:
     assert pw[2] == 1.0 and any("'never'" in n for n in notes)
     pw_seg, *_ = label_statistics(Y, binary, train, rid, "segments", ["AF", "age", "never"])
     assert pw_seg[0] == pytest.approx(1.0)  # 3 positive of 6 train segments
+
+
+def test_non_finite_loss_stops_with_one_line(data: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """NaN in the segments makes the training loss NaN: one clear line after the epoch, and no checkpoint or
+    metrics computed from a lost model."""
+    from conftest import run_main
+    from test_pretrain import nan_segments
+
+    bad = nan_segments(data["segments"], tmp_path / "nan.parquet")
+    code, err = run_main(capsys, "finetune", bad, "--labels", data["segments"], "--label-map", data["map"],
+                         "--init", data["init"], "--epochs", "2", "-o", tmp_path / "run", *FAST)
+    assert code == 2 and "epoch 1: the training loss is nan (not finite)" in err, err
+    assert not (tmp_path / "run" / "checkpoint").exists()

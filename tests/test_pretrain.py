@@ -197,6 +197,38 @@ def test_compile_trains_and_saves_the_same_layout(segments: Path, tmp_path: Path
         load_checkpoint(eager / "checkpoint-1").state_dict)
 
 
+def nan_segments(segments: Path, out: Path) -> Path:
+    """A copy of ``segments`` as one Parquet file in which every segment holds a NaN (``ecgfm segment`` never
+    writes one; a hand-made file can)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ecgfm_cli.io.artifacts import open_artifact
+
+    table = open_artifact(segments, "segments").read_all()
+    signal = table.column("signal").combine_chunks()
+    values = signal.values.to_numpy(zero_copy_only=False).copy()
+    values[:: signal.type.list_size] = np.nan
+    col = pa.FixedSizeListArray.from_arrays(pa.array(values), type=signal.type)
+    pq.write_table(table.set_column(table.schema.get_field_index("signal"), table.schema.field("signal"), col), out)
+    return out
+
+
+def test_non_finite_loss_stops_with_one_line(segments: Path, tmp_path: Path, capsys) -> None:
+    """NaN in the input makes the loss NaN: the run stops with one clear line at that update, writes no NaN
+    checkpoint, and the same holds over two processes."""
+    from conftest import run_main
+
+    bad = nan_segments(segments, tmp_path / "nan.parquet")
+    code, err = run_main(capsys, "pretrain", bad, "-o", tmp_path / "run", *TINY, "--max-updates", "3",
+                         "--workers", "1", "--save-every", "1")
+    assert code == 2 and "update 1: the loss is nan (not finite)" in err and "no checkpoint was written" in err
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    code, err = run_main(capsys, "pretrain", bad, "-o", tmp_path / "run2", *TINY, "--max-updates", "2",
+                         "--workers", "1", "--procs", "2")
+    assert code == 2 and "the loss is nan (not finite)" in err and "Traceback" not in err
+
+
 def test_bad_input_fails_before_training(segments: Path, tmp_path: Path, sample_data: Path) -> None:
     def fails(*args, match: str) -> None:
         with pytest.raises(UsageError, match=match):

@@ -76,6 +76,15 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
     try:
         torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port, init),
                                     nprocs=nprocs, join=True)
+    except torch.multiprocessing.ProcessRaisedException as e:
+        # a rank's one-line error (console.fail) stays one line; anything else keeps its traceback
+        marker = "ecgfm_cli.console.UsageError: "
+        text = str(e)
+        if marker not in text:
+            raise
+        from ecgfm_cli.console import fail
+
+        fail(text.rsplit(marker, 1)[1].strip())
     finally:
         if rendezvous:
             shutil.rmtree(rendezvous, ignore_errors=True)

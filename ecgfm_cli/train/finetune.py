@@ -25,6 +25,7 @@ Run directory (``-o RUN``)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -605,6 +606,9 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
         if bar is not None:
             bar.close()
         tot, cnt = _reduce([float(loss_sum), loss_n], ctx)
+        if cnt and not math.isfinite(tot):
+            fail(f"finetune: epoch {epoch}: the training loss is {tot / cnt} (not finite), so the model is lost; "
+                 "the segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": tot / cnt if cnt else None, "lr": opts.lr,
                                  "train_batches": len(batches)}
         if len(valid_pos):

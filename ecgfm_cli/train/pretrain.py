@@ -507,6 +507,10 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         Returns whether the ranks voted to stop."""
         nonlocal window, t_window, seg_window, last_metrics
         m = result.metrics()
+        if not math.isfinite(m["loss"]):  # every rank sees the same global loss, so all stop here
+            last = f"checkpoint-{saved_at} is the last good one" if saved_at > 0 else "no checkpoint was written"
+            fail(f"pretrain: update {at}: the loss is {m['loss']} (not finite), so the model is lost ({last}); the "
+                 "segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
         m.update(update=at, lr=lr_at(at - 1, opts))
         window.append(m)
         seg_window += segments
