@@ -80,8 +80,8 @@ def test_resume_continues_exactly(segments: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose([e[key] for e in b], [e[key] for e in a], rtol=1e-5, atol=1e-7, err_msg=key)
     assert a[-1]["temperature"] == b[-1]["temperature"] < 2.0
     assert [e["lr"] for e in b] == [e["lr"] for e in a]
-    done = runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", cut, *common, "--max-updates", "6",
-                                                "--resume")])
+    done = runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", cut, *common, "--resume")])
+    # no limit given: the run's own (--max-updates 6), which it has reached
     assert done.exit_code != 0 and "already at --max-updates 6" in str(done.exception)
 
     # the checkpoints are in the project's format and hold the complete trainer state
@@ -249,6 +249,9 @@ def test_bad_input_fails_before_training(segments: Path, tmp_path: Path, sample_
     fails("pretrain", segments, "-o", afile / "run", *TINY, match="not a writable directory")
     fails("pretrain", segments, "-o", tmp_path / "r3", *TINY, "--batch-size", "200", match="not enough data")
     fails("pretrain", segments, "-o", tmp_path / "r3", *TINY, "--batch-size", "7", match="must be even with CMSC")
+    fails("pretrain", segments, "-o", tmp_path / "r3", *TINY, "--final-dim", "7", match="divisible by --latent-groups")
+    if Path("/proc/self").is_dir():  # writable for os.access as root, yet nothing can be created there
+        fails("pretrain", segments, "-o", "/proc/ecgfm-run", *TINY, match="/proc is not a writable directory")
     fails("pretrain", segments, "-o", tmp_path / "r4", *TINY, "--resume", match="no complete checkpoint")
     fails("pretrain", segments, "-o", tmp_path / "r5", *TINY, "--init", tmp_path / "missing",
           match="no such file")

@@ -188,8 +188,6 @@ def pretrain_command(
 
     dev, nprocs = distributed.resolve_device(device, gpus, procs)
     world = int(os.environ["WORLD_SIZE"]) if distributed.under_launcher() else nprocs * nnodes
-    if max_updates is None and max_epochs is None and seconds is None:
-        max_epochs = 200
 
     pcfg = PretrainConfig(
         w2v=not no_w2v, cmsc=not no_cmsc, rlm=not no_rlm, mask_prob=mask_prob, mask_length=mask_length,

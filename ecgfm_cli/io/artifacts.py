@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +75,10 @@ def check_writable_dir(directory: Path, target: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         fail(f"cannot write {target}: {probe} is a file, not a writable directory")
-    if not os.access(probe, os.W_OK):
-        fail(f"cannot write {target}: {probe} is not a writable directory")
+    try:  # os.access says yes to root and knows nothing of /proc, /sys or read-only mounts: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".ecgfm-write-check-", dir=probe))
+    except OSError as e:
+        fail(f"cannot write {target}: {probe} is not a writable directory ({e.strerror})")
 
 
 def _describe(fmt: str) -> str:

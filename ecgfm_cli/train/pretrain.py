@@ -152,6 +152,12 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         enc_cfg = EncoderConfig.from_dict(config["encoder"])
         model_contract = Contract.from_dict(config.get("contract") or {})
         source = config.get("source") or {}
+        limits = (opts.max_updates, opts.max_epochs, opts.max_time)
+        if limits == (None, None, None) and source.get("limits"):
+            run_limits = source["limits"]
+            opts = replace(opts, **run_limits)
+            info("pretrain: --resume keeps the run's limits: " + ", ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in run_limits.items() if v is not None))
         at = int(source.get("update", 0))
         if opts.max_updates is not None and at >= opts.max_updates:
             fail(f"--resume: {resume_from} is at update {at}, already at --max-updates {opts.max_updates}; "
@@ -190,8 +196,13 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             fail(str(e))
     if opts.dropout is not None:  # the activation dropout keeps its own value (reference 0.0)
         enc_cfg = replace(enc_cfg, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
+    if (opts.max_updates, opts.max_epochs, opts.max_time) == (None, None, None):
+        opts = replace(opts, max_epochs=200)  # the reference's max_epoch
     if pcfg.cmsc and opts.batch_size % 2:
         fail(f"--batch-size {opts.batch_size}: must be even with CMSC (pairs of segments)")
+    if pcfg.final_dim % pcfg.latent_groups:
+        fail(f"--final-dim {pcfg.final_dim} must be divisible by --latent-groups {pcfg.latent_groups} (each group "
+             "quantizes an equal slice)")
 
     what = f"the checkpoint {opts.init}" if opts.init and resume_from is None else "the model"
     index = open_segments(opts.segments, model_contract, "pretrain", what=what)
@@ -374,6 +385,7 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
         "command": "ecgfm pretrain", "update": update, "epoch": position[0], "pretrain": asdict(pcfg),
         "init": opts.init, "segments": str(opts.segments),
         "resume_keeps": {k: getattr(opts, k) for k in RESUME_KEEPS},
+        "limits": {k: getattr(opts, k) for k in ("max_updates", "max_epochs", "max_time")},
     })
     final = run / f"checkpoint-{update}"
     tmp = run / f".checkpoint-{update}.partial-{os.getpid()}"
