@@ -347,6 +347,9 @@ def test_output_directory_of_another_artifact_is_refused(data, capsys, tmp_path)
     code, err = ecgfm(capsys, "embed", segs, "--model", data["ckpt"], "-o", segs)
     assert code == 2 and "already holds segments" in err
     assert sorted(p.name for p in segs.iterdir()) == before
+    # a checkpoint or run directory given as -o (a slip for --model) is refused, not written into
+    code, err = ecgfm(capsys, "embed", segs, "--model", data["ckpt"], "-o", data["ckpt"])
+    assert code == 2 and "holds other files (config.json, model.safetensors)" in err
 
 
 def test_bad_output_refused_before_model_load(data, capsys, tmp_path):

@@ -278,9 +278,13 @@ def write_done_marker(directory: Path, shard: tuple[int, int], summary: dict) ->
 
 
 def check_output_kind(directory: Path, kind: str, command: str) -> None:
-    """Fail when ``directory`` already holds a finished artifact of another kind (its done-markers say which):
-    writing beside it would mix two artifacts in one folder."""
-    for marker in sorted(Path(directory).glob("_done-*.json")):
+    """Fail when ``directory`` holds anything but shards of a ``kind`` artifact and their companions: a
+    finished artifact of another kind (its done-markers say which) or other files (a training run, data),
+    which writing there would mix with, or (embed) clear beside, the new artifact."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for marker in sorted(directory.glob("_done-*.json")):
         try:
             other = json.loads(marker.read_text()).get("kind")
         except (OSError, ValueError, AttributeError):
@@ -288,6 +292,12 @@ def check_output_kind(directory: Path, kind: str, command: str) -> None:
         if other != kind:
             fail(f"{command}: {directory} already holds {other or 'another artifact'} ({marker.name}); write the "
                  f"{kind} to another directory")
+    own = (f"{kind}-", "labels-", "rejects-", "_done-", ".")
+    foreign = sorted(p.name for p in directory.iterdir() if not p.name.startswith(own))
+    if foreign:
+        more = ", ..." if len(foreign) > 3 else ""
+        fail(f"{command}: {directory} holds other files ({', '.join(foreign[:3])}{more}); write the {kind} to a "
+             "new or empty directory")
 
 
 def start_shard(output: Output, shard: tuple[int, int], command: str, kind: str) -> bool:
