@@ -67,7 +67,8 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
 def main() -> None:
     """Entry point: one-line errors with exit status 2 instead of tracebacks."""
     _keep_freed_memory()
-    prog = "ecgfm " + (sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "")
+    commands = {c.name for c in app.registered_commands}
+    prog = "ecgfm " + (sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in commands else "")
     try:
         rc = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
     except UsageError as e:
@@ -92,8 +93,11 @@ def main() -> None:
             sys.exit(141)  # what a shell reports for SIGPIPE, as for any tool cut off by `head`
         raise
     except Exception as e:
-        if isinstance(e, _click_exceptions()):  # bad option, missing argument, unknown command: click's one line
-            e.show()
+        if isinstance(e, _click_exceptions()):  # bad option or value, missing argument, unknown command
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare `ecgfm COMMAND`: its help
+                e.show()
+            else:  # one line, like every other error
+                print(f"{prog.strip()}: error: {e.format_message()} (see `{prog.strip()} --help`)", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -342,6 +342,7 @@ def test_binary_never_written_to_a_terminal(sample_data):
     (("segment", "--bogus"), "No such option"),
     (("nosuchcmd",), "No such command"),
     (("ingest", "sample", "--workers", "0"), "--workers"),
+    (("pretrain", "segs", "--lr", "-1"), "Invalid value for '--lr'"),
 ])
 def test_usage_errors_are_one_line_without_traceback(capsys, args, message):
     """The real entry point turns click's usage errors (typer's vendored click included) into exit 2 and a short
@@ -350,6 +351,7 @@ def test_usage_errors_are_one_line_without_traceback(capsys, args, message):
 
     code, err = run_main(capsys, *args)
     assert code == 2 and message in err and "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith("ecgfm") and "--help`" in err, err  # one line, with a pointer
 
 
 def test_worker_pool_keeps_order_and_pulls_input_lazily():
