@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -48,7 +49,7 @@ def test_ingest_reads_every_sample_source(records_dir):
     assert {"wfdb-mat", "wfdb", "csv", "sph-hdf5", "fairseq-mat"} <= formats, formats
     ids = t.column("record_id").to_pylist()
     assert len(ids) == len(set(ids)) == 41
-    row = t.filter(pa.compute.equal(t.column("record_id"), "challenge2021/A0003")).to_pylist()[0]
+    row = t.filter(pc.equal(t.column("record_id"), "challenge2021/A0003")).to_pylist()[0]
     assert row["sample_rate"] == 500 and row["n_leads"] == 12 and row["sex"] in ("M", "F")
     assert "164889003" in row["dx_codes"]  # atrial fibrillation
     assert len(row["signal"]) == 12 * row["n_samples"] and row["units"][0] == "mV"
@@ -66,7 +67,7 @@ def test_ingest_values_equal_wfdb(records_dir, sample_data):
 
     t = table(records_dir, "records")
     for rid in ("challenge2021/JS00001", "ptbxl/records100/00000/00841_lr", "code15_wfdb/1111"):
-        row = t.filter(pa.compute.equal(t.column("record_id"), rid)).to_pylist()[0]
+        row = t.filter(pc.equal(t.column("record_id"), rid)).to_pylist()[0]
         ref = wfdb.rdsamp(str(sample_data / rid))[0].T
         got = np.asarray(row["signal"], dtype=np.float32).reshape(row["n_leads"], row["n_samples"])
         np.testing.assert_array_equal(got, ref.astype(np.float32))
@@ -82,10 +83,19 @@ def test_pipe_ingest_into_segment(sample_data, tmp_path):
     assert Contract.from_json(reader.metadata["ecgfm.contract"]) == Contract()
     t = reader.read_all()
     assert t.schema.field("signal").type.list_size == 12 * 2500
-    code15 = t.filter(pa.compute.starts_with(t.column("record_id"), "1111")).to_pylist()
+    code15 = t.filter(pc.starts_with(t.column("record_id"), "1111")).to_pylist()
     assert code15, "400 Hz CODE-15 records are segmented"
     # 2934 samples at 400 Hz -> 3667 at 500 Hz -> one window; 4096 -> 5120 -> two
     assert {r["segment_index"] for r in code15} <= {0, 1}
+    # segment and embed read stdin when no input is named, as a pipe's next command does
+    seg2 = run_cli("segment", stdin=ing.stdout)
+    emb = run_cli("embed", "--random-init", "--preset", "tiny", "-o", tmp_path / "e.npz", stdin=seg2.stdout)
+    assert emb.returncode == 0, emb.stderr.decode()
+    assert len(np.load(tmp_path / "e.npz")["embedding"]) == t.num_rows
+    # a Parquet file piped in is named for what it is
+    parquet = run_cli("embed", "--random-init", "--preset", "tiny", "-o", tmp_path / "f.npz",
+                      stdin=next((tmp_path / "seg").glob("segments-*.parquet")).read_bytes())
+    assert parquet.returncode == 2 and b"stdin holds a Parquet file" in parquet.stderr
 
 
 def test_segment_matches_ecgfm_reference_through_cli(sample_data, tmp_path):
@@ -108,10 +118,10 @@ def test_segment_options_float16_stride_pad_leadmap(records_dir, tmp_path):
     assert res.exit_code == 0, res.output
     t = pq.read_table(tmp_path / "s16.parquet")
     assert t.schema.field("signal").type.value_type == pa.float16()
-    row = t.filter(pa.compute.equal(t.column("record_id"), "challenge2021/A0002")).to_pylist()
+    row = t.filter(pc.equal(t.column("record_id"), "challenge2021/A0002")).to_pylist()
     assert [r["start_sample"] for r in row] == [0, 1250, 2500]  # 10 s record, 2.5 s stride
     # cpsc2021 is two-lead: the other ten are zero-filled and flagged
-    cp = t.filter(pa.compute.starts_with(t.column("record_id"), "cpsc2021")).to_pylist()[0]
+    cp = t.filter(pc.starts_with(t.column("record_id"), "cpsc2021")).to_pylist()[0]
     assert cp["lead_present"] == [True, True] + [False] * 10
 
 

@@ -8,9 +8,9 @@ import typer
 
 
 def embed_command(
-    input: Annotated[str, typer.Argument(help="Segments from `ecgfm segment`: DIR, FILE.parquet/.arrow, or - "
-                                         "(stdin stream).")],
     output: Annotated[str, typer.Option("-o", "--output", help="DIR (Parquet shards), FILE.parquet or FILE.npz.")],
+    input: Annotated[str, typer.Argument(help="Segments from `ecgfm segment`: DIR, FILE.parquet/.arrow, or - "
+                                         "(stdin stream, the default).")] = "-",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint: an ecgfm checkpoint directory or "
                                               "an official ECG-FM fairseq .pt (pretrained or finetuned).")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Embed with a randomly initialised encoder "

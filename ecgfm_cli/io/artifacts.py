@@ -420,9 +420,12 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm") -> Artifa
     if spath == "-":
         if sys.stdin.isatty():
             fail(f"{command}: no input: give a path, or pipe `ecgfm ingest ... |` into it")
-        head = sys.stdin.buffer.peek(1)[:1] if hasattr(sys.stdin.buffer, "peek") else b"?"
+        head = sys.stdin.buffer.peek(4)[:4] if hasattr(sys.stdin.buffer, "peek") else b"?"
         if not head:
             fail(f"{command}: stdin is empty: the command before the pipe wrote nothing (did it fail?)")
+        if head == b"PAR1":
+            fail(f"{command}: stdin holds a Parquet file: give its path as the input instead (stdin takes the "
+                 "Arrow stream that `-o -` writes)")
         try:
             stream = ipc.open_stream(sys.stdin.buffer)
         except pa.ArrowInvalid as e:
