@@ -254,7 +254,7 @@ def labels_from_table(table: Any, label_map: LabelMap | None = None, where: str 
     uniq, counts = np.unique(rids.astype(str), return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1]
-        raise LabelError(f"{where}: record_id not unique ({len(dup)} repeated, e.g. {dup[0]!r})")
+        raise LabelError(f"{where}: record_id not unique ({len(dup)} repeated, e.g. {str(dup[0])!r})")
     notes: list[str] = []
     labels: list[str] = []
     cols: list[np.ndarray] = []

@@ -141,7 +141,9 @@ def test_continuous_target_leads_and_overwrite(data: dict[str, Path], tmp_path: 
     log = read_log(run)
     assert log[0]["valid_mse_std"] is not None and log[0]["valid_macro_auprc"] is None
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["selection"] == "valid_mse"
+    # the selection names its log key and the best value is that key's value (an MSE: positive)
+    assert summary["selection"] == "valid_mse_std"
+    assert summary["best_score"] == log[summary["best_epoch"] - 1]["valid_mse_std"] > 0
     assert summary["counts"]["segments_without_label_row"] > 0
     assert 30 < summary["target_standardization"]["age"]["mean"] < 80
 

@@ -502,12 +502,13 @@ def validation_metrics(z: np.ndarray, Y: np.ndarray, prep: Prepared) -> dict[str
     return res
 
 
-def selection_score(metrics: dict[str, Any]) -> tuple[str, float] | None:
-    """(criterion, score to MAXIMISE): valid macro AUPRC, else minus the standardised valid MSE, else None."""
+def selection_score(metrics: dict[str, Any]) -> tuple[str, float, float] | None:
+    """(criterion, score to MAXIMISE, the criterion's value): valid macro AUPRC, else the standardised valid MSE
+    (score: its negative), else None. The criterion names the log.jsonl key the value is under."""
     if metrics.get("macro_auprc") is not None:
-        return "valid_macro_auprc", metrics["macro_auprc"]
+        return "valid_macro_auprc", metrics["macro_auprc"], metrics["macro_auprc"]
     if metrics.get("mse_std") is not None:
-        return "valid_mse", -metrics["mse_std"]
+        return "valid_mse_std", -metrics["mse_std"], metrics["mse_std"]
     return None
 
 
@@ -565,7 +566,8 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
              + (f" ({prep.init})" if prep.init else "") + f", {ctx.world_size} process(es) on {ctx.device} "
              f"({opts.dtype}), leads {','.join(prep.leads)}")
 
-    best: dict[str, Any] = {"epoch": None, "score": None, "criterion": None, "metrics": None}
+    best: dict[str, Any] = {"epoch": None, "score": None, "value": None, "criterion": None, "metrics": None}
+    no_metric_noted = False
     best_state: dict[str, Tensor] | None = None
     stale, stopped_by, t0 = 0, "--epochs reached", time.monotonic()
     history: list[dict] = []
@@ -619,9 +621,17 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
             sel = selection_score(vm)
         else:
             vm, sel = None, None
+        if sel is None and len(valid_pos) and not no_metric_noted:  # (an empty valid split has its own warning)
+            prep.notes.append(f"no validation metric: no label has both classes in the valid split "
+                              f"({len(valid_pos)} segments) and no continuous target has a value there; the last "
+                              "epoch is kept")
+            if ctx.is_main:
+                info(f"finetune: {prep.notes[-1]}")
+            no_metric_noted = True
         improved = sel is None or best["score"] is None or sel[1] > best["score"]
         if improved:
             best = {"epoch": epoch, "score": None if sel is None else sel[1],
+                    "value": None if sel is None else sel[2],
                     "criterion": "last epoch (no valid metric)" if sel is None else sel[0], "metrics": vm}
             best_state = folded_state(model, prep)
             stale = 0
@@ -648,7 +658,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
         return None
     P = outputs_to_predictions(z, prep.binary)
     summary = {
-        "best_epoch": best["epoch"], "selection": best["criterion"], "best_score": best["score"],
+        "best_epoch": best["epoch"], "selection": best["criterion"], "best_score": best["value"],
         "stopped_by": stopped_by, "epochs_run": len(history), "elapsed_s": round(time.monotonic() - t0, 3),
         "valid": best["metrics"], "counts": prep.counts, "notes": prep.notes, "split_check": prep.split_check,
         "pos_weight": {lab: float(prep.pos_weight[j]) for j, lab in enumerate(prep.labels) if prep.binary[j]},
@@ -664,7 +674,7 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
 
         replace_dir(work, run)
     info(f"finetune: {plural(len(history), 'epoch')} ({stopped_by}); best epoch {best['epoch']} by {best['criterion']}"
-         + (f" = {abs(best['score']):.4f}" if best["score"] is not None else "")
+         + (f" = {best['value']:.4f}" if best["value"] is not None else "")
          + f"; {len(pred_pos)} predictions; {summary['elapsed_s']:.0f} s -> {run}/")
     return summary
 
@@ -686,7 +696,7 @@ def _save(path: Path, state: dict[str, Tensor], prep: Prepared, opts: FinetuneOp
         "classifier", prep.encoder_config, heads={"n_labels": len(prep.labels), "final_dropout": 0.0},
         contract=prep.contract, labels=prep.labels, label_kinds=prep.kinds,
         source={"command": "ecgfm finetune", "init": prep.init, "init_kind": prep.init_kind,
-                "epoch": best["epoch"], "selection": best["criterion"], "score": best["score"],
+                "epoch": best["epoch"], "selection": best["criterion"], "score": best["value"],
                 "input_leads": prep.leads, "outputs": {lab: ("logit" if prep.kinds[lab] == "binary" else "value")
                                                        for lab in prep.labels},
                 "segments": str(opts.segments), "labels": str(opts.labels), "label_map": opts.label_map,

@@ -141,7 +141,9 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             fail(f"--resume: {run} holds no complete checkpoint (checkpoint-*/{STATE_FILE})")
         resume_from = str(ck)
     elif run.is_dir() and (checkpoints(run) or (run / "log.jsonl").exists()):
-        fail(f"{run} already holds a training run: pass --resume to continue it, or choose another -o")
+        if checkpoints(run):
+            fail(f"{run} already holds a pretraining run: pass --resume to continue it, or choose another -o")
+        fail(f"{run} already holds another run (a finetuning run?), not a pretraining run; choose another -o")
 
     pcfg = opts.pretrain
     enc_cfg: EncoderConfig
@@ -495,7 +497,10 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         info(f"pretrain: {prep.stats.describe(prep.pretrain.cmsc)}; {prep.batches_per_epoch} batches of "
              f"{opts.batch_size} per rank per epoch, {ctx.world_size} rank(s), update = "
              f"{opts.batch_size * opts.update_freq * ctx.world_size} segments; "
-             f"{'resuming at update ' + str(update) if update else 'starting'} on {ctx.device} ({opts.dtype})")
+             f"{'resuming at update ' + str(update) if update else 'starting'} on {ctx.device} ({opts.dtype})"
+             + (f"; init {prep.init_kind} {opts.init}" + ("" if prep.init_kind == "pretraining" else
+                                                          ", pretraining heads new") if opts.init and not update
+                else ""))
 
     loader = make_loader(index, lcfg, ctx.rank, position[0], position[1], opts.max_epochs,
                          processes=opts.worker_processes, pin_memory=ctx.device.type == "cuda")
