@@ -84,7 +84,8 @@ def main() -> None:
         print("Aborted.", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print(f"{prog.strip()}: interrupted", file=sys.stderr)
+        hint = "; `--resume` continues from the last checkpoint" if prog.strip() == "ecgfm pretrain" else ""
+        print(f"{prog.strip()}: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)

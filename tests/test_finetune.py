@@ -120,7 +120,7 @@ def test_finetune_from_pretrained(data: dict[str, Path], tmp_path: Path) -> None
     assert summary["split_check"]["patients_in_multiple_splits"] == 0
 
 
-def test_continuous_target_leads_and_overwrite(data: dict[str, Path], tmp_path: Path) -> None:
+def test_continuous_target_leads_and_overwrite(data: dict[str, Path], tmp_path: Path, capsys) -> None:
     """A wide CSV with a synthetic 'age' (continuous only: MSE, selection on valid MSE, predictions in years),
     patients owning two records (patient-grouped split, disjoint), --leads I,II zeroing the rest, a record
     missing from the labels (counted), and --overwrite replacing an earlier run directory."""
@@ -158,6 +158,11 @@ def test_continuous_target_leads_and_overwrite(data: dict[str, Path], tmp_path: 
     ck = load_checkpoint(run / "checkpoint")
     assert ck.config["source"]["input_leads"] == ["I", "II"]
     _reproduce(run, data["segments"], lead_scale=np.array([1, 1] + [0] * 10, dtype=np.float32))
+    # embedding with it on all 12 leads is allowed, with a warning that names the leads it was trained on
+    from conftest import run_main
+
+    code, err = run_main(capsys, "embed", data["segments"], "--model", run / "checkpoint", "-o", tmp_path / "e.npz")
+    assert code == 0 and "finetuned on leads I,II" in err and "--leads I,II" in err
 
 
 def test_bad_inputs_refused_before_training(data: dict[str, Path], tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def embed_command(
     nan: Annotated[str, typer.Option(help="Segments holding NaN/Inf: refuse (error naming them) or skip "
                                      "(leave them out, counted).")] = "refuse",
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available, else cpu).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (torch.autocast: faster, cosine > 0.999 "
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (torch.autocast: faster, cosine > 0.9999 "
                                        "to float32).")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.", min=1)] = 32,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads per process (default: torch's).",
@@ -91,6 +91,10 @@ def embed_command(
         fail(str(e))
     from ecgfm_cli.console import info
 
+    trained_on = (loaded.meta.get("source") or {}).get("input_leads")
+    if leads is None and trained_on and list(trained_on) != list(loaded.contract.leads):
+        warnings.append(f"the model was finetuned on leads {','.join(trained_on)} (the others zeroed); pass "
+                        f"--leads {','.join(trained_on)} to embed as it saw the data")
     for w in warnings:
         info(f"embed: warning: {w}")
     if reader.num_rows() == 0:

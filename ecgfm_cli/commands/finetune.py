@@ -11,11 +11,16 @@ _OPT = "Optimisation (defaults: see docs/commands/finetune.md for the reference 
 _DIST = "Devices and processes"
 
 
-def _names(text: str | None) -> tuple[str, ...] | None:
+def _names(text: str | None, option: str) -> tuple[str, ...] | None:
+    """``--targets`` / ``--leads`` as names; None when not given (all)."""
     if text is None:
         return None
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    return names or None
+    if not names:
+        from ecgfm_cli.console import fail
+
+        fail(f"{option} {text!r}: give at least one name (leave the option out for all)")
+    return names
 
 
 def finetune_command(
@@ -103,7 +108,8 @@ def finetune_command(
 
     opts = FinetuneOptions(
         segments=segments, labels=labels, output=output, init=init, random_init=random_init, preset=preset,
-        label_map=label_map, targets=_names(targets), leads=_names(leads), epochs=epochs, patience=patience,
+        label_map=label_map, targets=_names(targets, "--targets"), leads=_names(leads, "--leads"), epochs=epochs,
+        patience=patience,
         batch_size=batch_size, lr=lr, seed=seed, split_fractions=fractions, pos_weight=pos_weight, device=dev,
         dtype=("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype,
         shuffle_buffer=shuffle_buffer, predict_train=predict_train, overwrite=overwrite,

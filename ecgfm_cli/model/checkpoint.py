@@ -324,7 +324,7 @@ def _torch_load(p: Path, allow_pickle: bool) -> Any:
             raise CheckpointError(
                 f"{p}: refusing to unpickle {', '.join(blocked)} (loading would run code from the file). "
                 "Official ECG-FM checkpoints do not need this; if you trust this file, pass "
-                "allow_pickle=True (--unsafe-pickle)."
+                "--unsafe-pickle (allow_pickle=True from Python)."
             ) from e
         try:
             with torch.serialization.safe_globals(_safe_objects(unsafe)):
