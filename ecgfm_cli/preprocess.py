@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -177,13 +177,15 @@ class SegmentOptions:
 @dataclass
 class Segmented:
     """The windows of one record: ``windows`` (n_windows, n_leads, window) float32, ``starts``
-    (n_windows,) int64, ``present`` (n_leads,) bool, ``padded`` True when zero-padded."""
+    (n_windows,) int64, ``present`` (n_leads,) bool (False: absent in the file, NaN, or flat), ``padded`` True
+    when zero-padded."""
 
     windows: np.ndarray
     starts: np.ndarray
     present: np.ndarray
     padded: bool
     nan_leads: list[str]
+    flat_leads: list[str] = field(default_factory=list)  # constant over the record: zeros, flagged absent
 
 
 def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: SegmentOptions) -> Segmented:
@@ -195,9 +197,11 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
     x, present = _reorder(signal, leads, opts.leads, opts.lead_map, copy=False)
     # NaN (missing samples) or +-inf in a lead: max/min propagate NaN and show inf; no boolean temporary
     if x.shape[1]:
-        nan_rows = ~(np.isfinite(x.max(axis=1)) & np.isfinite(x.min(axis=1)))
+        top, bottom = x.max(axis=1), x.min(axis=1)
+        nan_rows = ~(np.isfinite(top) & np.isfinite(bottom))
+        flat_rows = present & ~nan_rows & (top == bottom)  # a stored lead with no signal (z-scores to 0)
     else:
-        nan_rows = np.zeros(x.shape[0], dtype=bool)
+        nan_rows = flat_rows = np.zeros(x.shape[0], dtype=bool)
     nan_leads = [opts.leads[i] for i in np.flatnonzero(nan_rows)]
     if nan_leads:
         if opts.nan == "drop":
@@ -207,6 +211,10 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
             x = x.copy()
         x[nan_rows] = 0.0
         present &= ~nan_rows
+    flat_leads = [opts.leads[i] for i in np.flatnonzero(flat_rows)]
+    present &= ~flat_rows
+    if x.shape[1] and not present.any():
+        raise PreprocessError("no_signal", "every lead is flat, NaN or missing: nothing to embed")
     x = resample_linear(x, fs, opts.sample_rate)
     n = x.shape[1]
     padded = False
@@ -219,7 +227,7 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
         z = zscore(x)
         windows = np.zeros((1, x.shape[0], opts.window), dtype=np.float32)
         windows[0, :, :n] = z
-        return Segmented(windows, np.zeros(1, dtype=np.int64), present, True, nan_leads)
+        return Segmented(windows, np.zeros(1, dtype=np.int64), present, True, nan_leads, flat_leads)
     starts = window_starts(n, opts.window, opts.stride)
     if opts.stride == opts.window:
         # z-score straight into the (n_windows, n_leads, window) layout: one pass, no transposing copy
@@ -233,4 +241,4 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
     else:
         z = zscore(x)
         windows = z[:, starts[:, None] + np.arange(opts.window)[None, :]].transpose(1, 0, 2)
-    return Segmented(windows, starts, present, padded, nan_leads)
+    return Segmented(windows, starts, present, padded, nan_leads, flat_leads)

@@ -32,6 +32,7 @@ class SegmentSummary:
     rejects: Counter = field(default_factory=Counter)
     reject_example: str = ""  # the most common reason's first reject, with its detail (see reject_example)
     nan_zeroed: int = 0
+    flat_zeroed: int = 0
     missing_leads: int = 0
     padded: int = 0
     skipped_shard: bool = False
@@ -67,6 +68,7 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
             summary.records += result.records
             summary.segments += result.batch.num_rows if result.batch is not None else 0
             summary.nan_zeroed += result.nan_zeroed
+            summary.flat_zeroed += result.flat_zeroed
             summary.missing_leads += result.missing_leads
             summary.padded += result.padded
         writer.close()
@@ -93,6 +95,7 @@ class BatchResult:
     labels: list[dict]
     records: int = 0
     nan_zeroed: int = 0
+    flat_zeroed: int = 0
     missing_leads: int = 0
     padded: int = 0
 
@@ -124,9 +127,10 @@ def segment_batch(batch: pa.RecordBatch, schema: pa.Schema, opts: SegmentOptions
         kept.append(i)
         k = len(seg.starts)
         out.nan_zeroed += bool(seg.nan_leads)
-        absent = ~seg.present  # leads the file lacks; a lead zeroed for NaN is counted under nan_zeroed only
-        absent[[opts.leads.index(name) for name in seg.nan_leads]] = False
+        absent = ~seg.present  # leads the file lacks; NaN or flat leads are counted under their own heads
+        absent[[opts.leads.index(name) for name in seg.nan_leads + seg.flat_leads]] = False
         out.missing_leads += int(absent.any())
+        out.flat_zeroed += bool(seg.flat_leads)
         out.padded += int(seg.padded)
         rec_of_row += [i] * k
         seg_index.append(np.arange(k, dtype=np.int32))
@@ -190,6 +194,8 @@ def report(summary: SegmentSummary, output: Output) -> str:
         extras.append(f"{summary.missing_leads} with missing leads zero-filled")
     if summary.nan_zeroed:
         extras.append(f"{summary.nan_zeroed} with NaN leads zeroed")
+    if summary.flat_zeroed:
+        extras.append(f"{summary.flat_zeroed} with flat leads flagged absent")
     if summary.padded:
         extras.append(f"{summary.padded} short records padded")
     return line + ("; " + "; ".join(extras) if extras else "")

@@ -48,9 +48,15 @@ def test_zscore_constant_lead_becomes_zero():
     # float32 flat leads away from 0: their rounded mean leaves a std of ~1e-8, which must not scale them to +-1
     flat = np.vstack([np.full(5000, v, np.float32) for v in (0.1, 0.3, -1.7)] + [np.ones(5000, np.float32)])
     assert not zscore(flat).any()
-    seg = segment_record(flat[[0, 1, 2, 3] * 3], ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4",
-                                                  "V5", "V6"], 500.0, SegmentOptions())
-    assert not seg.windows.any()
+    # in a record: a flat lead is a lead without signal, zero and flagged absent; all flat is no record at all
+    x = np.random.default_rng(0).standard_normal((12, 5000)).astype(np.float32)
+    x[[2, 7]] = flat[[0, 3]]
+    seg = segment_record(x, STANDARD_LEADS, 500.0, SegmentOptions())
+    assert seg.flat_leads == ["III", "V2"] and not seg.present[[2, 7]].any() and seg.present.sum() == 10
+    assert not seg.windows[:, [2, 7]].any() and seg.windows[:, 0].std() > 0.5
+    with pytest.raises(PreprocessError) as e:
+        segment_record(flat[[0, 1, 2, 3] * 3], STANDARD_LEADS, 500.0, SegmentOptions())
+    assert e.value.reason == "no_signal"
 
 
 def test_reorder_by_name_case_insensitive_and_missing_zero_filled():

@@ -37,6 +37,7 @@ REASONS = {
     "empty": "the record has no samples",
     "nan_lead": "a lead contains NaN and --nan drop was chosen",
     "too_short": "shorter than one window after resampling (use --pad to keep it)",
+    "no_signal": "every lead is flat (constant), NaN or missing",
 }
 
 
