@@ -25,6 +25,7 @@ from ecgfm_cli.io.artifacts import (
 from ecgfm_cli.io.readers import ReadOptions, Source, discover, read_source
 from ecgfm_cli.io.record import RawRecord, RejectedRecord, reject_example
 from ecgfm_cli.io.schema import LABELS, RECORDS, REJECTS, records_to_batch, table_from_rows
+from ecgfm_cli.io.wfdb_header import binary_labels
 from ecgfm_cli.parallel import ordered_map
 
 
@@ -151,7 +152,8 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
                     continue
                 seen.add(item.record_id)
                 labels.append({"record_id": item.record_id, "patient_id": item.patient_id,
-                               "study_id": item.study_id, "codes": label_codes(item.dx_codes)})
+                               "study_id": item.study_id, "codes": label_codes(item.dx_codes),
+                               **binary_labels(item.comments)})
                 pending.append(item)
                 if len(pending) >= opts.batch_records:
                     writer.write(records_to_batch(pending))
@@ -188,6 +190,10 @@ def _reject_row(r: RejectedRecord) -> dict:
 
 def _write_sidecars(output: Output, opts: IngestOptions, labels: list[dict], rejects: list[dict]) -> None:
     label_table = table_from_rows(labels, LABELS)
+    stated = sorted({k for row in labels for k in row} - set(LABELS.names))  # yes/no labels from the headers
+    for name in stated:
+        label_table = label_table.append_column(pa.field(name, pa.float64()),
+                                                pa.array([row.get(name) for row in labels], pa.float64()))
     if opts.labels_csv is not None:
         label_table = join_user_labels(label_table, opts.labels_csv)
     write_sidecars(output, opts.shard, "ingest", label_table, table_from_rows(rejects, REJECTS), opts.rejects_path)
@@ -217,11 +223,20 @@ def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
         info(f"ingest: --labels {csv_path}: {unmatched} of {user.num_rows} rows name a {key} that was not "
              f"ingested (kept out of the labels table)")
     for name in user.column_names:
-        if name in (key, "record_id", "patient_id", "study_id", "codes"):
+        if name in (key, "record_id", "study_id", "codes"):
             continue
         field = user.schema.field(name)
-        table = table.append_column(field, pa.array([rows[i][name] if i in rows else None for i in ids],
-                                                    type=field.type))
+        values = [rows[i][name] if i in rows else None for i in ids]
+        if name == "patient_id":  # the user's patient ids fill in where the files name none
+            ours_pid = table.column("patient_id").to_pylist()
+            merged = [p if p is not None else (None if v is None else str(v)) for p, v in zip(ours_pid, values,
+                                                                                              strict=True)]
+            table = table.set_column(table.schema.get_field_index("patient_id"), "patient_id",
+                                     pa.array(merged, pa.string()))
+        elif name in table.column_names:  # the user's column replaces one read from the headers
+            table = table.set_column(table.schema.get_field_index(name), field, pa.array(values, type=field.type))
+        else:
+            table = table.append_column(field, pa.array(values, type=field.type))
     return table
 
 

@@ -244,7 +244,6 @@ class LabelTable:
 def labels_from_table(table: Any, label_map: LabelMap | None = None, where: str = "labels") -> LabelTable:
     """Build a :class:`LabelTable` from a ``pyarrow.Table`` in the wide or the long layout (see module doc)."""
     import pyarrow as pa
-    import pyarrow.types as pat
 
     if "record_id" not in table.column_names:
         raise LabelError(f"{where}: no 'record_id' column (columns: {', '.join(table.column_names)})")
@@ -259,14 +258,22 @@ def labels_from_table(table: Any, label_map: LabelMap | None = None, where: str 
     labels: list[str] = []
     cols: list[np.ndarray] = []
 
-    if "codes" in table.column_names:
-        if label_map is None:
+    wide = [n for n in table.column_names if n not in RESERVED_COLUMNS and _is_numeric(table.schema.field(n).type)]
+    if "codes" in table.column_names and label_map is None:
+        if not wide:
             raise LabelError(
                 f"{where}: this is a long labels table (a 'codes' column); pass --label-map FILE.csv or "
                 f"--label-map challenge2021 to turn codes into named labels"
             )
+        # e.g. ingest's table with --labels columns joined, or the Chagas column: those are the labels
+        notes.append(f"{where}: the 'codes' column is not used without --label-map; labels: {', '.join(wide)}")
+    elif "codes" in table.column_names:
         codes = table.column("codes").to_pylist()
         mat, unmapped = codes_to_matrix(codes, label_map)
+        known = sorted({str(c) for row in codes if row for c in row})
+        if known and not np.nansum(mat):
+            raise LabelError(f"{where}: no code of the table is in the label map ({len(known)} distinct codes, "
+                             f"e.g. {', '.join(known[:5]) or 'none'}); is it the map for this dataset?")
         labels.extend(label_map.labels)
         cols.extend(mat.T)
         if unmapped:
@@ -281,7 +288,7 @@ def labels_from_table(table: Any, label_map: LabelMap | None = None, where: str 
         if name in RESERVED_COLUMNS:
             continue
         typ = table.schema.field(name).type
-        if pat.is_boolean(typ) or pat.is_integer(typ) or pat.is_floating(typ):
+        if _is_numeric(typ):
             if name in labels:
                 raise LabelError(f"{where}: column {name!r} clashes with a label of the label map")
             arr = table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
@@ -308,6 +315,13 @@ def labels_from_table(table: Any, label_map: LabelMap | None = None, where: str 
         notes=notes,
         label_map=label_map if "codes" in table.column_names else None,
     )
+
+
+def _is_numeric(typ: Any) -> bool:
+    """Whether a column of this Arrow type can hold a label (0/1, boolean or continuous)."""
+    import pyarrow.types as pat
+
+    return pat.is_boolean(typ) or pat.is_integer(typ) or pat.is_floating(typ)
 
 
 def load_labels(path: str | Path, label_map: str | Path | None = None) -> LabelTable:

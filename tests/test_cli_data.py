@@ -287,12 +287,24 @@ def test_interrupted_stream_fails_downstream(tmp_path, monkeypatch):
 
 
 def test_user_labels_joined(sample_data, tmp_path):
-    (tmp_path / "mine.csv").write_text("record_id,lvef\nSPH00001,55\nSPH00007,30\nnope,1\n")
+    (tmp_path / "mine.csv").write_text("record_id,patient_id,lvef\nSPH00001,p1,55\nSPH00007,p2,30\nnope,p3,1\n")
     out = tmp_path / "rec"
     res = run_cli("ingest", sample_data / "sph", "-o", out, "--labels", tmp_path / "mine.csv")
     assert res.returncode == 0 and b"1 of 3 rows" in res.stderr
-    rows = {r["record_id"]: r["lvef"] for r in table(out, "labels").to_pylist()}
-    assert rows == {"SPH00001": 55, "SPH00007": 30}
+    rows = {r["record_id"]: (r["lvef"], r["patient_id"]) for r in table(out, "labels").to_pylist()}
+    assert rows == {"SPH00001": (55, "p1"), "SPH00007": (30, "p2")}  # the user's patient ids are kept
+
+
+def test_stated_yes_no_labels_keep_their_negatives(sample_data, tmp_path):
+    """`# Chagas label: False` is a known negative: a column of its own (codes can only list positives), which
+    probe takes without a label map."""
+    from ecgfm_cli.labels import load_labels
+
+    out = tmp_path / "rec"
+    assert run_cli("ingest", sample_data / "code15_wfdb", "-o", out).returncode == 0
+    labels = load_labels(out)
+    assert labels.labels == ["chagas"] and sorted(labels.values[:, 0].tolist()) == [0.0, 0.0, 0.0, 1.0]
+    assert any("'codes' column is not used" in n for n in labels.notes)
 
 
 def test_data_commands_do_not_import_torch(sample_data, tmp_path):

@@ -52,6 +52,12 @@ def test_label_map_csv_conflict_and_unmapped(tmp_path):
     assert any("not in the label map" in n and "9" in n for n in lt.notes)
     with pytest.raises(LabelError, match="neither a file nor a packaged map"):
         load_label_map("no-such-map")
+    # a map for another dataset maps nothing: an error, not a run of all-unknown labels
+    with pytest.raises(LabelError, match=r"no code of the table is in the label map \(2 distinct codes, e.g. MI, N"):
+        labels_from_table(pa.table({"record_id": ["x", "y"], "codes": [["NORM"], ["MI"]]}), lm)
+    # a long table with label columns besides its codes (ingest's with --labels joined) works without a map
+    lt = labels_from_table(pa.table({"record_id": ["x", "y"], "codes": [["1"], None], "af": [1, 0]}))
+    assert lt.labels == ["af"] and lt.values[:, 0].tolist() == [1.0, 0.0]
 
 
 def test_wide_table_kinds_and_checks(tmp_path):

@@ -217,6 +217,18 @@ def parse_header(text: str) -> WfdbHeader:
 
 _SEX = {"m": "M", "male": "M", "f": "F", "female": "F"}
 _TRUE = {"true", "1", "yes", "y", "positive"}
+_FALSE = {"false", "0", "no", "n", "negative"}
+
+
+def binary_labels(comments: dict[str, str]) -> dict[str, float]:
+    """Yes/no labels a header states as ``# <Name> label: True|False`` (the Challenge 2025 ``Chagas label``):
+    ``{"chagas": 1.0 or 0.0}``. A stated False is a known negative, which a code list cannot say."""
+    out = {}
+    for key, value in comments.items():
+        if key.lower().endswith(" label") and value.strip().lower() in _TRUE | _FALSE:
+            name = "_".join(key[: -len(" label")].lower().split())
+            out[name] = 1.0 if value.strip().lower() in _TRUE else 0.0
+    return out
 
 
 @dataclass
