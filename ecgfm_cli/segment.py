@@ -189,7 +189,7 @@ def report(summary: SegmentSummary, output: Output) -> str:
     line = f"segment: {plural(summary.segments, 'segment')} from {plural(summary.records, 'record')} -> {where}"
     extras = []
     if summary.rejects:
-        extras.append(f"{sum(summary.rejects.values())} records skipped ({count_summary(summary.rejects)})")
+        extras.append(f"{plural(sum(summary.rejects.values()), 'record')} skipped ({count_summary(summary.rejects)})")
     if summary.missing_leads:
         extras.append(f"{summary.missing_leads} with missing leads zero-filled")
     if summary.nan_zeroed:

@@ -218,7 +218,8 @@ def test_failed_or_foreign_outputs_are_not_taken_for_finished(sample_data, tmp_p
     assert failed.returncode == 2 and b"every file was rejected, e.g. bad_sample_rate" in failed.stderr
     assert b"--fs" in failed.stderr and not list(out.glob("_done-*"))
     assert run_cli("ingest", sample_data / "cinc2011", "-o", tmp_path / "x.parquet").returncode == 2
-    assert not (tmp_path / "x.parquet").exists()
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.labels.parquet").exists()
+    assert (tmp_path / "x.rejects.parquet").exists()  # says why
     fixed = run_cli("ingest", sample_data / "cinc2011", "--fs", "500", "-o", out)
     assert fixed.returncode == 0 and table(out, "records").num_rows > 0
     into_records = run_cli("segment", out, "-o", out)

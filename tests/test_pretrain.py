@@ -80,8 +80,9 @@ def test_resume_continues_exactly(segments: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose([e[key] for e in b], [e[key] for e in a], rtol=1e-5, atol=1e-7, err_msg=key)
     assert a[-1]["temperature"] == b[-1]["temperature"] < 2.0
     assert [e["lr"] for e in b] == [e["lr"] for e in a]
-    done = runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", cut, *common, "--resume")])
-    # no limit given: the run's own (--max-updates 6), which it has reached
+    no_batch = [a for a in common if a not in ("--batch-size", "8")]
+    done = runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", cut, *no_batch, "--resume")])
+    # no limit and no batch size given: the run's own (--max-updates 6, batch 8), and it has reached the limit
     assert done.exit_code != 0 and "already at --max-updates 6" in str(done.exception)
 
     # the checkpoints are in the project's format and hold the complete trainer state

@@ -34,7 +34,7 @@ def ingest_command(
     per-lead quality flags), a labels table from the headers, and a rejects table."""
     from ecgfm_cli.console import fail, info
     from ecgfm_cli.ingest import IngestOptions, check_user_labels, parse_shard, report, run_ingest
-    from ecgfm_cli.io.artifacts import resolve_output
+    from ecgfm_cli.io.artifacts import discard_empty_output, resolve_output
     from ecgfm_cli.io.readers import ReadOptions
 
     out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "ingest")
@@ -62,8 +62,7 @@ def ingest_command(
         info(f"ingest: shard {shard} holds none of the {summary.found} files found; nothing to do")
         return
     if summary.records == 0:
-        if out.format in ("parquet", "arrow"):
-            out.path.unlink(missing_ok=True)  # no empty artifact left to look like a result
+        discard_empty_output(out, shard_t)
         fail("no record was read" + (f": every file was rejected, e.g. {summary.reject_example} (all reasons in "
                                      "the rejects table)" if summary.rejected
                                      else f" under {', '.join(map(str, paths))}: no ECG files found"))

@@ -55,8 +55,9 @@ def pretrain_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in -o exactly where its latest "
                                          "checkpoint left off (weights, optimizer, RNG, data position).",
                                          rich_help_panel=_DATA)] = False,
-    batch_size: Annotated[int, typer.Option(help="Segments per GPU/process per step (CMSC: 2 x pairs; "
-                                            "reference 128).", min=1, rich_help_panel=_OPT)] = 128,
+    batch_size: Annotated[int | None, typer.Option(help="Segments per GPU/process per step (CMSC: 2 x pairs; "
+                                                   "default 128, the reference; with --resume the run's).", min=1,
+                                                   rich_help_panel=_OPT)] = None,
     update_freq: Annotated[int, typer.Option(help="Gradient accumulation: steps per update.", min=1,
                                              rich_help_panel=_OPT)] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate.", min=0.0, rich_help_panel=_OPT)] = 5e-5,

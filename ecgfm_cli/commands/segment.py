@@ -37,7 +37,7 @@ def segment_command(
     from ecgfm_cli.console import fail, info
     from ecgfm_cli.contract import STANDARD_LEADS
     from ecgfm_cli.ingest import parse_shard
-    from ecgfm_cli.io.artifacts import open_artifact, resolve_output
+    from ecgfm_cli.io.artifacts import discard_empty_output, open_artifact, resolve_output
     from ecgfm_cli.preprocess import SegmentOptions
     from ecgfm_cli.segment import report, run_segment
 
@@ -70,8 +70,7 @@ def segment_command(
         return
     info(report(summary, out))
     if summary.segments == 0:
-        if out.format in ("parquet", "arrow"):
-            out.path.unlink(missing_ok=True)  # no empty artifact left to look like a result
+        discard_empty_output(out, shard_t)
         fail("no segment was written" + (f": every record was rejected, e.g. {summary.reject_example} (all "
                                          "reasons in the rejects table)" if summary.rejects
                                          else ": the input holds no records"))

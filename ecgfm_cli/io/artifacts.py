@@ -317,6 +317,16 @@ def start_shard(output: Output, shard: tuple[int, int], command: str, kind: str)
     return True
 
 
+def discard_empty_output(output: Output, shard: tuple[int, int] = (0, 1)) -> None:
+    """After a run that wrote no row: remove its empty artifact file and labels table (the rejects table stays:
+    it says why), so that nothing is left to look like a result."""
+    if output.format in ("parquet", "arrow"):
+        output.path.unlink(missing_ok=True)
+    labels = sidecar_path(output, "labels", shard)
+    if labels is not None:
+        labels.unlink(missing_ok=True)
+
+
 def write_sidecars(output: Output, shard: tuple[int, int], command: str, labels: pa.Table, rejects: pa.Table,
                    rejects_path: Path | None = None) -> None:
     """Write the ``labels`` and ``rejects`` tables beside ``output`` (``rejects_path`` overrides where the

@@ -69,7 +69,7 @@ class TrainOptions:
     device: str = "cpu"
     dtype: str = "float32"
     compile: bool = False
-    batch_size: int = 128
+    batch_size: int | None = None  # None: 128 (the reference), or with --resume the run's
     update_freq: int = 1
     lr: float = 5e-5
     lr_schedule: str = "fixed"
@@ -160,6 +160,8 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             opts = replace(opts, **run_limits)
             info("pretrain: --resume keeps the run's limits: " + ", ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in run_limits.items() if v is not None))
+        if opts.batch_size is None and source.get("batch_size"):
+            opts = replace(opts, batch_size=int(source["batch_size"]))
         at = int(source.get("update", 0))
         if opts.max_updates is not None and at >= opts.max_updates:
             fail(f"--resume: {resume_from} is at update {at}, already at --max-updates {opts.max_updates}; "
@@ -200,6 +202,8 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         enc_cfg = replace(enc_cfg, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
     if (opts.max_updates, opts.max_epochs, opts.max_time) == (None, None, None):
         opts = replace(opts, max_epochs=200)  # the reference's max_epoch
+    if opts.batch_size is None:
+        opts = replace(opts, batch_size=128)
     if pcfg.cmsc and opts.batch_size % 2:
         fail(f"--batch-size {opts.batch_size}: must be even with CMSC (pairs of segments)")
     if pcfg.final_dim % pcfg.latent_groups:
@@ -388,6 +392,7 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
         "init": opts.init, "segments": str(opts.segments),
         "resume_keeps": {k: getattr(opts, k) for k in RESUME_KEEPS},
         "limits": {k: getattr(opts, k) for k in ("max_updates", "max_epochs", "max_time")},
+        "batch_size": opts.batch_size,
     })
     final = run / f"checkpoint-{update}"
     tmp = run / f".checkpoint-{update}.partial-{os.getpid()}"
