@@ -220,7 +220,7 @@ def join_user_labels(table: pa.Table, csv_path: Path) -> pa.Table:
     ids = [None if v is None else str(v) for v in table.column(ours).to_pylist()]
     unmatched = len(rows.keys() - set(ids))
     if unmatched:
-        info(f"ingest: --labels {csv_path}: {unmatched} of {user.num_rows} rows name a {key} that was not "
+        info(f"ingest: --labels {csv_path}: {unmatched} of {user.num_rows} rows name {key} values that were not "
              f"ingested (kept out of the labels table)")
     for name in user.column_names:
         if name in (key, "record_id", "study_id", "codes"):

@@ -380,9 +380,15 @@ def probe_files(
                             max_iter, progress=(lambda _lab, b=bar: b.update(1)) if bar is not None else None)
         if bar is not None:
             bar.close()
+        defaulted = []
         for lab, inf in info.items():
             if inf["status"] == "skipped":
                 log(f"{role}: label {lab!r} skipped ({inf['reason']}); its prediction column is NaN")
+            elif str(inf.get("selection", "")).startswith("default"):
+                defaulted.append(lab)
+        if defaulted:
+            log(f"{role}: {len(defaulted)} label(s) fitted with the default C/alpha, nothing to choose it on (valid "
+                f"split empty or single-class): {', '.join(defaulted[:8])}{', ...' if len(defaulted) > 8 else ''}")
         meta = {
             "ecgfm.provenance": json.dumps({**provenance, "role": role,
                                             "upstream": emb.meta.get("provenance")}),

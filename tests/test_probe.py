@@ -186,3 +186,19 @@ def test_probe_label_columns_follow_label_table(tmp_path, segs):
     t = pq.read_table(tmp_path / "p.parquet")
     assert t.column_names == ["record_id", "patient_id", "segment_index", "split", "AF", "LVEF"]
     assert t.num_rows == 60 * segs
+
+
+def test_default_regularisation_is_said_on_the_console(tmp_path):
+    """A label whose valid split has one class gets the default C: the run says so, not only the metadata."""
+    from ecgfm_cli.labels import labels_from_table
+    from ecgfm_cli.probe import probe_files
+
+    X, rid, pid, seg, lt = _data(n_rec=60)
+    _write_npz(tmp_path / "e.npz", X, rid, pid, seg)
+    split = np.array(["train"] * 40 + ["valid"] * 10 + ["test"] * 10)
+    af = lt.values[:, 0].copy()
+    af[40:50] = 0  # valid: negatives only
+    table = pa.table({"record_id": rid.tolist(), "patient_id": pid.tolist(), "split": split.tolist(), "AF": af})
+    logs: list[str] = []
+    probe_files(tmp_path / "e.npz", labels_from_table(table), tmp_path / "p.parquet", {}, log=logs.append)
+    assert any("fitted with the default C/alpha" in m and "AF" in m for m in logs), logs
