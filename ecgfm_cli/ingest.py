@@ -123,7 +123,7 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
         return summary
     found, seen = [], set()
     for s in discover(list(paths)):
-        key = s.path.resolve()
+        key = os.path.abspath(s.path)  # the same path reached twice; symlinked copies stay distinct records
         if key in seen:  # overlapping PATH arguments name the same file twice
             summary.named_twice += 1
             continue
