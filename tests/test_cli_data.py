@@ -245,13 +245,14 @@ def test_shards_of_named_files_overlapping_paths_and_early_checks(sample_data, t
     assert run_cli("ingest", sample_data / "ptbxl", "-o", tmp_path / "once.parquet").returncode == 0
     ids = table(tmp_path / "t.parquet", "records").column("record_id").to_pylist()
     assert len(ids) == len(set(ids)) == table(tmp_path / "once.parquet", "records").num_rows
-    # a symlinked copy elsewhere is another record (the same path reached twice is not)
-    (tmp_path / "copy").mkdir()
-    for f in (sample_data / "challenge2021").glob("A0001.*"):
-        (tmp_path / "copy" / f.name).symlink_to(f)
-    both = run_cli("ingest", sample_data / "challenge2021", tmp_path / "copy", "-o", tmp_path / "both.parquet")
+    # symlinked copies in two folders are two records (the same path reached twice is one)
+    for sub in ("a", "b"):
+        (tmp_path / "corpus" / sub).mkdir(parents=True)
+        for f in (sample_data / "challenge2021").glob("A0001.*"):
+            (tmp_path / "corpus" / sub / f.name).symlink_to(f)
+    both = run_cli("ingest", tmp_path / "corpus", "-o", tmp_path / "both.parquet")
     assert both.returncode == 0 and b"named twice" not in both.stderr
-    assert table(tmp_path / "both.parquet", "records").num_rows == len(heads) + 1
+    assert table(tmp_path / "both.parquet", "records").column("record_id").to_pylist() == ["a/A0001", "b/A0001"]
     (tmp_path / "nokey.csv").write_text("name,AF\nx,1\n")
     nokey = run_cli("ingest", sample_data / "ptbxl", "--labels", tmp_path / "nokey.csv", "-o", tmp_path / "nk")
     assert nokey.returncode == 2 and b"needs a record_id" in nokey.stderr and not (tmp_path / "nk").exists()
