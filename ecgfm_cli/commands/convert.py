@@ -28,6 +28,7 @@ MIMIC_IV_ECG_LABELS: tuple[str, ...] = (
     "Electronic pacemaker",
 )
 
+
 def challenge2021_labels() -> list[str]:
     """The 26 scored PhysioNet/CinC Challenge 2021 classes (equivalent codes merged), in file order of
     ``ecgfm_cli/data/challenge2021_scored.csv``: the packaged label map's labels."""

@@ -24,7 +24,6 @@ class ThresholdMethod(str, Enum):
     youden = "youden"
 
 
-
 def _clean(o: Any) -> Any:
     """NaN/inf -> None so the JSON is strict."""
     if isinstance(o, float):

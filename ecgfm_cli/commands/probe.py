@@ -58,7 +58,7 @@ def probe_command(
         fail("--baseline-output must differ from -o")
     if baseline_output is not None and baseline_output.suffix.lower() != ".parquet":
         fail(f"--baseline-output {baseline_output}: predictions are written as one Parquet file; use a name "
-                    "ending in .parquet")
+             "ending in .parquet")
     for path, what in ((output, "-o"), (baseline_output, "--baseline-output")):
         if path is not None:
             check_writable_dir(path.parent, f"{what} {path}")
