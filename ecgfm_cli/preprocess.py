@@ -121,32 +121,34 @@ def resample_linear(signal: np.ndarray, fs: float, target_fs: float) -> np.ndarr
     return out
 
 
-def zscore_terms(signal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def zscore_terms(signal: np.ndarray, constant: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-lead mean and ``1 / std`` (population std) of (n_leads, n), as (n_leads, 1) float64 columns; the
     scale of a constant lead (max == min) is 0, so it becomes 0 (ECG-FM's ``constant_lead_strategy='zero'``).
 
     Float32 input is summed pairwise in float32 (relative error ~1e-7, well inside ECG-FM parity). Constancy is
     decided exactly, not from the std: a flat lead at 0.1 has a float32 std of ~1e-8, not 0, and would
-    otherwise become +-1 everywhere.
+    otherwise become +-1 everywhere. ``constant`` (n_leads,) bool, when the caller already knows which leads are
+    constant (:func:`segment_record` does), saves the max/min passes.
     """
     mean = signal.mean(axis=1, keepdims=True)
     centred = signal - mean.astype(signal.dtype)
     var = np.square(centred, out=centred).mean(axis=1, keepdims=True)
     std = np.sqrt(var, dtype=np.float64)
-    if signal.shape[1]:
-        constant = (signal.max(axis=1, keepdims=True) == signal.min(axis=1, keepdims=True)) | ~(std > 0)
-    else:
-        constant = np.ones((signal.shape[0], 1), dtype=bool)
+    if not signal.shape[1]:
+        constant = np.ones(signal.shape[0], dtype=bool)
+    elif constant is None:
+        constant = signal.max(axis=1) == signal.min(axis=1)
+    constant = constant[:, None] | ~(std > 0)
     return mean.astype(np.float64), np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
 
 
-def zscore(signal: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def zscore(signal: np.ndarray, out: np.ndarray | None = None, constant: np.ndarray | None = None) -> np.ndarray:
     """Each lead of (n_leads, n) minus its mean, divided by its (population) std; constant leads -> 0.
 
     ``out`` (n_leads, n), e.g. a transposed view of the final window array, receives the result
-    (float32 by default) so that no further copy is needed.
+    (float32 by default) so that no further copy is needed. ``constant``: see :func:`zscore_terms`.
     """
-    mean, scale = zscore_terms(signal)
+    mean, scale = zscore_terms(signal, constant)
     if out is None:
         out = np.empty(signal.shape, dtype=np.float32)
     np.subtract(signal, mean.astype(signal.dtype), out=out, casting="unsafe")
@@ -215,6 +217,8 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
     present &= ~flat_rows
     if x.shape[1] and not present.any():
         raise PreprocessError("no_signal", "every lead is flat, NaN or missing: nothing to embed")
+    # from here ~present marks the constant leads (absent and NaN ones are zero rows, flat ones stay flat through
+    # linear resampling), so the z-score needs no max/min pass of its own
     x = resample_linear(x, fs, opts.sample_rate)
     n = x.shape[1]
     padded = False
@@ -224,7 +228,7 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
                 "too_short", f"{n} samples at {opts.sample_rate} Hz < one {opts.window}-sample window (--pad keeps it)")
         if n == 0:
             raise PreprocessError("empty", "no samples")
-        z = zscore(x)
+        z = zscore(x, constant=~present)
         windows = np.zeros((1, x.shape[0], opts.window), dtype=np.float32)
         windows[0, :, :n] = z
         return Segmented(windows, np.zeros(1, dtype=np.int64), present, True, nan_leads, flat_leads)
@@ -233,12 +237,12 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
         # z-score straight into the (n_windows, n_leads, window) layout: one pass, no transposing copy
         used = len(starts) * opts.window
         windows = np.empty((len(starts), x.shape[0], opts.window), dtype=np.float32)
-        mean, scale = zscore_terms(x)
+        mean, scale = zscore_terms(x, ~present)
         view = windows.transpose(1, 0, 2)
         src = x[:, :used].reshape(x.shape[0], len(starts), opts.window)
         np.subtract(src, mean[:, :, None].astype(x.dtype), out=view, casting="unsafe")
         np.multiply(view, scale[:, :, None].astype(np.float32), out=view)
     else:
-        z = zscore(x)
+        z = zscore(x, constant=~present)
         windows = z[:, starts[:, None] + np.arange(opts.window)[None, :]].transpose(1, 0, 2)
     return Segmented(windows, starts, present, padded, nan_leads, flat_leads)
