@@ -270,8 +270,8 @@ def labels_from_table(table: Any, label_map: LabelMap | None = None, where: str 
     elif "codes" in table.column_names:
         codes = table.column("codes").to_pylist()
         mat, unmapped = codes_to_matrix(codes, label_map)
-        known = sorted({str(c) for row in codes if row for c in row})
-        if known and not np.nansum(mat):
+        known = sorted({str(c) for row in codes if row for c in row}) if not np.nansum(mat) else []
+        if known:  # codes, but not one of them in the map
             raise LabelError(f"{where}: no code of the table is in the label map ({len(known)} distinct codes, "
                              f"e.g. {', '.join(known[:5]) or 'none'}); is it the map for this dataset?")
         labels.extend(label_map.labels)

@@ -106,11 +106,7 @@ def _segment_headers(dirpath: Path, files: list[str]) -> set[str]:
     masters = {m.group(1) for s in stems if (m := _SEGMENT_STEM.match(s)) and m.group(1) in stems}
     listed: set[str] = set()
     for master in sorted(masters):
-        try:
-            text = (dirpath / stems[master]).read_text(errors="replace")
-        except OSError:
-            continue
-        lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        lines = _header_lines(dirpath / stems[master])
         if not lines or "/" not in lines[0][0]:
             continue  # not a multi-segment header
         listed.update(ln[0] for ln in lines[1:] if ln[0] != "~")
@@ -123,13 +119,17 @@ def _signal_files_named(dirpath: Path, files: list[str]) -> set[str]:
     named: set[str] = set()
     for f in files:
         if f.lower().endswith(".hea"):
-            try:
-                text = (dirpath / f).read_text(errors="replace")
-            except OSError:
-                continue
-            lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-            named.update(toks[0] for toks in lines[1:])
+            named.update(toks[0] for toks in _header_lines(dirpath / f)[1:])
     return named
+
+
+def _header_lines(path: Path) -> list[list[str]]:
+    """The tokens of a WFDB header's record and signal (or segment) lines, comments left out; [] if unreadable."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def discover(paths: list[Path]) -> Iterator[Source]:
