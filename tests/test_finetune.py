@@ -271,3 +271,21 @@ def test_non_finite_loss_stops_with_one_line(data: dict[str, Path], tmp_path: Pa
                          "--init", data["init"], "--epochs", "2", "-o", tmp_path / "run", *FAST)
     assert code == 2 and "epoch 1: the training loss is nan (not finite)" in err, err
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_no_validation_metric_is_said_and_recorded(data: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """A valid split whose labels hold one class gives no metric to select on: the run says why, keeps the last
+    epoch, and the note is in summary.json."""
+    from conftest import run_main
+
+    rids = sorted({r for r in pq.read_table(data["segments"], columns=["record_id"]).column(0).to_pylist()})
+    split = ["train"] * (len(rids) - 6) + ["valid"] * 3 + ["test"] * 3
+    af = [i % 2 if s != "valid" else 0 for i, s in enumerate(split)]
+    lines = ["record_id,split,AF"] + [f"{r},{s},{a}" for r, s, a in zip(rids, split, af, strict=True)]
+    (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
+    code, err = run_main(capsys, "finetune", data["segments"], "-l", tmp_path / "l.csv", "--init", data["init"],
+                         "--epochs", "2", "-o", tmp_path / "run", *FAST)
+    assert code == 0 and "no validation metric: no label has both classes in the valid split" in err, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["selection"] == "last epoch (no valid metric)" and summary["best_epoch"] == 2
+    assert any(n.startswith("no validation metric") for n in summary["notes"])
