@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Annotated
 
 import typer
 
@@ -20,19 +21,36 @@ app = typer.Typer(
 )
 
 
-def _register() -> None:
-    from ecgfm_cli.commands import ingest, segment
+def _print_version(value: bool) -> None:
+    if value:
+        from ecgfm_cli import __version__
 
-    app.command("ingest", no_args_is_help=True)(ingest.ingest_command)
-    app.command("segment")(segment.segment_command)
-    for name in ("convert", "embed", "pretrain", "finetune", "probe", "evaluate"):
-        try:
-            module = __import__(f"ecgfm_cli.commands.{name}", fromlist=["x"])
-        except ModuleNotFoundError as e:
-            if e.name != f"ecgfm_cli.commands.{name}":
-                raise
-            continue
-        app.command(name, no_args_is_help=True)(getattr(module, f"{name}_command"))
+        print(f"ecgfm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """ECG foundation models from the command line."""
+
+
+def first_sentence(doc: str | None) -> str:
+    """A command's one-line summary for the top-level help: the first sentence of its docstring, rewrapped
+    (typer would show the whole first paragraph with its hard line breaks)."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def _register() -> None:
+    import importlib
+
+    # `segment` reads stdin by default, so a bare `ecgfm segment` is a command, not a request for help.
+    for name in ("ingest", "segment", "convert", "embed", "pretrain", "finetune", "probe", "evaluate"):
+        module = importlib.import_module(f"ecgfm_cli.commands.{name}")
+        command = getattr(module, f"{name}_command")
+        app.command(name, no_args_is_help=name != "segment", short_help=first_sentence(command.__doc__))(command)
 
 
 _register()
@@ -83,10 +101,8 @@ def main() -> None:
     except typer.Abort:
         print("Aborted.", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        hint = "; `--resume` continues from the last checkpoint" if prog.strip() == "ecgfm pretrain" else ""
-        print(f"{prog.strip()}: interrupted{hint}", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # typer >= 0.2x turns it into exit code 130 itself (below); older typer raises it
+        rc = 130
     except BrokenPipeError:
         sys.exit(141)
     except SystemExit as e:
@@ -101,7 +117,25 @@ def main() -> None:
                 print(f"{prog.strip()}: error: {e.format_message()} (see `{prog.strip()} --help`)", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
+    if rc == 130:
+        print(interrupted_message(prog.strip()), file=sys.stderr)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+#: how to go on after Ctrl-C, per command
+_AFTER_INTERRUPT = {
+    "pretrain": "`ecgfm pretrain --resume RUN` continues from the last checkpoint",
+    "ingest": "nothing unfinished was kept; rerun the same command (shards already done are skipped)",
+    "segment": "nothing unfinished was kept; rerun the same command (shards already done are skipped)",
+    "embed": "nothing unfinished was kept; rerun the same command",
+    "finetune": "the run folder is unfinished (no predictions.parquet); rerun with --overwrite to replace it",
+}
+
+
+def interrupted_message(prog: str) -> str:
+    """The one line printed after Ctrl-C: what was interrupted and how to continue."""
+    hint = _AFTER_INTERRUPT.get(prog.split()[-1]) if prog != "ecgfm" else None
+    return f"{prog}: interrupted" + (f": {hint}" if hint else "")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -21,12 +21,18 @@ def info(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """Wrap ``items`` in a tqdm bar on stderr, shown only when stderr is a terminal."""
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+             size: Callable[[T], int] | None = None) -> Iterator[T]:
+    """Wrap ``items`` in a tqdm bar on stderr, shown only when stderr is a terminal. ``size(item)``: how many
+    ``unit`` an item counts for (rows of a batch), so that the bar counts what the user knows (segments), not
+    batches; ``total`` is then in those units."""
     from tqdm import tqdm
 
-    yield from tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr,
-                    disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    with tqdm(desc=desc, total=total, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(),
+              dynamic_ncols=True, leave=False, unit_scale=size is not None) as bar:
+        for item in items:
+            yield item
+            bar.update(1 if size is None else size(item))
 
 
 def plural(n: int, noun: str) -> str:

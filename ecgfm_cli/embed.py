@@ -505,7 +505,7 @@ def _worker(rank: int, job: _Job) -> None:
         if rank == 0:
             from ecgfm_cli.console import progress
 
-            batches = progress(batches, "embed", total=math.ceil((stop - start) / opts.batch_size), unit="batch")
+            batches = progress(batches, "embed", total=stop - start, unit="segment", size=len)
         embed_rows(batches, net, opts, mask, schema, writer.write, summary)
         writer.close()
         write_done_marker(Path(job.shard_dir), shard, {"kind": "embeddings", "shard": list(shard),
@@ -556,8 +556,7 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
         batches = rebatch(reader.iter_batches(INPUT_COLUMNS, batch_size=opts.batch_size), opts.batch_size)
         from ecgfm_cli.console import progress
 
-        batches = progress(batches, "embed", total=math.ceil(total / opts.batch_size) if total else None,
-                           unit="batch")
+        batches = progress(batches, "embed", total=total or None, unit="segment", size=len)
         if output.format == "npz":
             sink = NpzCollector()
             embed_rows(batches, net, opts1, mask, schema, sink.write, summary)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -12,6 +12,12 @@ _RUN = "Run length, checkpoints, logs"
 _OPT = "Optimisation"
 _DIST = "Devices and processes"
 _LOSS = "Objective (defaults: ECG-FM)"
+
+
+def _opt(help: str, panel: str, *names: str, **kw) -> typer.models.OptionInfo:
+    """An option of this command: its help line and its panel (give value options a short ``metavar``: typer's
+    type column, ``<float range> [0.0<=x<=1.0]``, is otherwise wider than the help itself)."""
+    return typer.Option(*names, help=help or None, rich_help_panel=panel, **kw)
 
 
 def parse_duration(text: str) -> float:
@@ -40,139 +46,88 @@ def _floats(text: str, n: int, option: str) -> tuple[float, ...]:
 
 
 def pretrain_command(
-    segments: Annotated[str, typer.Argument(help="Segments from `ecgfm segment`: DIR of shards or FILE.parquet/.arrow.",
-                                            rich_help_panel=_DATA)],
-    output: Annotated[str, typer.Option("-o", "--output", help="Run directory: checkpoints, log.jsonl, run.json.",
-                                        rich_help_panel=_DATA)],
-    preset: Annotated[str, typer.Option(help="Model size: base (ECG-FM, 90.9 M), large, tiny (tests).",
-                                        rich_help_panel=_DATA)] = "base",
-    init: Annotated[str | None, typer.Option(help="Start from this checkpoint (official ECG-FM .pt or ours): "
-                                             "continued pretraining. Its architecture replaces --preset.",
-                                             rich_help_panel=_DATA)] = None,
-    unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a .pt "
-                                                "--init (runs code: trusted files only).",
-                                                rich_help_panel=_DATA)] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in -o exactly where its latest "
-                                         "checkpoint left off (weights, optimizer, RNG, data position).",
-                                         rich_help_panel=_DATA)] = False,
-    batch_size: Annotated[int | None, typer.Option(help="Segments per GPU/process per step (CMSC: 2 x pairs; "
-                                                   "default 128, the reference; with --resume the run's).", min=1,
-                                                   rich_help_panel=_OPT)] = None,
-    update_freq: Annotated[int, typer.Option(help="Gradient accumulation: steps per update.", min=1,
-                                             rich_help_panel=_OPT)] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.", min=0.0, rich_help_panel=_OPT)] = 5e-5,
-    lr_schedule: Annotated[str, typer.Option(help="fixed (reference) or cosine (to 0 at --max-updates).",
-                                             rich_help_panel=_OPT)] = "fixed",
-    warmup_updates: Annotated[int, typer.Option(help="Linear warm-up updates.", min=0,
-                                                rich_help_panel=_OPT)] = 0,
-    weight_decay: Annotated[float, typer.Option(help="Decoupled (AdamW) weight decay.", min=0.0,
-                                                rich_help_panel=_OPT)] = 0.01,
-    adam_betas: Annotated[str, typer.Option(help="Adam beta1,beta2.", rich_help_panel=_OPT)] = "0.9,0.98",
-    adam_eps: Annotated[float, typer.Option(help="Adam epsilon.", rich_help_panel=_OPT)] = 1e-6,
-    clip_norm: Annotated[float, typer.Option(help="Clip the gradient norm (0 = off, reference).", min=0.0,
-                                             rich_help_panel=_OPT)] = 0.0,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 autocast on GPU, float32 on CPU), float32, bfloat16.",
-                                       rich_help_panel=_OPT)] = "auto",
-    compile: Annotated[bool, typer.Option("--compile/--no-compile",
-                                          help="torch.compile the transformer layers (fused elementwise "
-                                          "work: faster GPU steps after a one-off compilation; needs a C++ "
-                                          "compiler on CPU).", rich_help_panel=_OPT)] = False,
-    dropout: Annotated[float | None, typer.Option(help="Override the encoder's dropout, attention dropout and "
-                                                  "input dropout (reference 0.1 each; the activation dropout "
-                                                  "keeps its reference 0.0).", min=0.0, max=1.0,
-                                                  rich_help_panel=_OPT)] = None,
-    max_updates: Annotated[int | None, typer.Option(help="Stop after this many updates.", min=1,
-                                                    rich_help_panel=_RUN)] = None,
-    max_epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs (default 200 when no other "
-                                                   "limit is given, as the reference).", min=1,
-                                                   rich_help_panel=_RUN)] = None,
-    max_time: Annotated[str | None, typer.Option(help="Stop after this long: seconds or 90m, 2h, 1h30m.",
-                                                 rich_help_panel=_RUN)] = None,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N updates (and always at the end).", min=0,
-                                            rich_help_panel=_RUN)] = 5000,
-    keep_last: Annotated[int, typer.Option(help="Keep the last K checkpoints (0 = all).", min=0,
-                                           rich_help_panel=_RUN)] = 3,
-    log_every: Annotated[int, typer.Option(help="One log.jsonl line per N updates.", min=1,
-                                           rich_help_panel=_RUN)] = 10,
-    seed: Annotated[int, typer.Option(help="Seed of the model init, masks, data order and lead masks.",
-                                      rich_help_panel=_RUN)] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel=_DIST)] = "auto",
-    gpus: Annotated[int | None, typer.Option(help="GPUs on this node: one DDP process each (NCCL).", min=1,
-                                             rich_help_panel=_DIST)] = None,
-    procs: Annotated[int | None, typer.Option(help="CPU processes (DDP over gloo), e.g. to test the "
-                                              "distributed path.", min=1, rich_help_panel=_DIST)] = None,
-    nnodes: Annotated[int, typer.Option(help="Nodes (run the same command on each, with --node-rank).", min=1,
-                                        rich_help_panel=_DIST)] = 1,
-    node_rank: Annotated[int, typer.Option(help="This node's rank (0 .. nnodes-1).", min=0,
-                                           rich_help_panel=_DIST)] = 0,
-    master_addr: Annotated[str, typer.Option(help="Address of node 0 (multi-node).",
-                                             rich_help_panel=_DIST)] = "127.0.0.1",
-    master_port: Annotated[int | None, typer.Option(help="Port on node 0 (default: a free one on one node, "
-                                                    "29500 on several).", rich_help_panel=_DIST)] = None,
-    workers: Annotated[int, typer.Option(help="Data loader threads per GPU/process, each reading its own "
-                                         "share of the row groups.", min=1, rich_help_panel=_DIST)] = 2,
-    worker_processes: Annotated[bool, typer.Option("--worker-processes", help="Load in DataLoader processes "
-                                                   "instead of threads (same batches; ~2x the CPU per "
-                                                   "segment, for when the GIL is the bottleneck).",
-                                                   rich_help_panel=_DIST)] = False,
-    shuffle_buffer: Annotated[int, typer.Option(help="Items (pairs) shuffled together per loader worker; "
-                                                "bounds its memory (~240 kB per pair).", min=1,
-                                                rich_help_panel=_DIST)] = 1024,
-    mask_prob: Annotated[float, typer.Option(help="Time-mask span-start probability x span.", min=0.0, max=1.0,
-                                             rich_help_panel=_LOSS)] = 0.65,
-    mask_length: Annotated[int, typer.Option(help="Time-mask span length (frames).", min=1,
-                                             rich_help_panel=_LOSS)] = 10,
-    min_masks: Annotated[int, typer.Option(help="Minimum spans per segment.", min=0,
-                                           rich_help_panel=_LOSS)] = 2,
-    num_negatives: Annotated[int, typer.Option(help="Distractors per masked frame.", min=1,
-                                               rich_help_panel=_LOSS)] = 100,
-    logit_temp: Annotated[float, typer.Option(help="Contrastive logit temperature.", min=1e-6,
-                                              rich_help_panel=_LOSS)] = 0.1,
-    latent_vars: Annotated[int, typer.Option(help="Codebook entries per group.", min=1,
-                                             rich_help_panel=_LOSS)] = 320,
-    latent_groups: Annotated[int, typer.Option(help="Codebook groups.", min=1, rich_help_panel=_LOSS)] = 2,
-    final_dim: Annotated[int, typer.Option(help="Projection / codeword size.", min=1,
-                                           rich_help_panel=_LOSS)] = 256,
-    latent_temp: Annotated[str, typer.Option(help="Gumbel temperature start,end,decay per update.",
-                                             rich_help_panel=_LOSS)] = "2,0.5,0.999995",
-    dropout_features: Annotated[float, typer.Option(help="Dropout on the quantizer input.", min=0.0, max=1.0,
-                                                    rich_help_panel=_LOSS)] = 0.1,
-    feature_grad_mult: Annotated[float, typer.Option(help="Gradient scale into the conv feature extractor.",
-                                                     min=0.0, rich_help_panel=_LOSS)] = 0.1,
-    diversity_weight: Annotated[float, typer.Option(help="Codebook diversity loss weight.", min=0.0,
-                                                    rich_help_panel=_LOSS)] = 0.1,
-    feature_penalty_weight: Annotated[float, typer.Option(help="Feature L2 penalty weight.", min=0.0,
-                                                          rich_help_panel=_LOSS)] = 10.0,
-    cmsc_weight: Annotated[float, typer.Option(help="CMSC loss weight.", min=0.0, rich_help_panel=_LOSS)] = 1.0,
-    cmsc_temp: Annotated[float, typer.Option(help="CMSC softmax temperature.", min=1e-6,
-                                             rich_help_panel=_LOSS)] = 0.1,
-    cmsc_gather: Annotated[bool, typer.Option("--cmsc-gather", help="CMSC negatives from all ranks (reference: "
-                                              "local batch only).", rich_help_panel=_LOSS)] = False,
-    rlm_prob: Annotated[float, typer.Option(help="Probability that RLM zeroes a lead.", min=0.0, max=1.0,
-                                            rich_help_panel=_LOSS)] = 0.5,
-    rlm_apply_prob: Annotated[float, typer.Option(help="Probability that a segment gets RLM at all.", min=0.0,
-                                                  max=1.0, rich_help_panel=_LOSS)] = 1.0,
-    no_cmsc: Annotated[bool, typer.Option("--no-cmsc", help="Ablation: no CMSC (single segments, every record).",
-                                          rich_help_panel=_LOSS)] = False,
-    no_rlm: Annotated[bool, typer.Option("--no-rlm", help="Ablation: no random lead masking.",
-                                         rich_help_panel=_LOSS)] = False,
-    no_w2v: Annotated[bool, typer.Option("--no-w2v", help="Ablation: no wav2vec 2.0 loss (CMSC only).",
-                                         rich_help_panel=_LOSS)] = False,
+    segments: Annotated[str, typer.Argument(
+        help="Segments from `ecgfm segment`: DIR of shards or FILE.parquet/.arrow.", show_default=False)],
+    output: Annotated[str, _opt("Run directory: checkpoints, log.jsonl, run.json.", _DATA, "-o", "--output",
+                                metavar="DIR")],
+    preset: Annotated[str, _opt("base (ECG-FM, 90.9 M), large, tiny (tests).", _DATA, metavar="TEXT")] = "base",
+    init: Annotated[str | None, _opt("Continue pretraining from this checkpoint (ECG-FM .pt or ours); its "
+                                     "architecture replaces --preset.", _DATA, metavar="TEXT")] = None,
+    unsafe_pickle: Annotated[bool, _opt("Allow pickled objects in a .pt --init (runs code).", _DATA,
+                                        "--unsafe-pickle")] = False,
+    resume: Annotated[bool, _opt("Continue the run in -o exactly where its last checkpoint left off.", _DATA,
+                                 "--resume")] = False,
+    batch_size: Annotated[int | None, _opt("Segments per process per step (default 128; --resume: the run's).",
+                                           _OPT, min=1, metavar="N")] = None,
+    update_freq: Annotated[int, _opt("Steps per update (gradient accumulation).", _OPT, min=1, metavar="N")] = 1,
+    lr: Annotated[float, _opt("Peak learning rate.", _OPT, min=0.0, metavar="X")] = 5e-5,
+    lr_schedule: Annotated[Literal["fixed", "cosine"], _opt("cosine decays to 0 at --max-updates.", _OPT)] = "fixed",
+    warmup_updates: Annotated[int, _opt("Linear warm-up updates.", _OPT, min=0, metavar="N")] = 0,
+    weight_decay: Annotated[float, _opt("AdamW weight decay.", _OPT, min=0.0, metavar="X")] = 0.01,
+    adam_betas: Annotated[str, _opt("Adam beta1,beta2.", _OPT, metavar="TEXT")] = "0.9,0.98",
+    adam_eps: Annotated[float, _opt("Adam epsilon.", _OPT, metavar="X")] = 1e-6,
+    clip_norm: Annotated[float, _opt("Gradient-norm clip (0 = off).", _OPT, min=0.0, metavar="X")] = 0.0,
+    dtype: Annotated[Literal["auto", "float32", "bfloat16"], _opt("auto: bfloat16 on GPU, float32 on CPU.",
+                                                                  _OPT)] = "auto",
+    compile: Annotated[bool, _opt("torch.compile the transformer layers (GPU; a C++ compiler on CPU).", _OPT,
+                                  "--compile")] = False,
+    dropout: Annotated[float | None, _opt("Dropout, attention and input dropout (reference 0.1).", _OPT,
+                                          min=0.0, max=1.0, metavar="X")] = None,
+    max_updates: Annotated[int | None, _opt("Stop after this many updates.", _RUN, min=1, metavar="N")] = None,
+    max_epochs: Annotated[int | None, _opt("Stop after this many epochs (200 if no limit is given).", _RUN,
+                                           min=1, metavar="N")] = None,
+    max_time: Annotated[str | None, _opt("Stop after this long: seconds, 90m, 2h, 1h30m.", _RUN,
+                                         metavar="TIME")] = None,
+    save_every: Annotated[int, _opt("Checkpoint every N updates (and at the end).", _RUN, min=0, metavar="N")] = 5000,
+    keep_last: Annotated[int, _opt("Keep the last K checkpoints (0 = all).", _RUN, min=0, metavar="N")] = 3,
+    log_every: Annotated[int, _opt("One log.jsonl line per N updates.", _RUN, min=1, metavar="N")] = 10,
+    seed: Annotated[int, _opt("Seed of init, masks, data order.", _RUN, metavar="N")] = 1,
+    device: Annotated[Literal["auto", "cpu", "cuda"], _opt("", _DIST)] = "auto",
+    gpus: Annotated[int | None, _opt("GPUs on this node: one DDP process each.", _DIST, min=1, metavar="N")] = None,
+    procs: Annotated[int | None, _opt("CPU processes (DDP over gloo).", _DIST, min=1, metavar="N")] = None,
+    nnodes: Annotated[int, _opt("Nodes (same command on each).", _DIST, min=1, metavar="N")] = 1,
+    node_rank: Annotated[int, _opt("This node's rank.", _DIST, min=0, metavar="N")] = 0,
+    master_addr: Annotated[str, _opt("Address of node 0.", _DIST, metavar="TEXT")] = "127.0.0.1",
+    master_port: Annotated[int | None, _opt("Port on node 0 (a free one; 29500 multi-node).", _DIST,
+                                            metavar="N")] = None,
+    workers: Annotated[int, _opt("Loader threads per process.", _DIST, min=1, metavar="N")] = 2,
+    worker_processes: Annotated[bool, _opt("Load in processes, not threads (same batches).", _DIST,
+                                           "--worker-processes")] = False,
+    shuffle_buffer: Annotated[int, _opt("Pairs shuffled together per loader (~240 kB each).", _DIST,
+                                        min=1, metavar="N")] = 1024,
+    mask_prob: Annotated[float, _opt("Time-mask span-start probability x span.", _LOSS, min=0.0, max=1.0,
+                                     metavar="X")] = 0.65,
+    mask_length: Annotated[int, _opt("Time-mask span (frames).", _LOSS, min=1, metavar="N")] = 10,
+    min_masks: Annotated[int, _opt("Minimum spans per segment.", _LOSS, min=0, metavar="N")] = 2,
+    num_negatives: Annotated[int, _opt("Distractors per masked frame.", _LOSS, min=1, metavar="N")] = 100,
+    logit_temp: Annotated[float, _opt("Contrastive logit temperature.", _LOSS, min=1e-6, metavar="X")] = 0.1,
+    latent_vars: Annotated[int, _opt("Codebook entries per group.", _LOSS, min=1, metavar="N")] = 320,
+    latent_groups: Annotated[int, _opt("Codebook groups.", _LOSS, min=1, metavar="N")] = 2,
+    final_dim: Annotated[int, _opt("Projection / codeword size.", _LOSS, min=1, metavar="N")] = 256,
+    latent_temp: Annotated[str, _opt("Gumbel temperature start,end,decay.", _LOSS, metavar="TEXT")] = "2,0.5,0.999995",
+    dropout_features: Annotated[float, _opt("Quantizer-input dropout.", _LOSS, min=0.0, max=1.0, metavar="X")] = 0.1,
+    feature_grad_mult: Annotated[float, _opt("Gradient scale into the conv stack.", _LOSS, min=0.0, metavar="X")] = 0.1,
+    diversity_weight: Annotated[float, _opt("Codebook diversity weight.", _LOSS, min=0.0, metavar="X")] = 0.1,
+    feature_penalty_weight: Annotated[float, _opt("Feature L2 penalty weight.", _LOSS, min=0.0, metavar="X")] = 10.0,
+    cmsc_weight: Annotated[float, _opt("CMSC loss weight.", _LOSS, min=0.0, metavar="X")] = 1.0,
+    cmsc_temp: Annotated[float, _opt("CMSC temperature.", _LOSS, min=1e-6, metavar="X")] = 0.1,
+    cmsc_gather: Annotated[bool, _opt("CMSC negatives from all ranks (reference: local).", _LOSS,
+                                      "--cmsc-gather")] = False,
+    rlm_prob: Annotated[float, _opt("Probability that RLM zeroes a lead.", _LOSS, min=0.0, max=1.0, metavar="X")] = 0.5,
+    rlm_apply_prob: Annotated[float, _opt("Probability a segment gets RLM.", _LOSS, min=0.0, max=1.0,
+                                          metavar="X")] = 1.0,
+    no_cmsc: Annotated[bool, _opt("Ablation: no CMSC.", _LOSS, "--no-cmsc")] = False,
+    no_rlm: Annotated[bool, _opt("Ablation: no random lead masking.", _LOSS, "--no-rlm")] = False,
+    no_w2v: Annotated[bool, _opt("Ablation: no wav2vec 2.0 loss.", _LOSS, "--no-w2v")] = False,
 ) -> None:
-    """Pretrain an ECG-FM encoder with ECG-FM's objective (wav2vec 2.0 + CMSC + random lead masking)
-    from segments: `ecgfm pretrain SEGMENTS -o RUN/ --gpus 8`. Several nodes: run it under
-    `torchrun --nnodes N ... -m ecgfm_cli pretrain ...`, or on each node with --nnodes/--node-rank/--master-addr.
-    Checkpoints are RUN/checkpoint-<update>/ (kind "pretraining"); --resume continues a run exactly."""
+    """Pretrain an ECG-FM encoder with ECG-FM's objective (wav2vec 2.0 + CMSC + random lead masking) from segments.
+
+    `ecgfm pretrain SEGMENTS -o RUN/ [--gpus 8]` writes RUN/checkpoint-<update>/; --resume continues a run exactly.
+    Several nodes, launchers and every option: docs/commands/pretrain.md."""
     from ecgfm_cli.console import fail
 
-    if lr_schedule not in ("fixed", "cosine"):
-        fail(f"--lr-schedule {lr_schedule!r}: expected fixed or cosine")
     if lr_schedule == "cosine" and max_updates is None:
         fail("--lr-schedule cosine needs --max-updates (the decay ends there)")
-    if dtype not in ("auto", "float32", "bfloat16"):
-        fail(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
-    if device not in ("auto", "cpu", "cuda"):
-        fail(f"--device {device!r}: expected auto, cpu or cuda")
     if no_w2v and no_cmsc:
         fail("--no-w2v with --no-cmsc leaves no objective")
     if node_rank >= nnodes:
