@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgfm_cli.contract import STANDARD_LEADS
-from ecgfm_cli.io.readers_common import check_sample_rate
+from ecgfm_cli.io.readers_common import check_sample_rate, check_size
 from ecgfm_cli.io.record import RawRecord, RejectedRecord
 from ecgfm_cli.io.wfdb_header import parse_age, parse_sex
 
@@ -52,10 +52,26 @@ def _scalar(v) -> object:
     return v
 
 
-def read_mat(path: Path, record_id: str) -> RawRecord:
-    """A standalone ``.mat`` (no ``.hea``): CPSC-2018 struct ``ECG`` or fairseq ``feats``."""
+def _check_mat_size(path: Path, max_samples: int | None) -> None:
+    """too_large from the matrix shapes a .mat declares (scipy reads the variable headers only), before loading it.
+    A struct's fields (CPSC's ``ECG.data``) are not listed: they are checked once loaded."""
     import scipy.io
 
+    try:
+        listed = scipy.io.whosmat(str(path))
+    except Exception:  # noqa: BLE001 - a corrupt file is reported by the full read that follows
+        return
+    for var, shape, _cls in listed:
+        if len(shape) == 2:
+            check_size(max(shape), min(shape), max_samples, f"{path.name} variable {var}")
+
+
+def read_mat(path: Path, record_id: str, max_samples: int | None = None) -> RawRecord:
+    """A standalone ``.mat`` (no ``.hea``): CPSC-2018 struct ``ECG`` or fairseq ``feats``.
+    max_samples: the most samples per lead (``too_large`` beyond; None for no bound)."""
+    import scipy.io
+
+    _check_mat_size(path, max_samples)
     try:
         m = scipy.io.loadmat(str(path))
     except NotImplementedError as e:  # v7.3 (HDF5-based) .mat
@@ -70,6 +86,7 @@ def read_mat(path: Path, record_id: str) -> RawRecord:
         if "data" not in names:
             raise RejectedRecord("not_ecg", f"{path.name}: struct ECG has no field 'data'")
         signal = _leads_signal(ecg["data"].reshape(-1)[0], f"{path.name} ECG.data")
+        check_size(signal.shape[1], 12, max_samples, f"{path.name} ECG.data")
         sex = _scalar(ecg["sex"]) if "sex" in names else None
         age = _scalar(ecg["age"]) if "age" in names else None
         return RawRecord(source_format="cpsc-mat", sample_rate=CPSC_FS, signal=signal, units=["mV"] * 12,
@@ -111,8 +128,9 @@ def _str_id(v) -> str | None:
     return str(v)
 
 
-def read_hdf5(path: Path, record_id: str) -> Iterator[RawRecord | RejectedRecord]:
-    """CODE-15% (``tracings`` N x 4096 x 12, ``exam_id``) or SPH (``ecg`` 12 x N) HDF5."""
+def read_hdf5(path: Path, record_id: str, max_samples: int | None = None) -> Iterator[RawRecord | RejectedRecord]:
+    """CODE-15% (``tracings`` N x 4096 x 12, ``exam_id``) or SPH (``ecg`` 12 x N) HDF5.
+    max_samples: the most samples per lead, checked against the dataset's shape before reading it."""
     import h5py
 
     try:
@@ -123,9 +141,12 @@ def read_hdf5(path: Path, record_id: str) -> Iterator[RawRecord | RejectedRecord
     with f:
         src = os.path.abspath(path)
         if "tracings" in f:
-            yield from _read_code15(f, path, src, record_id)
+            yield from _read_code15(f, path, src, record_id, max_samples)
         elif "ecg" in f and isinstance(f["ecg"], h5py.Dataset):
             try:
+                shape = f["ecg"].shape
+                if len(shape) == 2:
+                    check_size(max(shape), min(shape), max_samples, f"{path.name} dataset ecg {shape}")
                 signal = _leads_signal(f["ecg"][()], f"{path.name} dataset ecg")
             except RejectedRecord as e:
                 e.path, e.record_id = str(path), record_id
@@ -138,11 +159,18 @@ def read_hdf5(path: Path, record_id: str) -> Iterator[RawRecord | RejectedRecord
                                             f"found {sorted(f.keys())[:10]}", str(path), record_id)
 
 
-def _read_code15(f, path: Path, src: str, record_id: str) -> Iterator[RawRecord | RejectedRecord]:
+def _read_code15(f, path: Path, src: str, record_id: str,
+                 max_samples: int | None) -> Iterator[RawRecord | RejectedRecord]:
     tr = f["tracings"]
     if tr.ndim != 3 or tr.shape[2] != 12:
         yield RejectedRecord("not_ecg", f"{path.name}: 'tracings' has shape {tr.shape}, expected (N, n, 12)",
                              str(path), record_id)
+        return
+    try:
+        check_size(tr.shape[1], 12, max_samples, f"{path.name} tracings {tr.shape}")
+    except RejectedRecord as e:
+        e.path, e.record_id = str(path), record_id
+        yield e
         return
     n = tr.shape[0]
     exam_ids = [_str_id(v) for v in f["exam_id"][()]] if "exam_id" in f else [str(i) for i in range(n)]

@@ -11,13 +11,16 @@ invalid-sample value mapped to NaN.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from ecgfm_cli.io.readers_common import (
+    check_amplitude,
     check_leads,
     check_sample_rate,
+    check_size,
     mimic_ids,
 )
 from ecgfm_cli.io.record import RawRecord, RejectedRecord
@@ -29,6 +32,9 @@ _BYTES_PER_SAMPLE = {"8": 1, "16": 2, "61": 2, "80": 1, "160": 2, "24": 3, "32":
 _INVALID = {"80": -(2**7), "310": -(2**9), "311": -(2**9), "212": -(2**11), "16": -(2**15),
             "61": -(2**15), "160": -(2**15), "24": -(2**23), "32": -(2**31), "8": None}
 FAST_FORMATS = frozenset(_BYTES_PER_SAMPLE)
+#: every format of the WFDB specification: the fast ones, FLAC (compressed, read by wfdb-python) and 0 (null signal)
+WFDB_FORMATS = FAST_FORMATS | {"0", "508", "516", "524"}
+_COMPRESSED = frozenset({"508", "516", "524"})
 
 
 def _n_bytes(fmt: str, n_samples: int) -> int:
@@ -155,18 +161,38 @@ def _mat_v5_matrix(path: Path, n_sig: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _find_file(dirname: Path, name: str) -> Path | None:
+def _signal_path(hea: Path, name: str, where: str, what: str = "signal file") -> Path:
+    """The file a header line names, which must lie inside the header's own folder tree (a header can name any
+    path: ``../../etc/passwd``, another record's file by absolute path). Tolerates another spelling of the case."""
+    dirname = hea.parent
     p = dirname / name
-    if p.is_file():
-        return p
-    try:  # tolerate a header that spells the file name in another case
-        low = name.lower()
-        for entry in os.listdir(dirname):
-            if entry.lower() == low:
-                return dirname / entry
-    except OSError:
-        pass
-    return None
+    if not os.path.lexists(p):
+        try:  # tolerate a header that spells the file name in another case
+            low = name.lower()
+            p = next((dirname / e for e in os.listdir(dirname) if e.lower() == low), p)
+        except OSError:
+            pass
+    plain = os.sep not in name and "/" not in name and name not in (".", "..") and not os.path.islink(p)
+    if not plain:  # a bare file name that is no symlink stays in the folder: no realpath needed (the usual case)
+        real = os.path.realpath(p)
+        # the header's folder, and the folder of the file a symlinked header points to (a folder of symlinks to a
+        # dataset elsewhere keeps working)
+        roots = {os.path.realpath(dirname), os.path.dirname(os.path.realpath(hea))}
+        if os.path.isabs(name) or not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+            raise RejectedRecord("bad_path", f"{where}: {what} {name!r} lies outside the record's folder "
+                                             f"{dirname} (resolves to {real})")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise RejectedRecord("missing_data", f"{where}: {what} {name} not found") from None
+    except OSError as e:  # a symlink loop (ELOOP), a permission error
+        raise RejectedRecord("unreadable", f"{where}: {what} {name}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise RejectedRecord("missing_data", f"{where}: {what} {name} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise RejectedRecord("not_regular_file", f"{where}: {what} {name} is not a regular file (a FIFO or device); "
+                                                 "not opened")
+    return p
 
 
 def _groups(signals: list[SignalSpec]) -> list[tuple[str, list[int]]]:
@@ -192,19 +218,23 @@ def _needs_fallback(h: WfdbHeader) -> str | None:
     return None
 
 
-def _read_group(hea: Path, h: WfdbHeader, idx: list[int], sig_len: int | None) -> np.ndarray:
-    """Digital values (len(idx), sig_len) of the signals stored in one file."""
+def _read_group(hea: Path, h: WfdbHeader, idx: list[int], sig_len: int | None,
+                max_samples: int | None) -> np.ndarray:
+    """Digital values (len(idx), sig_len) of the signals stored in one file.
+
+    The file must hold exactly what the header declares (byte offset + the format's bytes for sig_len frames):
+    a larger file means the header's format or length is wrong (format 16 data labelled 8 or 212), not spare room.
+    """
     first = h.signals[idx[0]]
     fmt, n_sig = first.fmt, len(idx)
     where = f"{hea.name} line {first.line}"
-    path = _find_file(hea.parent, first.file_name)
-    if path is None:
-        raise RejectedRecord("missing_data", f"{where}: signal file {first.file_name} not found")
+    path = _signal_path(hea, first.file_name, where)
     offset = first.byte_offset
     if path.suffix.lower() == ".mat":
         with open(path, "rb") as f:
             head = f.read(128)
         if head[:6] == b"MATLAB":
+            _check_mat_v5_size(path, n_sig, max_samples, where)
             try:
                 v = _mat_v5_matrix(path, n_sig)
             except RejectedRecord:
@@ -214,7 +244,7 @@ def _read_group(hea: Path, h: WfdbHeader, idx: list[int], sig_len: int | None) -
             if v.shape[0] != n_sig:
                 raise RejectedRecord("size_mismatch", f"{path.name}: matrix has {v.shape[0]} rows, "
                                                       f"{where} expects {n_sig} signals")
-            if sig_len is not None and v.shape[1] < sig_len:
+            if sig_len is not None and v.shape[1] != sig_len:
                 raise RejectedRecord("size_mismatch", f"{path.name}: {v.shape[1]} samples, header "
                                                       f"declares {sig_len}")
             if v.dtype.kind == "f" and not np.all(v == np.round(v)):
@@ -227,14 +257,22 @@ def _read_group(hea: Path, h: WfdbHeader, idx: list[int], sig_len: int | None) -
     size = path.stat().st_size
     bps = _BYTES_PER_SAMPLE[fmt]
     avail = max(size - offset, 0)
+    inferred = sig_len is None
     if sig_len is None:
         sig_len = int(avail // (bps * n_sig))
+    check_size(sig_len, h.n_sig, max_samples, where if inferred else f"{hea.name} line {h.fs_line}")
     n = sig_len * n_sig
     need = _n_bytes(fmt, n)
     if avail < need:
         have = int(avail // (bps * n_sig))
         raise RejectedRecord("size_mismatch", f"{path.name} holds {have} of the {sig_len} samples per "
                                               f"signal declared in {hea.name} ({avail} of {need} bytes)")
+    # A length inferred from the size leaves at most a partial frame over (wfdb-python ignores it too).
+    spare = avail - need
+    if spare and (not inferred or spare > _n_bytes(fmt, n_sig)):
+        raise RejectedRecord("size_mismatch", f"{path.name} holds {avail} bytes after offset {offset} but {hea.name} "
+                                              f"implies {need} ({sig_len} samples x {n_sig} signals in format {fmt}): "
+                                              f"the header's format or length is wrong")
     with open(path, "rb") as f:
         if offset:
             f.seek(offset)
@@ -248,8 +286,20 @@ def _read_group(hea: Path, h: WfdbHeader, idx: list[int], sig_len: int | None) -
     return d.T
 
 
-def _fast_read(hea: Path, h: WfdbHeader) -> tuple[np.ndarray, int]:
-    parts = [(idx, _read_group(hea, h, idx, h.sig_len)) for _name, idx in _groups(h.signals)]
+def _check_mat_v5_size(path: Path, n_sig: int, max_samples: int | None, where: str) -> None:
+    """too_large from the shapes a v5 .mat declares (scipy reads only the variable headers), before loading it."""
+    import scipy.io
+
+    try:
+        shapes = [shape for _name, shape, _cls in scipy.io.whosmat(str(path)) if len(shape) == 2]
+    except Exception:  # noqa: BLE001 - a corrupt file is reported by the full read that follows
+        return
+    for shape in shapes:
+        check_size(max(shape), n_sig, max_samples, where)
+
+
+def _fast_read(hea: Path, h: WfdbHeader, max_samples: int | None) -> tuple[np.ndarray, int]:
+    parts = [(idx, _read_group(hea, h, idx, h.sig_len, max_samples)) for _name, idx in _groups(h.signals)]
     lengths = {p[1].shape[1] for p in parts}
     if len(lengths) > 1:
         raise RejectedRecord("size_mismatch", f"{hea.name}: signal files hold different lengths {sorted(lengths)}")
@@ -263,7 +313,73 @@ def _fast_read(hea: Path, h: WfdbHeader) -> tuple[np.ndarray, int]:
     return digital, n
 
 
-def _wfdb_fallback(hea: Path, h: WfdbHeader, store_digital: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _check_fallback_files(hea: Path, h: WfdbHeader, max_samples: int | None) -> None:
+    """What wfdb-python would read, checked before it reads: each signal file inside the record's folder, the
+    declared size under ``max_samples``, and (uncompressed single-format files) the file size against the header:
+    a skewed signal may read up to its skew past the end (wfdb-python pads it), nothing else may be over or short.
+    """
+    spf = max((s.samps_per_frame for s in h.signals), default=1)
+    if h.sig_len is not None:
+        check_size(h.sig_len * spf, h.n_sig, max_samples, f"{hea.name} line {h.fs_line}")
+    for name, idx in _groups(h.signals):
+        sigs = [h.signals[i] for i in idx]
+        where = f"{hea.name} line {sigs[0].line}"
+        if name == "~" or sigs[0].fmt == "0":
+            continue
+        path = _signal_path(hea, name, where)
+        fmts = {s.fmt for s in sigs}
+        if len(fmts) > 1 or fmts & _COMPRESSED:
+            continue  # FLAC is compressed; mixed-format frames: wfdb-python checks what it reads
+        fmt = fmts.pop()
+        per_frame = sum(s.samps_per_frame for s in sigs)
+        avail = max(path.stat().st_size - sigs[0].byte_offset, 0)
+        if h.sig_len is None:
+            check_size(int(avail // (_BYTES_PER_SAMPLE[fmt] * per_frame)) * spf, h.n_sig, max_samples, where)
+            continue
+        need = _n_bytes(fmt, h.sig_len * per_frame)
+        most = _n_bytes(fmt, (h.sig_len + max(s.skew for s in sigs)) * per_frame)
+        if not need <= avail <= most:
+            raise RejectedRecord("size_mismatch", f"{path.name} holds {avail} bytes but {hea.name} implies {need} "
+                                                  f"({h.sig_len} frames of {per_frame} samples in format {fmt})")
+
+
+def _check_segments(hea: Path, h: WfdbHeader, max_samples: int | None) -> None:
+    """A multi-segment master: its segment headers inside its folder, its total length under ``max_samples``,
+    and at least one segment that holds samples."""
+    where = f"{hea.name} line {h.fs_line}"
+    if h.sig_len is not None:
+        check_size(h.sig_len, h.n_sig, max_samples, where)
+    for name, _length in h.segments:
+        if name == "~":
+            continue
+        seg = _signal_path(hea, name + ".hea", where, "segment header")
+        try:
+            seg_h = parse_header(_header_text(seg))
+        except (OSError, HeaderError) as e:
+            raise RejectedRecord("unreadable", f"{where}: segment header {seg.name}: {e}") from None
+        try:  # its signal files: inside the folder, of the size it declares
+            _check_fallback_files(seg, seg_h, None)
+        except RejectedRecord as e:
+            raise RejectedRecord(e.reason, f"{hea.name}: segment {e.detail}") from None
+    if not any(name != "~" and length > 0 for name, length in h.segments):
+        raise RejectedRecord("empty", f"{where}: every one of the {len(h.segments)} segments is empty (~ or a "
+                                      f"layout segment): the record holds no samples")
+
+
+def _layout_units(hea: Path, h: WfdbHeader) -> dict[str, str]:
+    """Units by signal name from a variable-layout master's layout segment (its first, 0 samples long)."""
+    if not h.segments or h.segments[0][1] != 0 or h.segments[0][0] == "~":
+        return {}
+    try:
+        layout = parse_header(_header_text(hea.parent / (h.segments[0][0] + ".hea")))
+    except (OSError, HeaderError):
+        return {}
+    return {s.name: s.units for s in layout.signals}
+
+
+def _wfdb_fallback(hea: Path, h: WfdbHeader, store_digital: bool,
+                   ) -> tuple[np.ndarray, np.ndarray | None, list[str], list[str] | None]:
+    """(signal, digital or None, lead names, units) as wfdb-python reads them."""
     import wfdb
 
     base = str(hea.with_suffix(""))
@@ -278,13 +394,34 @@ def _wfdb_fallback(hea: Path, h: WfdbHeader, store_digital: bool) -> tuple[np.nd
         raise RejectedRecord("missing_data", f"{hea.name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - wfdb raises many types for corrupt records
         raise RejectedRecord("unreadable", f"{hea.name}: wfdb-python: {type(e).__name__}: {e}") from None
-    return np.ascontiguousarray(sig), dig
+    leads = [str(n) for n in (rec.sig_name or [])]
+    units = list(rec.units) if rec.units is not None else [None] * len(leads)
+    if any(u is None for u in units):  # a variable-layout record: wfdb-python leaves the units out
+        known = _layout_units(hea, h)
+        units = [u if u is not None else known.get(n, "") for n, u in zip(leads, units, strict=True)]
+    return np.ascontiguousarray(sig), dig, leads, [str(u) for u in units]
 
 
-def read_wfdb(hea: Path, record_id: str, store_digital: bool = False, force_fallback: bool = False) -> RawRecord:
-    """Read one WFDB record from its header path. Raises :class:`RejectedRecord`."""
+def _header_text(hea: Path) -> str:
+    """A header's text: UTF-8 (record and file names may be non-ASCII), else Latin-1 (which never fails)."""
+    data = hea.read_bytes()
     try:
-        text = hea.read_bytes().decode("latin-1")
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def read_wfdb(hea: Path, record_id: str, store_digital: bool = False, force_fallback: bool = False,
+              max_samples: int | None = None) -> RawRecord:
+    """Read one WFDB record from its header path. Raises :class:`RejectedRecord`.
+
+    max_samples: the most samples per lead a record may declare (``too_large`` otherwise, checked before any
+    signal data is read); None for no bound.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(hea).st_mode):  # a FIFO named x.hea would block the read forever
+            raise RejectedRecord("not_regular_file", f"{hea.name}: not a regular file (a FIFO or device); not opened")
+        text = _header_text(hea)
     except OSError as e:
         raise RejectedRecord("unreadable", f"{hea.name}: {e.strerror or e}") from None
     try:
@@ -295,29 +432,42 @@ def read_wfdb(hea: Path, record_id: str, store_digital: bool = False, force_fall
     if h.n_sig == 0 or h.sig_len == 0:
         raise RejectedRecord("empty", f"{hea.name} line {h.fs_line}: "
                                       + ("no signals" if h.n_sig == 0 else "signal length 0"))
+    for s in h.signals:
+        if s.fmt not in WFDB_FORMATS:
+            raise RejectedRecord("bad_format", f"{hea.name} line {s.line}: signal format {s.fmt} is not a WFDB "
+                                               f"format (known: {', '.join(sorted(WFDB_FORMATS, key=int))})")
     leads = [s.name for s in h.signals]
+    units: list[str] | None = [s.units for s in h.signals]
     if h.n_seg is None:
         check_leads(leads, hea.name)
     reason = "forced" if force_fallback else _needs_fallback(h)
     source_format = "wfdb"
     if reason is None:
-        digital, n = _fast_read(hea, h)
+        digital, n = _fast_read(hea, h, max_samples)
         if n == 0:
             raise RejectedRecord("empty", f"{hea.name}: the signal file holds no samples")
         gain = np.array([s.gain for s in h.signals], dtype=np.float64)
         baseline = np.array([s.baseline for s in h.signals], dtype=np.float64)
-        signal = physical(digital, gain, baseline, [_INVALID[s.fmt] for s in h.signals])
+        with np.errstate(over="ignore"):  # a tiny gain overflows float32 to inf: flagged per lead at ingest
+            signal = physical(digital, gain, baseline, [_INVALID[s.fmt] for s in h.signals])
         if any(s.file_name.lower().endswith(".mat") for s in h.signals):
             source_format = "wfdb-mat"
     else:
-        signal, digital = _wfdb_fallback(hea, h, store_digital)
+        if h.n_seg is not None:
+            _check_segments(hea, h, max_samples)
+        else:
+            _check_fallback_files(hea, h, max_samples)
+        signal, digital, wf_leads, wf_units = _wfdb_fallback(hea, h, store_digital)
         if not leads or h.n_seg is not None:
-            import wfdb
-
-            leads = list(wfdb.rdheader(str(hea.with_suffix(""))).sig_name or [])
+            leads, units = wf_leads, wf_units
             check_leads(leads, hea.name)
         if signal.shape[1] == 0:
             raise RejectedRecord("empty", f"{hea.name}: no samples")
+    fmts = sorted({s.fmt for s in h.signals})
+    gains = sorted({f"{s.gain:g}" for s in h.signals})
+    check_amplitude(signal, leads, units, hea.name,
+                    hint=f" (header gain {'/'.join(gains[:3])}, format {'/'.join(fmts)}: one of them is wrong?)"
+                    if h.signals else "")
     meta = parse_comments(h.comments)
     patient_id, study_id = meta.patient_id, meta.study_id
     if patient_id is None or study_id is None:
@@ -330,7 +480,7 @@ def read_wfdb(hea: Path, record_id: str, store_digital: bool = False, force_fall
         sample_rate=float(h.fs),
         leads=leads,
         signal=signal,
-        units=[s.units for s in h.signals] if h.n_seg is None else None,
+        units=units,
         patient_id=patient_id,
         study_id=study_id,
         age=meta.age,

@@ -29,7 +29,12 @@ REASONS = {
     "unreadable": "the file is corrupt, truncated or not in the format its extension claims",
     "not_ecg": "the file is not an ECG record of a known layout",
     "missing_data": "a header names a signal file that does not exist",
-    "size_mismatch": "the signal file holds fewer samples than the header declares",
+    "size_mismatch": "the signal file holds fewer or more bytes than the header declares for its format",
+    "too_large": "the record declares more samples per lead than --max-samples allows (checked before reading)",
+    "bad_format": "a header names a signal format that WFDB does not define",
+    "bad_path": "a header names a signal file outside its own folder (an absolute path, or one through ..)",
+    "implausible_amplitude": "the ECG leads swing more millivolts than any ECG (a wrong gain or format in the header)",
+    "not_regular_file": "a FIFO, device or socket where a record or signal file was expected (never opened)",
     "bad_sample_rate": "the sampling rate is missing, zero, negative or absurd (> 20 kHz or < 50 Hz)",
     "duplicate_lead": "two signals carry the same (canonical) lead name",
     "unknown_lead": "no signal has a recognisable lead name (use --lead-map)",
@@ -82,6 +87,7 @@ class RawRecord:
     dx_codes: list[str] = field(default_factory=list)
     comments: dict[str, str] = field(default_factory=dict)
     base_datetime: str | None = None
+    identifiers: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_leads(self) -> int:

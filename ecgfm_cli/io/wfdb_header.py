@@ -94,14 +94,18 @@ def _parse_record_line(line: str, lineno: int) -> WfdbHeader:
     fs, counter_freq = DEFAULT_FS, None
     if len(toks) > 2:
         m = _FS_RE.match(toks[2])
-        if not m or m.group(1) in ("", "."):
-            raise HeaderError(lineno, f"sample rate {toks[2]!r} is not a number")
-        fs = float(m.group(1))
-        if m.group(2):
-            try:
-                counter_freq = float(m.group(2))
+        if m and m.group(1) not in ("", "."):
+            fs = float(m.group(1))
+            if m.group(2):
+                try:
+                    counter_freq = float(m.group(2))
+                except ValueError:
+                    counter_freq = None
+        else:
+            try:  # a negative, NaN or infinite rate is still a number: check_sample_rate rejects it as bad_sample_rate
+                fs = float(toks[2].split("/", 1)[0])
             except ValueError:
-                counter_freq = None
+                raise HeaderError(lineno, f"sample rate {toks[2]!r} is not a number") from None
     sig_len = _int(toks[3], "signal length", lineno) if len(toks) > 3 else None
     base = " ".join(toks[4:]) or None
     return WfdbHeader(record_name=name_tok, n_sig=n_sig, fs=fs, sig_len=sig_len, base_datetime=base,
@@ -181,6 +185,7 @@ def parse_header(text: str) -> WfdbHeader:
     """Parse the text of a ``.hea`` file. Raises :class:`HeaderError` naming the offending line."""
     header: WfdbHeader | None = None
     comments: list[str] = []
+    extra = 0
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line:
@@ -195,7 +200,8 @@ def parse_header(text: str) -> WfdbHeader:
         n_expected = header.n_seg if header.n_seg is not None else header.n_sig
         n_have = len(header.segments) if header.n_seg is not None else len(header.signals)
         if n_have >= n_expected:
-            continue  # WFDB ignores extra lines (info strings) after the signal lines
+            extra += 1  # wfdb-python reads every non-comment line as a signal line: the count must agree
+            continue
         if header.n_seg is not None:
             toks = line.split()
             if len(toks) < 2:
@@ -205,9 +211,12 @@ def parse_header(text: str) -> WfdbHeader:
             header.signals.append(_parse_signal_line(line, lineno))
     if header is None:
         raise HeaderError(0, "no record line")
-    if header.n_seg is None and len(header.signals) < header.n_sig:
-        raise HeaderError(0, f"record line declares {header.n_sig} signals but {len(header.signals)} "
-                             "signal lines follow")
+    if header.n_seg is None and (len(header.signals) < header.n_sig or extra):
+        raise HeaderError(header.fs_line, f"record line declares {header.n_sig} signals but "
+                                          f"{len(header.signals) + extra} signal lines follow")
+    if header.n_seg is not None and (len(header.segments) < header.n_seg or extra):
+        raise HeaderError(header.fs_line, f"record line declares {header.n_seg} segments but "
+                                          f"{len(header.segments) + extra} segment lines follow")
     header.comments = comments
     return header
 
