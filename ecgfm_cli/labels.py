@@ -128,6 +128,51 @@ def string_column(table: Any, name: str) -> np.ndarray | None:
     return np.array([None if v is None else str(v) for v in col.to_pylist()], dtype=object)
 
 
+# --------------------------------------------------------------------------------------------- labels in records
+#: Optional ``records`` column (a struct) holding, per record, the columns of ``ingest --labels FILE``: a stream
+#: has no room for a labels table beside it, so the user's labels travel inside the records to ``segment``.
+USER_LABELS_COLUMN = "user_labels"
+
+
+class UserLabelCarrier:
+    """The user's ``--labels`` table, looked up per batch of records (``attach``) so that its columns travel in
+    the records artifact as the :data:`USER_LABELS_COLUMN` struct.
+
+    ``user``: the table as read; ``key``: its id column (``record_id``, or ``study_id``/``exam_id``, matched to the
+    records' ``study_id``), as ``ecgfm_cli.ingest.check_user_labels`` chooses it. A key listed twice keeps its last
+    row, as ingest's labels table does.
+    """
+
+    def __init__(self, user: Any, key: str) -> None:
+        import pyarrow as pa
+
+        self.ours = "record_id" if key == "record_id" else "study_id"
+        self.names = [n for n in user.column_names if n not in (key, "record_id", "study_id", "codes")]
+        self.field = pa.field(USER_LABELS_COLUMN, pa.struct([user.schema.field(n) for n in self.names]))
+        keys = [None if v is None else str(v) for v in user.column(key).to_pylist()]
+        self._row = {k: i for i, k in enumerate(keys) if k is not None}
+        self._values = user.select(self.names).combine_chunks()
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def schema(self, records: Any) -> Any:
+        """``records`` (a ``pyarrow.Schema``) with the struct column appended."""
+        return records.append(self.field)
+
+    def attach(self, batch: Any) -> Any:
+        """A ``records`` batch with the user's label values of each of its records appended (null where the
+        table has no row for the record)."""
+        import pyarrow as pa
+
+        idx = pa.array([self._row.get(None if v is None else str(v)) for v in batch.column(self.ours).to_pylist()],
+                       pa.int64())
+        taken = self._values.take(idx)
+        struct = pa.StructArray.from_arrays([taken.column(n).combine_chunks() for n in self.names],
+                                            fields=list(self.field.type), mask=idx.is_null())
+        return pa.RecordBatch.from_arrays([*batch.columns, struct], schema=self.schema(batch.schema))
+
+
 # --------------------------------------------------------------------------------------------- label maps
 @dataclass(frozen=True)
 class LabelMap:
@@ -217,6 +262,49 @@ def label_kind(values: np.ndarray) -> str:
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
     return "binary" if np.all((v == 0) | (v == 1)) else "continuous"
+
+
+def settle_label_kinds(table: LabelTable, labels: list[str], continuous: tuple[str, ...] | list[str] = ()
+                       ) -> list[str]:
+    """Fix the kind of each label about to be fitted (``probe``, ``finetune``) and say which are continuous.
+
+    ``continuous`` (``--continuous NAME``) makes those labels continuous targets, a 0/1 one included. A label
+    with exactly two distinct values that are not 0 and 1 (a 1/2 or 0/2 coding) is refused unless it is named
+    there: fitting it as a regression target is rarely what was meant, and as a class nobody can tell which
+    value is the positive one. Updates ``table.kinds`` in place; returns notes for the user (one line naming the
+    continuous labels, with their ranges). Raises :class:`LabelError`.
+    """
+    unknown = [c for c in continuous if c not in table.labels]
+    if unknown:
+        raise LabelError(f"--continuous {', '.join(unknown)}: not a label of the table (labels: "
+                         f"{', '.join(table.labels[:12])}{', ...' if len(table.labels) > 12 else ''})")
+    refused = []
+    for lab in labels:
+        v = table.values[:, table.labels.index(lab)]
+        distinct = np.unique(v[~np.isnan(v)])
+        if lab in continuous:
+            table.kinds[lab] = "continuous"
+        elif table.kinds[lab] == "continuous" and len(distinct) == 2:
+            refused.append(f"{lab!r} ({distinct[0]:g}/{distinct[1]:g})")
+    if refused:
+        names = [r.split("'")[1] for r in refused]
+        raise LabelError(
+            f"label(s) {', '.join(refused)} take two values that are not 0 and 1, so they would be fitted as "
+            f"continuous targets: recode them to 0/1 (1 = the positive class), or pass "
+            f"{' '.join(f'--continuous {n}' for n in names)} to fit them as continuous targets")
+    described = []
+    for lab in labels:
+        if table.kinds[lab] != "continuous":
+            continue
+        v = table.values[:, table.labels.index(lab)]
+        v = v[~np.isnan(v)]
+        n = len(np.unique(v))
+        described.append(f"{lab} ({v.min():g} to {v.max():g}, {n} distinct value{'s' if n != 1 else ''})" if len(v)
+                         else f"{lab} (no values)")
+    if not described:
+        return []
+    return [f"continuous targets (ridge/MSE, not classification; a label is binary only when coded 0/1): "
+            f"{', '.join(described)}"]
 
 
 # --------------------------------------------------------------------------------------------- the label table

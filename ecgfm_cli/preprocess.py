@@ -163,6 +163,11 @@ def window_starts(n: int, window: int, stride: int) -> np.ndarray:
     return np.arange(0, n - window + 1, stride, dtype=np.int64)
 
 
+#: Leads whose peak |amplitude| exceeds this are rescaled by a power of two before the z-score (float32 squares
+#: overflow above ~1.8e19; no ECG in any unit comes near it).
+_SAFE_PEAK = 1e15
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """How records become windows (ECG-FM's defaults)."""
@@ -209,6 +214,7 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
         if opts.nan == "drop":
             raise PreprocessError("nan_lead", f"NaN or infinite values in lead(s) {', '.join(nan_leads)} (--nan zero "
                                   "keeps the record)")
+        n_bad = dict(zip(nan_leads, (~np.isfinite(x[nan_rows])).sum(axis=1).tolist(), strict=True))
         if x is signal:
             x = x.copy()
         x[nan_rows] = 0.0
@@ -216,7 +222,19 @@ def segment_record(signal: np.ndarray, leads: Sequence[str], fs: float, opts: Se
     flat_leads = [opts.leads[i] for i in np.flatnonzero(flat_rows)]
     present &= ~flat_rows
     if x.shape[1] and not present.any():
+        if nan_leads:  # say how few samples it took: a gain that overflows a handful of samples does this
+            shown = ", ".join(f"{k}: {v}" for k, v in list(n_bad.items())[:4]) + (", ..." if len(n_bad) > 4 else "")
+            flat = f"; flat: {', '.join(flat_leads)}" if flat_leads else ""
+            raise PreprocessError("nan_lead", f"no lead left: NaN or infinite samples in {shown} of {x.shape[1]}"
+                                  f"{flat}; --nan zero zeroes a lead holding any, which leaves nothing to embed")
         raise PreprocessError("no_signal", "every lead is flat, NaN or missing: nothing to embed")
+    # amplitudes near float32's limit (a header gain off by many orders of magnitude) would overflow the z-score's
+    # sums: a power-of-two rescale is exact and the z-score does not depend on the scale
+    peak = np.maximum(np.abs(top), np.abs(bottom)) if x.shape[1] else np.zeros(0)
+    huge = present & ~nan_rows & (peak > _SAFE_PEAK)
+    if huge.any():
+        x = x.copy() if x is signal else x
+        x[huge] *= np.exp2(-np.ceil(np.log2(peak[huge])))[:, None].astype(x.dtype)
     # from here ~present marks the constant leads (absent and NaN ones are zero rows, flat ones stay flat through
     # linear resampling), so the z-score needs no max/min pass of its own
     x = resample_linear(x, fs, opts.sample_rate)

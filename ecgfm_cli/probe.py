@@ -10,6 +10,10 @@ A label that has a single class (or, continuous, fewer than 2 values) among its 
 prediction column is all NaN, the reason is printed and stored in the ``ecgfm.probe`` metadata, and
 ``ecgfm evaluate`` reports the label as skipped. A label whose valid split is empty or has one class falls back
 to C = 1 (alpha = 1), also recorded.
+
+With ``folds`` (``--folds K``) there is no single split: patient-grouped folds stratified on the rarest binary label,
+each scored by a probe standardised, tuned (on an inner valid part) and refitted on the other folds only; the
+predictions get a ``fold`` column and ``split`` = ``test`` everywhere (see docs/commands/probe.md).
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ from typing import Any
 import numpy as np
 
 from ecgfm_cli.labels import LabelError, LabelTable, read_table, string_column, table_metadata
-from ecgfm_cli.splits import SPLITS, assign_splits, check_patient_disjoint, patient_keys
+from ecgfm_cli.splits import (
+    SPLITS,
+    assign_splits,
+    check_patient_disjoint,
+    fold_counts_line,
+    group_counts,
+    patient_keys,
+    small_group_warnings,
+)
 
 DEFAULT_C_GRID = tuple(10.0**k for k in range(-4, 3))
 DEFAULT_ALPHA_GRID = tuple(10.0**k for k in range(-3, 5))
@@ -207,8 +219,9 @@ def _ap(y: np.ndarray, s: np.ndarray) -> float | None:
 
 def fit_label(X: np.ndarray, y: np.ndarray, split: np.ndarray, kind: str,
               c_grid: tuple[float, ...] = DEFAULT_C_GRID, alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
-              max_iter: int = 1000) -> tuple[np.ndarray, dict[str, Any]]:
+              max_iter: int = 1000, fixed: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Fit one label's probe. X: (N, D) standardised; y: (N,) with NaN = missing; split: (N,) names.
+    ``fixed``: fit with this C (alpha) on the train rows, choosing nothing (the refit of ``--folds``).
 
     Returns (predictions for all N rows: probabilities or values, NaN when skipped) and an info dict
     ``{"status": "fitted"|"skipped", "reason"?, "C"|"alpha", "valid_average_precision"|"valid_mse", "selection",
@@ -229,8 +242,8 @@ def fit_label(X: np.ndarray, y: np.ndarray, split: np.ndarray, kind: str,
             info.update(status="skipped", reason=f"train split has a single class ({n_pos} positives of "
                                                   f"{int(tr.sum())} rows)")
             return nan, info
-        valid_ok = va.any() and 0 < y[va].sum() < va.sum()
-        grid = c_grid if valid_ok else (1.0,)
+        valid_ok = fixed is None and va.any() and 0 < y[va].sum() < va.sum()
+        grid = (fixed,) if fixed is not None else c_grid if valid_ok else (1.0,)
         model = LogisticRegression(class_weight="balanced", max_iter=max_iter, warm_start=True)
         best: tuple[tuple[float, float], float, np.ndarray, float] | None = None
         n_warn = 0
@@ -257,16 +270,16 @@ def fit_label(X: np.ndarray, y: np.ndarray, split: np.ndarray, kind: str,
         pred = sigmoid(X @ coef + b)
         info.update(status="fitted", C=c, valid_average_precision=None if np.isnan(score) else score,
                     selection="valid average precision (ties: valid log-loss)" if valid_ok else
-                    "default C=1 (valid split empty or single-class)",
+                    f"fixed C={fixed:g}" if fixed is not None else "default C=1 (valid split empty or single-class)",
                     convergence_warnings=n_warn)
         return pred, info
     # continuous
     if tr.sum() < 2 or np.ptp(y[tr]) == 0:
         info.update(status="skipped", reason="fewer than 2 distinct train values")
         return nan, info
-    valid_ok = va.sum() >= 1
+    valid_ok = fixed is None and va.sum() >= 1
     best_r: tuple[float, float, Any] | None = None
-    for a in (alpha_grid if valid_ok else (1.0,)):
+    for a in ((fixed,) if fixed is not None else alpha_grid if valid_ok else (1.0,)):
         m = Ridge(alpha=a).fit(X[tr], y[tr])
         mse = float(np.mean((m.predict(X[va]) - y[va]) ** 2)) if valid_ok else float("nan")
         if best_r is None or mse < best_r[0]:
@@ -274,7 +287,8 @@ def fit_label(X: np.ndarray, y: np.ndarray, split: np.ndarray, kind: str,
     assert best_r is not None
     mse, a, m = best_r
     info.update(status="fitted", alpha=a, valid_mse=None if np.isnan(mse) else mse,
-                selection="valid MSE" if valid_ok else "default alpha=1 (valid split empty)")
+                selection="valid MSE" if valid_ok else f"fixed alpha={fixed:g}" if fixed is not None else
+                "default alpha=1 (valid split empty)")
     return m.predict(X).astype(np.float64), info
 
 
@@ -296,8 +310,142 @@ def run_probe(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict[str, 
     return P, info
 
 
+# --------------------------------------------------------------------------------------------- out-of-fold
+def stratification_label(labels: LabelTable, record_ids: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """The label the folds are stratified on: the binary label with the fewest records of its rarer class among
+    ``record_ids`` (ties: table order), and its per-record classes (0, 1, or 2 = unknown); (None, zeros) when
+    no label is binary."""
+    lidx = labels.index()
+    rows = np.array([lidx[r] for r in record_ids], dtype=np.int64)
+    best: tuple[int, str] | None = None
+    for j, lab in enumerate(labels.labels):
+        if labels.kinds[lab] != "binary":
+            continue
+        v = labels.values[rows, j]
+        rare = int(min((v == 1).sum(), (v == 0).sum()))
+        if best is None or rare < best[0]:
+            best = (rare, lab)
+    if best is None:
+        return None, np.zeros(len(rows), dtype=np.int64)
+    v = labels.values[rows, labels.labels.index(best[1])]
+    return best[1], np.where(np.isnan(v), 2, v).astype(np.int64)
+
+
+def _stratified_group_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Fold (0..k-1) of each item, patient-grouped and stratified on ``y`` (sklearn's StratifiedGroupKFold,
+    shuffled with ``seed``); notes carry sklearn's warnings (e.g. a class with fewer members than folds)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    fold = np.full(len(y), -1, dtype=np.int64)
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for f, (_, test) in enumerate(cv.split(np.zeros(len(y)), y, groups)):
+            fold[test] = f
+    return fold, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def assign_folds(labels: LabelTable, emb: Embeddings, k: int, seed: int) -> tuple[dict[str, int], list[str]]:
+    """record_id -> fold (0..k-1) for the labelled embedded records: patient-grouped (patient id from the labels,
+    else from the embeddings; none = the record is its own patient), stratified on
+    :func:`stratification_label`. Raises :class:`ProbeError` when there are fewer patients than folds."""
+    lidx = labels.index()
+    _, first = np.unique(emb.record_ids.astype(str), return_index=True)
+    first = np.sort(first)
+    rids = np.array([r for r in emb.record_ids[first] if r in lidx], dtype=object)
+    epid = dict(zip(emb.record_ids[first], emb.patient_ids[first], strict=True))
+    pids = []
+    for r in rids:
+        lp = labels.patient_ids[lidx[r]] if labels.patient_ids is not None else None
+        pids.append(lp if lp not in (None, "") else epid[r])
+    keys = patient_keys(rids, pids)
+    n_patients = len(set(keys))
+    if n_patients < k:
+        raise ProbeError(f"--folds {k}: the labelled records belong to only {n_patients} patients; use at most "
+                         f"--folds {n_patients}")
+    strat, y = stratification_label(labels, rids)
+    fold, warned = _stratified_group_folds(y, keys.astype(str), k, seed)
+    if strat is None:
+        how = "no binary label to stratify on"
+    else:
+        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+        how = (f"stratified on {strat!r}, the binary label with the fewest records of its rarer class ({n_pos} "
+               f"positive, {n_neg} negative records); the other labels are not stratified")
+    notes = [f"folds: {k} patient-grouped folds ({n_patients} patients, {len(rids)} records, seed {seed}), {how}; "
+             f"every record is scored once, by the probe fitted on the other folds"]
+    notes += [f"folds: {w}" for w in warned]
+    return dict(zip(rids, fold.tolist(), strict=True)), notes
+
+
+def inner_split(fold: np.ndarray, k: int, y: np.ndarray, keys: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Split names for fitting the probe of fold ``k``: its own rows ``test``, the other folds' rows ``train``
+    except an inner, patient-grouped, stratified ``valid`` part (about 1/(n_folds-1) of them, at least a
+    2-way split) on which C/alpha is chosen. All arrays are per row: ``fold`` (N,), ``y`` (N,) strata,
+    ``keys`` (N,) patient keys. With a single training patient there is no inner valid part."""
+    split = np.where(fold == k, "test", "train").astype(object)
+    tr = np.flatnonzero(fold != k)
+    n_inner = min(max(2, n_folds - 1), len(set(keys[tr])))
+    if n_inner < 2:
+        return split
+    inner, _ = _stratified_group_folds(y[tr], keys[tr].astype(str), n_inner, seed + 1 + k)
+    split[tr[inner == 0]] = "valid"
+    return split
+
+
+def run_probe_folds(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict[str, str], fold: np.ndarray,
+                    strata: np.ndarray, keys: np.ndarray, seed: int = 0,
+                    c_grid: tuple[float, ...] = DEFAULT_C_GRID, alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
+                    max_iter: int = 1000, progress: Callable[[str], None] | None = None,
+                    ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
+    """Out-of-fold probing. X: (N, D); Y: (N, L); fold: (N,) int 0..K-1 per row; strata/keys: (N,) per row.
+
+    For each fold k: features are standardised on the other folds' rows, C (alpha) is chosen on an inner valid
+    part of them (:func:`inner_split`), the probe is refitted with that C on all of them and scores fold k's rows
+    only. Returns predictions (N, L) (NaN where a fold's probe was skipped) and per-label info with a ``folds``
+    list (one entry per fold)."""
+    n_folds = int(fold.max()) + 1 if len(fold) else 0
+    P = np.full(Y.shape, np.nan)
+    per_label: dict[str, list[dict[str, Any]]] = {lab: [] for lab in labels}
+    for k in range(n_folds):
+        test = fold == k
+        Xs = standardize(X, ~test)
+        inner = inner_split(fold, k, strata, keys, n_folds, seed)
+        refit_split = np.where(test, "test", "train").astype(object)
+        for j, lab in enumerate(labels):
+            first, chosen = fit_label(Xs, Y[:, j], inner, kinds[lab], c_grid, alpha_grid, max_iter)
+            entry: dict[str, Any] = {"fold": k, "n_test": int((test & ~np.isnan(Y[:, j])).sum()),
+                                     "n_inner_valid": chosen["n_valid"]}
+            if chosen["status"] == "skipped":
+                pred, info = first, chosen
+            else:
+                key = "C" if kinds[lab] == "binary" else "alpha"
+                pred, info = fit_label(Xs, Y[:, j], refit_split, kinds[lab], c_grid, alpha_grid, max_iter,
+                                       fixed=chosen[key])
+                entry["selection"] = chosen["selection"]
+                entry["inner_valid_average_precision"] = chosen.get("valid_average_precision")
+                entry["inner_valid_mse"] = chosen.get("valid_mse")
+            entry.update({k2: v for k2, v in info.items() if k2 not in ("selection", "n_valid", "kind")})
+            P[test, j] = pred[test]
+            per_label[lab].append(entry)
+        if progress:
+            progress(f"fold {k}")
+    info_out: dict[str, dict[str, Any]] = {}
+    for lab, folds in per_label.items():
+        fitted = [f for f in folds if f["status"] == "fitted"]
+        skipped = [f["fold"] for f in folds if f["status"] == "skipped"]
+        entry = {"kind": kinds[lab], "status": "fitted" if fitted else "skipped", "folds": folds,
+                 "selection": "per fold: chosen on an inner valid part of the training folds, refitted on all "
+                              "of them"}
+        if skipped and fitted:
+            entry["skipped_folds"] = skipped
+        if not fitted:
+            entry["reason"] = f"in every fold: {folds[0]['reason']}" if folds else "no folds"
+        info_out[lab] = entry
+    return P, info_out
+
+
 def predictions_table(data: ProbeData, P: np.ndarray, labels: list[str], kinds: dict[str, str],
-                      metadata: dict[str, str]) -> Any:
+                      metadata: dict[str, str], fold: np.ndarray | None = None) -> Any:
     """The ``predictions`` artifact (docs/artifacts.md) as a ``pyarrow.Table`` with ``metadata`` added."""
     import pyarrow as pa
 
@@ -309,6 +457,8 @@ def predictions_table(data: ProbeData, P: np.ndarray, labels: list[str], kinds: 
         "segment_index": pa.array(data.emb.segment_index, pa.int32()),
         "split": pa.array(data.split.tolist(), pa.string()),
     }
+    if fold is not None:
+        cols["fold"] = pa.array(fold, pa.int32())
     for j, lab in enumerate(labels):
         cols[lab] = pa.array(P[:, j], pa.float64())
     meta = {
@@ -342,8 +492,11 @@ def probe_files(
     max_iter: int = 1000,
     log: Callable[[str], None] = lambda s: None,
     progress_factory: Callable[[int, str], Any] | None = None,
+    folds: int | None = None,
 ) -> dict[str, Any]:
-    """Probe ``embeddings`` (and ``baseline`` embeddings with the same record splits) and write predictions.
+    """Probe ``embeddings`` (and ``baseline`` embeddings with the same record splits or folds) and write
+    predictions. ``folds``: K-fold out-of-fold probing (every record scored once, ``fold`` column, ``split`` =
+    ``test``) instead of one train/valid/test split.
 
     Returns a summary {"outputs": [...], "labels": {label: info}, "baseline_labels": ..., "notes": [...]}.
     """
@@ -357,10 +510,18 @@ def probe_files(
         runs.append(("baseline", baseline, load_embeddings(baseline),
                      Path(baseline_out) if baseline_out else baseline_path(out)))
     split_of: dict[str, str] | None = None
+    fold_of: dict[str, int] | None = None
     summary: dict[str, Any] = {"outputs": [], "notes": list(labels.notes)}
     for role, emb_path, emb, out_path in runs:
         if split_of is None:
-            split_of, notes, check = record_splits(labels, emb, fractions, seed)
+            if folds:
+                fold_of, notes = assign_folds(labels, emb, folds, seed)
+                if labels.split is not None and any(s is not None for s in labels.split):
+                    notes.append("folds: the labels' split column is not used with --folds")
+                split_of = dict.fromkeys(fold_of, "test")
+                check = {"source": "folds", "n_folds": folds, "patients_in_multiple_splits": 0, "examples": []}
+            else:
+                split_of, notes, check = record_splits(labels, emb, fractions, seed)
             summary["split_check"] = check
             for n in notes:
                 log(n)
@@ -372,35 +533,72 @@ def probe_files(
         data = join_labels(emb, labels, split_of)
         for n in data.notes:
             log(f"{role}: {n}")
-        counts = {s: int((data.split == s).sum()) for s in SPLITS}
-        log(f"{role}: {len(data.split)} rows ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-            f"{emb.X.shape[1]}-d embeddings, {len(labels.labels)} labels")
-        bar = progress_factory(len(labels.labels), role) if progress_factory else None
-        P, info = run_probe(data.emb.X, data.Y, labels.labels, labels.kinds, data.split, c_grid, alpha_grid,
-                            max_iter, progress=(lambda _lab, b=bar: b.update(1)) if bar is not None else None)
+        keys = patient_keys(data.emb.record_ids, data.emb.patient_ids)
+        fold = np.array([fold_of[r] for r in data.emb.record_ids], dtype=np.int64) if fold_of is not None else None
+        if fold is not None:
+            counts = group_counts(fold, keys, data.emb.record_ids, data.Y, labels.labels, labels.kinds)
+            # few positives per fold are expected on a small cohort: evaluate pools every fold's scores
+            small = [fold_counts_line(counts, labels.labels, labels.kinds)]
+            log(f"{role}: {len(data.split)} rows in {folds} folds, {emb.X.shape[1]}-d embeddings, "
+                f"{len(labels.labels)} labels")
+        else:
+            counts = group_counts(data.split, keys, data.emb.record_ids, data.Y, labels.labels, labels.kinds)
+            small = small_group_warnings(counts, labels.labels, labels.kinds, ["valid", "test"], "split",
+                                         "use `ecgfm probe --folds 5` (every record scored once, by a probe "
+                                         "that did not see it) or give the labels a split column")
+            log(f"{role}: {len(data.split)} rows ("
+                f"{', '.join(f'{k} {int((data.split == k).sum())}' for k in SPLITS)}), "
+                f"{emb.X.shape[1]}-d embeddings, {len(labels.labels)} labels")
+        if role == "model":
+            for line in small:
+                log(line)
+            summary["notes"] += small
+        bar = progress_factory(folds or len(labels.labels), role) if progress_factory else None
+        tick = (lambda _lab, b=bar: b.update(1)) if bar is not None else None
+        if fold is not None:
+            strata = _row_strata(labels, data.emb.record_ids)
+            P, info = run_probe_folds(data.emb.X, data.Y, labels.labels, labels.kinds, fold, strata, keys, seed,
+                                      c_grid, alpha_grid, max_iter, progress=tick)
+        else:
+            P, info = run_probe(data.emb.X, data.Y, labels.labels, labels.kinds, data.split, c_grid, alpha_grid,
+                                max_iter, progress=tick)
         if bar is not None:
             bar.close()
         defaulted = []
         for lab, inf in info.items():
             if inf["status"] == "skipped":
                 log(f"{role}: label {lab!r} skipped ({inf['reason']}); its prediction column is NaN")
-            elif str(inf.get("selection", "")).startswith("default"):
+            elif inf.get("skipped_folds"):
+                log(f"{role}: label {lab!r} skipped in fold(s) {inf['skipped_folds']} (a single class in the other "
+                    f"folds); those rows' predictions are NaN")
+            selections = [f.get("selection") for f in inf["folds"]] if fold is not None else [inf.get("selection")]
+            if any(str(sel).startswith("default") for sel in selections):
                 defaulted.append(lab)
         if defaulted:
-            log(f"{role}: {len(defaulted)} label(s) fitted with the default C/alpha, nothing to choose it on (valid "
-                f"split empty or single-class): {', '.join(defaulted[:8])}{', ...' if len(defaulted) > 8 else ''}")
+            where = "an inner valid part" if fold is not None else "the valid split"
+            log(f"{role}: WARNING: {len(defaulted)} label(s) fitted with the default C/alpha, nothing to choose it "
+                f"on ({where} empty or single-class): {', '.join(defaulted[:8])}"
+                f"{', ...' if len(defaulted) > 8 else ''}")
         meta = {
             "ecgfm.provenance": json.dumps({**provenance, "role": role,
                                             "upstream": emb.meta.get("provenance")}),
-            "ecgfm.probe": json.dumps({"labels": info, "counts": {**data.counts, **counts},
-                                       "notes": summary["notes"] + data.notes,
+            "ecgfm.probe": json.dumps({"labels": info, "counts": {**data.counts, "groups": counts},
+                                       "folds": folds, "notes": summary["notes"] + data.notes,
                                        "split_check": summary["split_check"]}),
         }
         for key in ("contract", "model"):
             if emb.meta.get(key) is not None:
                 meta[f"ecgfm.{key}"] = json.dumps(emb.meta[key])
-        write_table(predictions_table(data, P, labels.labels, labels.kinds, meta), Path(out_path), "predictions")
+        write_table(predictions_table(data, P, labels.labels, labels.kinds, meta, fold=fold), Path(out_path),
+                    "predictions")
         log(f"{role}: wrote {out_path}")
         summary["outputs"].append(str(out_path))
         summary["labels" if role == "model" else "baseline_labels"] = info
     return summary
+
+
+def _row_strata(labels: LabelTable, record_ids: np.ndarray) -> np.ndarray:
+    """Per row, the class of the folds' stratification label (:func:`stratification_label`)."""
+    uniq, inverse = np.unique(record_ids.astype(str), return_inverse=True)
+    _, y = stratification_label(labels, uniq.astype(object))
+    return y[inverse]

@@ -90,3 +90,71 @@ def split_summary(splits: Sequence[str | None], keys: Sequence[str]) -> dict[str
         if m.any():
             out[name] = {"rows": int(m.sum()), "patients": len(set(k[m]))}
     return out
+
+
+#: Fewer positives (or negatives) than this in a valid/test split or a fold makes a label's figures unreliable.
+MIN_CLASS_COUNT = 5
+
+
+def group_counts(groups: Sequence[object], keys: Sequence[str], record_ids: Sequence[str], Y: np.ndarray,
+                 labels: Sequence[str], kinds: dict[str, str]) -> dict[str, dict]:
+    """Per group (split name or fold): ``{"patients", "records", "labels": {label: {"pos", "neg"} | {"n"}}}``,
+    counted over records (a record's segments count once). ``Y`` (N, L) per row, NaN = unknown; rows of one
+    record carry the same labels."""
+    g = np.asarray(groups, dtype=object)
+    rid = np.asarray(record_ids, dtype=object)
+    _, first = np.unique(rid.astype(str), return_index=True)
+    g, k, rid, Y = g[first], np.asarray(keys, dtype=object)[first], rid[first], np.asarray(Y)[first]
+    out: dict[str, dict] = {}
+    for name in sorted({str(x) for x in g if x is not None}, key=lambda s: (SPLITS.index(s) if s in SPLITS
+                                                                             else len(SPLITS), s)):
+        m = np.array([str(x) == name for x in g])
+        entry = {"patients": len(set(k[m])), "records": int(m.sum()), "labels": {}}
+        for j, lab in enumerate(labels):
+            v = Y[m, j]
+            v = v[~np.isnan(v)]
+            entry["labels"][lab] = ({"pos": int((v == 1).sum()), "neg": int((v == 0).sum())}
+                                    if kinds[lab] == "binary" else {"n": int(len(v))})
+        out[name] = entry
+    return out
+
+
+def _describe(entry: dict, labels: Sequence[str], kinds: dict[str, str], limit: int = 6) -> str:
+    """``"5 patients, 8 records, AF 1+/7-, LVEF n=8"`` for one entry of :func:`group_counts`."""
+    parts = [f"{entry['patients']} patients, {entry['records']} records"]
+    # binary labels first: their class counts are what makes a split too small
+    for lab in sorted(labels, key=lambda lab: kinds[lab] != "binary")[:limit]:
+        c = entry["labels"][lab]
+        parts.append(f"{lab} {c['pos']}+/{c['neg']}-" if kinds[lab] == "binary" else f"{lab} n={c['n']}")
+    return ", ".join(parts) + (", ..." if len(labels) > limit else "")
+
+
+def fold_counts_line(counts: dict[str, dict], labels: Sequence[str], kinds: dict[str, str]) -> str:
+    """One line of per-fold counts (patients, records, positives/negatives per label)."""
+    return "folds: counts per fold: " + "; ".join(f"{name}: {_describe(e, labels, kinds)}"
+                                                  for name, e in counts.items())
+
+
+def small_group_warnings(counts: dict[str, dict], labels: Sequence[str], kinds: dict[str, str],
+                         groups: Sequence[str], what: str, remedy: str) -> list[str]:
+    """Warning lines for the ``groups`` of ``counts`` (e.g. valid and test, or every fold) that are empty or hold
+    fewer than :data:`MIN_CLASS_COUNT` positives or negatives of a binary label (or no value of a continuous
+    one), with the counts of every group and ``remedy`` (what to do instead). Empty when nothing is small."""
+    problems = []
+    for name in groups:
+        entry = counts.get(name)
+        if entry is None or entry["records"] == 0:
+            problems.append(f"the {name} {what} is empty")
+            continue
+        for lab in labels:
+            c = entry["labels"][lab]
+            if kinds[lab] == "binary" and min(c["pos"], c["neg"]) < MIN_CLASS_COUNT:
+                problems.append(f"{lab}: {c['pos']} positive / {c['neg']} negative records in {what} {name}")
+            elif kinds[lab] != "binary" and c["n"] == 0:
+                problems.append(f"{lab}: no value in {what} {name}")
+    if not problems:
+        return []
+    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
+    table = "; ".join(f"{name}: {_describe(e, labels, kinds)}" for name, e in counts.items())
+    return [f"WARNING: {what}s too small for reliable figures (fewer than {MIN_CLASS_COUNT} of a class): {shown}",
+            f"WARNING: counts per {what}: {table}", f"WARNING: {remedy}"]

@@ -49,6 +49,9 @@ def finetune_command(
     split_fractions: Annotated[str, typer.Option(help="train,valid,test fractions of the patient-grouped split "
                                                  "(when the labels have no split column).",
                                                  rich_help_panel=_DATA)] = "0.8,0.1,0.1",
+    continuous: Annotated[list[str] | None, typer.Option(
+        "--continuous", help="Fit this label as a continuous target (MSE); needed for a two-valued label not coded "
+        "0/1, e.g. 1/2 (repeatable, or comma-separated).", rich_help_panel=_DATA)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory (atomically, "
                                             "when this run finishes).", rich_help_panel=_DATA)] = False,
     unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a .pt "
@@ -111,6 +114,7 @@ def finetune_command(
         label_map=label_map, targets=_names(targets, "--targets"), leads=_names(leads, "--leads"), epochs=epochs,
         patience=patience,
         batch_size=batch_size, lr=lr, seed=seed, split_fractions=fractions, pos_weight=pos_weight, device=dev,
+        continuous=tuple(n.strip() for v in continuous or [] for n in v.split(",") if n.strip()),
         dtype=("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype,
         shuffle_buffer=shuffle_buffer, predict_train=predict_train, overwrite=overwrite,
         unsafe_pickle=unsafe_pickle,

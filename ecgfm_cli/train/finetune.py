@@ -74,6 +74,7 @@ class FinetuneOptions:
     adam_eps: float = 1e-8
     seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    continuous: tuple[str, ...] = ()  # labels fitted as continuous targets (--continuous)
     pos_weight: str = "records"
     device: str = "cpu"
     dtype: str = "float32"
@@ -241,10 +242,10 @@ def prepare(opts: FinetuneOptions) -> Prepared:
     """Every check that can fail, before any process group or model exists: output directory, init checkpoint,
     segments (kind, non-empty, contract vs the checkpoint's), labels (readable, targets known, joined to the
     segments), splits (patient-grouped or from the labels), leads. Fails with one clear message."""
-    from ecgfm_cli.labels import LabelError, load_labels
+    from ecgfm_cli.labels import LabelError, load_labels, settle_label_kinds
     from ecgfm_cli.probe import Embeddings, ProbeError, record_splits
     from ecgfm_cli.provenance import build_provenance
-    from ecgfm_cli.splits import patient_keys, split_summary
+    from ecgfm_cli.splits import group_counts, patient_keys, small_group_warnings, split_summary
     from ecgfm_cli.train.data import open_segments
 
     run = Path(opts.output)
@@ -278,6 +279,10 @@ def prepare(opts: FinetuneOptions) -> Prepared:
             fail(f"--targets: unknown label(s) {', '.join(repr(t) for t in unknown)}; the labels are "
                  f"{', '.join(labels)}")
         labels = list(dict.fromkeys(opts.targets))
+    try:
+        notes += settle_label_kinds(table, labels, opts.continuous)
+    except LabelError as e:
+        fail(str(e))
     cols = [table.labels.index(lab) for lab in labels]
 
     rid, pid, seg = _segment_ids(index)
@@ -320,6 +325,10 @@ def prepare(opts: FinetuneOptions) -> Prepared:
 
     kinds = {lab: table.kinds[lab] for lab in labels}
     binary = np.array([kinds[lab] == "binary" for lab in labels])
+    groups = group_counts(split, patient_keys(rid, pid), rid, Y, labels, kinds)
+    notes += small_group_warnings(groups, labels, kinds, ["valid", "test"], "split",
+                                  "give the labels a split column sized for the cohort, or compare encoders with "
+                                  "`ecgfm embed` + `ecgfm probe --folds 5` (every record scored once, out of fold)")
     pw, mean, std, stat_notes, prev = label_statistics(Y, binary, split == "train", rid, opts.pos_weight, labels)
     notes += stat_notes
 
@@ -327,6 +336,7 @@ def prepare(opts: FinetuneOptions) -> Prepared:
         "segments_in_input": int(index.n_rows), "segments_used": int(len(rows)),
         "segments_without_label_row": n_unlabelled, "segments_without_known_target": n_no_value,
         "records_used": int(len(set(rid))), "splits": split_summary(split, patient_keys(rid, pid)),
+        "split_counts": groups,
         "train_prevalence": {lab: (None if np.isnan(prev[j]) else round(float(prev[j]), 6))
                              for j, lab in enumerate(labels) if binary[j]},
     }
