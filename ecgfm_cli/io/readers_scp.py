@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecgfm_cli.contract import canonical_lead
 from ecgfm_cli.io.derive import derive_limb_leads
 from ecgfm_cli.io.readers_common import check_leads, check_sample_rate, check_size
 from ecgfm_cli.io.record import RawRecord, RejectedRecord
@@ -550,17 +551,20 @@ def read_scp(path: Path, record_id: str, opts) -> Iterator[RawRecord]:
     for i, (ld, x) in enumerate(zip(leads, rhythm, strict=True)):
         digital[i, ld.start - 1:ld.end] = x
         present[i, ld.start - 1:ld.end] = True
-    signal = (digital * (avm * 1e-6)).astype(np.float32)
-    signal[~present] = np.nan
     names = [ld.name for ld in leads]
     rec: dict = {"identifiers": {}, "comments": {}, "age": None, "sex": None, "base_datetime": None}
     _patient(sec.get(1), rec)
-    names, signal, derived = derive_limb_leads(names, signal)
-    if derived:
+    names, digital, derived = derive_limb_leads(names, digital)
+    if derived:  # every lead now in half-counts
+        avm /= 2
+        canon = [canonical_lead(n) for n in names]
+        both = present[canon.index("I")] & present[canon.index("II")]
+        present = np.concatenate([present, np.broadcast_to(both, (len(derived), n_total))])
         rec["comments"]["derived_leads"] = ",".join(derived)
+    signal = (digital * (avm * 1e-6)).astype(np.float32)
+    signal[~present] = np.nan
     check_leads(names, where)
-    store = bool(getattr(opts, "store_digital", False)) and not derived and present.all() \
-        and np.abs(digital).max(initial=0) < 2**31
+    store = bool(getattr(opts, "store_digital", False)) and present.all() and np.abs(digital).max(initial=0) < 2**31
     yield RawRecord(
         record_id=record_id, source_path=os.path.abspath(path), source_format="scp-ecg", sample_rate=fs,
         leads=names, signal=signal, units=["mV"] * len(names),

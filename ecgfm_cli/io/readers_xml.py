@@ -27,12 +27,12 @@ from xml.etree.ElementTree import Element, ParseError
 import numpy as np
 
 from ecgfm_cli.deid import join_identifier, scrub_statements
+from ecgfm_cli.io.derive import derive_limb_leads
 from ecgfm_cli.io.readers_common import check_leads, check_sample_rate
 from ecgfm_cli.io.record import RawRecord, RejectedRecord
 
 DEFAULT_MAX_SAMPLES = 2**24
 STANDARD_12 = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-LIMB_DERIVED = ("III", "aVR", "aVL", "aVF")
 
 #: numeric measurements read into ``comments`` and, as float64 columns, into the labels table
 MEASUREMENTS = ("heart_rate_bpm", "atrial_rate_bpm", "pr_interval_ms", "qrs_duration_ms", "qt_interval_ms",
@@ -216,16 +216,14 @@ def _assemble(path: Path, record_id: str, fmt: str, fs: float | None, leads: lis
     if not all(math.isfinite(s) and s > 0 for s in steps):
         raise RejectedRecord("unreadable", f"{path.name}: amplitude resolution {steps} is not a positive number")
     derived: list[str] = []
-    if (derive and "I" in leads and "II" in leads and not any(d in leads for d in LIMB_DERIVED)
+    if (derive and "I" in leads and "II" in leads
             and steps[leads.index("I")] == steps[leads.index("II")]
             and origins[leads.index("I")] == origins[leads.index("II")] == 0):
-        one, two = rows[leads.index("I")], rows[leads.index("II")]
-        # aVR, aVL and aVF are half-integers of I's and II's counts: count every lead in half-counts
-        rows = [2 * r for r in rows] + [2 * (two - one), -(one + two), 2 * one - two, 2 * two - one]
-        steps = [s / 2 for s in steps] + [steps[leads.index("I")] / 2] * 4
-        origins = origins + [0.0] * 4
-        leads = [*leads, *LIMB_DERIVED]
-        derived = list(LIMB_DERIVED)
+        leads, half, derived = derive_limb_leads(leads, np.stack(rows))
+        if derived:  # every lead now in half-counts
+            rows = list(half)
+            steps = [s / 2 for s in steps] + [steps[leads.index("I")] / 2] * len(derived)
+            origins = origins + [0.0] * len(derived)
     rank = {name: i for i, name in enumerate(STANDARD_12)}
     order = sorted(range(len(leads)), key=lambda i: (rank.get(leads[i], len(rank)), i))
     leads = [leads[i] for i in order]
