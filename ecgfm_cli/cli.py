@@ -47,7 +47,7 @@ def _register() -> None:
     import importlib
 
     # `segment` reads stdin by default, so a bare `ecgfm segment` is a command, not a request for help.
-    for name in ("ingest", "segment", "convert", "embed", "pretrain", "finetune", "probe", "evaluate"):
+    for name in ("ingest", "segment", "convert", "embed", "pretrain", "finetune", "probe", "evaluate", "explain"):
         module = importlib.import_module(f"ecgfm_cli.commands.{name}")
         command = getattr(module, f"{name}_command")
         app.command(name, no_args_is_help=name != "segment", short_help=first_sentence(command.__doc__))(command)
