@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from ecgfm_cli import metrics as M
-from ecgfm_cli.console import progress
+from ecgfm_cli.console import plural, progress
 from ecgfm_cli.labels import RESERVED_COLUMNS, LabelTable, read_table, string_column, table_metadata
 from ecgfm_cli.splits import check_patient_disjoint, patient_keys
+from ecgfm_cli.stats import bc_interval
 
 BINARY_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "f1", "ece", "brier")
 MACRO_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "f1")
@@ -42,6 +43,17 @@ class EvalConfig:
     calibrate: bool = False
     aggregate: str | None = None
     aggregate_methods: dict[str, str] = field(default_factory=dict)
+    #: positive (and negative) patients a binary label needs for a reliable interval and a place in the macro
+    min_positives: int = 3
+    at_specificity: tuple[float, ...] = (0.9, 0.95)
+    at_sensitivity: tuple[float, ...] = (0.9, 0.95)
+    #: threshold probabilities of the decision curves
+    dca_thresholds: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 100))
+    #: a subgroup with fewer patients in the evaluated split is reported as too small
+    min_subgroup: int = 20
+    #: restrict the macro averages to these labels (subgroups: the labels reliable in every group); None = all
+    macro_only: tuple[str, ...] | None = None
+    age_bands: tuple[float, ...] = (40, 60, 80)
 
 
 # --------------------------------------------------------------------------------------------- predictions I/O
@@ -56,6 +68,10 @@ class Predictions:
     segment_index: np.ndarray | None = None
     split: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: ``fold`` column of ``probe --folds`` predictions (int, -1 = not scored by a fold), else None
+    fold: np.ndarray | None = None
+    #: the other columns (not ids, split, fold or labels), as object arrays: usable as --subgroups
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_predictions(path: str | Path) -> Predictions:
@@ -94,8 +110,12 @@ def load_predictions(path: str | Path) -> Predictions:
                 meta[k.removeprefix("ecgfm.")] = json.loads(v)
             except json.JSONDecodeError:
                 meta[k.removeprefix("ecgfm.")] = v
+    fold = (np.asarray(table.column("fold").fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+            if "fold" in table.column_names else None)
+    others = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names
+              if c not in RESERVED_COLUMNS and c not in labels and c != "fold"}
     return Predictions(string_column(table, "record_id"), scores, list(labels),
-                       string_column(table, "patient_id"), seg, split, meta)
+                       string_column(table, "patient_id"), seg, split, meta, fold, others)
 
 
 # --------------------------------------------------------------------------------------------- aggregation
@@ -142,13 +162,42 @@ def _metric(value: float | None, ci: list[float] | None = None, reason: str | No
     return d
 
 
-def _binary_point(rs: M.RankedScores, y: np.ndarray, s: np.ndarray, thr: float,
-                  w: np.ndarray | None) -> dict[str, float | None]:
-    auroc, ap = rs.auroc_ap(w)
-    out = {"auroc": auroc, "auprc": ap, **M.threshold_metrics(y, s, thr, w)}
-    out["ece"] = M.expected_calibration_error(y, s, w)
-    out["brier"] = M.brier(y, s, w)
-    return out
+def _binary_point(rs: M.RankedScores, y: np.ndarray, s: np.ndarray, thr: float, cfg: EvalConfig
+                  ) -> dict[str, float | None]:
+    """Every binary metric on unit weights (the point estimates): floats, None where undefined."""
+    vals = M.binary_metrics_many(rs, y, s, thr, np.ones((1, len(y))), cfg.at_specificity, cfg.at_sensitivity)
+    return {k: (float(v[0]) if np.isfinite(v[0]) else None) for k, v in vals.items()}
+
+
+def operating_metric_names(cfg: EvalConfig) -> list[str]:
+    """Keys of the fixed-specificity / fixed-sensitivity metrics for ``cfg``'s targets."""
+    return ([M.operating_key("sens_at_spec", t) for t in cfg.at_specificity]
+            + [M.operating_key("spec_at_sens", t) for t in cfg.at_sensitivity])
+
+
+def _patient_codes(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    _, inv = np.unique(np.asarray(keys).astype(str), return_inverse=True)
+    inv = inv.reshape(-1)
+    return inv, int(inv.max()) + 1 if len(inv) else 0
+
+
+def label_strata(y: np.ndarray, ok: np.ndarray, keys: np.ndarray, binary: list[int]) -> tuple[np.ndarray, list]:
+    """Bootstrap strata that keep every label's positives: each patient goes to the stratum of the rarest binary
+    label it is positive for (fewest positive patients first), or to ``-1`` when positive for none.
+
+    y: (N, L) truth; ok: (N, L) rows usable per label; keys: (N,) patients; binary: columns to consider.
+    Returns ((N,) stratum per row, [(column, positive patients)] in rarity order).
+    """
+    pinv, n_pat = _patient_codes(keys)
+    pos_sets = []
+    for j in binary:
+        m = ok[:, j] & (y[:, j] == 1)
+        pos_sets.append((j, np.unique(pinv[m])))
+    pos_sets.sort(key=lambda t: (len(t[1]), t[0]))
+    stratum = np.full(n_pat, -1, dtype=np.int64)
+    for j, pats in reversed(pos_sets):  # the rarest label is written last and wins
+        stratum[pats] = j
+    return stratum[pinv], [(j, len(p)) for j, p in pos_sets]
 
 
 def evaluate_level(
@@ -160,6 +209,10 @@ def evaluate_level(
     y, s: (N, L) truth and predictions (NaN = missing); split: (N,) names or None (then every row is evaluated
     and thresholds/temperatures fall back to defaults); keys: (N,) patient keys for the bootstrap.
     Returns (JSON-ready result, curve data {label: {"y", "s", "s_cal"?}} for plots).
+
+    The bootstrap is stratified by label presence (:func:`label_strata`) so that no resample loses a label's
+    positive patients; a label with fewer than ``cfg.min_positives`` positive (or negative) patients is marked
+    unreliable and left out of the macro averages, which are taken over the same labels in every resample.
     """
     if split is not None:
         ev = split == cfg.eval_split
@@ -176,8 +229,11 @@ def evaluate_level(
         "labels": {},
     }
     curves: dict[str, Any] = {}
-    boot_cache: list[tuple[str, np.ndarray, Any]] = []  # (label, mask within ev rows, scorer)
+    boot_cache: list[tuple[str, np.ndarray, Any]] = []  # (label, mask within ev rows, data)
     ev_keys = keys[ev]
+    op_names = operating_metric_names(cfg)
+    dca_t = np.asarray(cfg.dca_thresholds, dtype=np.float64)
+    ok_all = np.zeros((int(ev.sum()), len(labels)), dtype=bool)
     for j, lab in enumerate(labels):
         yj, sj, kind = y[:, j], s[:, j], kinds[lab]
         entry: dict[str, Any] = {"kind": kind}
@@ -193,6 +249,7 @@ def evaluate_level(
         if m.sum() == 0:
             entry.update(status="skipped", reason=f"no rows with both a label and a score in {cfg.eval_split!r}")
             continue
+        ok_all[:, j] = m[ev]
         yt, st = yj[m], sj[m]
         if kind == "continuous":
             point = M.regression_metrics(yt, st)
@@ -202,7 +259,15 @@ def evaluate_level(
             boot_cache.append((lab, m[ev], ("continuous", yt, st)))
             continue
         n_pos = int(yt.sum())
-        entry.update(n_pos=n_pos, prevalence=float(yt.mean()))
+        pos_pat, neg_pat = len(set(keys[m & (yj == 1)])), len(set(keys[m & (yj == 0)]))
+        entry.update(n_pos=n_pos, prevalence=float(yt.mean()), n_pos_patients=pos_pat, n_neg_patients=neg_pat)
+        if min(pos_pat, neg_pat) < cfg.min_positives:
+            few = "positive" if pos_pat <= neg_pat else "negative"
+            entry["reliable"] = False
+            entry["unreliable_reason"] = (f"only {min(pos_pat, neg_pat)} {few} patient(s) (< {cfg.min_positives}): "
+                                          f"the interval is not informative; left out of the macro")
+        else:
+            entry["reliable"] = True
         # threshold on the valid split, never on the evaluated one
         mv = va & np.isfinite(yj) & np.isfinite(sj)
         thr = M.choose_threshold(yj[mv], sj[mv], cfg.threshold_method) if mv.any() else None
@@ -215,10 +280,15 @@ def evaluate_level(
             entry["threshold"] = {"value": thr, "method": cfg.threshold_method, "chosen_on": "valid",
                                   "n_valid": int(mv.sum())}
         rs = M.RankedScores(yt, st)
-        point = _binary_point(rs, yt, st, thr, None)
+        point = _binary_point(rs, yt, st, thr, cfg)
         single = "undefined: the evaluated rows hold a single class"
-        for k in BINARY_METRICS:
-            entry[k] = _metric(point[k], reason=single if k in ("auroc", "auprc") else "zero denominator")
+        for k in (*BINARY_METRICS, *op_names):
+            entry[k] = _metric(point[k], reason=single if k in ("auroc", "auprc") or k in op_names
+                               else "zero denominator")
+        if 0 < n_pos < len(yt) and len(dca_t):
+            nb = M.net_benefit(yt, st, dca_t)
+            entry["decision_curve"] = {"model": np.round(nb["model"], 6).tolist(),
+                                       "treat_all": np.round(nb["treat_all"], 6).tolist()}
         curves[lab] = {"y": yt, "s": st}
         if cfg.calibrate:
             cal: dict[str, Any]
@@ -233,48 +303,72 @@ def evaluate_level(
                        if cfg.eval_split == "valid" else "needs a valid split with both classes"}
             entry["calibrated"] = cal
         boot_cache.append((lab, m[ev], ("binary", yt, st, rs, thr)))
+    if len(dca_t):
+        res["decision_curve_thresholds"] = dca_t.tolist()
 
-    # macro over binary labels (each metric over the labels where it is defined)
+    # macro over the reliable binary labels (each metric over the labels where it is defined)
     binary_entries = {lab: e for lab, e in res["labels"].items() if e.get("kind") == "binary"
                       and e.get("status") == "evaluated"}
-    macro_sets = {k: [lab for lab, e in binary_entries.items() if e[k]["value"] is not None] for k in MACRO_METRICS}
+    macro_names = (*MACRO_METRICS, *op_names)
+    macro_sets, macro_why = {}, {}
+    for k in macro_names:
+        macro_sets[k], macro_why[k] = [], {}
+        for lab, e in binary_entries.items():
+            if e[k]["value"] is None:
+                macro_why[k][lab] = e[k].get("reason", "undefined")
+            elif not e["reliable"]:
+                macro_why[k][lab] = e["unreliable_reason"]
+            elif cfg.macro_only is not None and lab not in cfg.macro_only:
+                macro_why[k][lab] = "not reliable in every subgroup (the subgroups' macros share one label set)"
+            else:
+                macro_sets[k].append(lab)
 
+    macro_reps: dict[str, np.ndarray] = {}
     if cfg.n_boot > 0 and boot_cache:
-        reps: dict[str, dict[str, list]] = {lab: {} for lab, _, _ in boot_cache}
-        macro_reps: dict[str, list] = {k: [] for k in MACRO_METRICS}
-        replicates = M.patient_bootstrap_weights(ev_keys, cfg.n_boot, cfg.seed)
-        for w_all in progress(replicates, "bootstrap", total=cfg.n_boot, unit="resample"):
-            vals: dict[str, dict[str, float | None]] = {}
+        bin_cols = [labels.index(lab) for lab, _, d in boot_cache if d[0] == "binary"]
+        strata, _ = label_strata(y[ev], ok_all, ev_keys, bin_cols)
+        reps: dict[str, dict[str, list[np.ndarray]]] = {lab: {} for lab, _, _ in boot_cache}
+        weights = M.bootstrap_weight_matrices(ev_keys, cfg.n_boot, cfg.seed, strata=strata)
+        for W_all in progress(weights, "bootstrap", unit="chunk"):
             for lab, mask, data in boot_cache:
-                w = w_all[mask]
+                W = W_all[:, mask]
                 if data[0] == "continuous":
-                    vals[lab] = M.regression_metrics(data[1], data[2], w)
+                    vals = M.regression_metrics_many(data[1], data[2], W)
                 else:
                     _, yt, st, rs, thr = data
-                    vals[lab] = _binary_point(rs, yt, st, thr, w)
-                for k, v in vals[lab].items():
+                    vals = M.binary_metrics_many(rs, yt, st, thr, W, cfg.at_specificity, cfg.at_sensitivity)
+                for k, v in vals.items():
                     reps[lab].setdefault(k, []).append(v)
-            for k in MACRO_METRICS:
-                vs = [vals[lab][k] for lab in macro_sets[k]]
-                macro_reps[k].append(float(np.mean(vs)) if vs and all(v is not None for v in vs) else None)
-        for lab, _, _ in boot_cache:
-            for k, samples in reps[lab].items():
-                res["labels"][lab][k]["ci"] = M.percentile_ci(samples, cfg.ci_level)
-                res["labels"][lab][k]["n_boot_defined"] = sum(v is not None for v in samples)
-    else:
-        macro_reps = {}
+        flat = {lab: {k: np.concatenate(v) for k, v in d.items()} for lab, d in reps.items()}
+        for lab, d in flat.items():
+            for k, samples in d.items():
+                res["labels"][lab][k]["ci"] = bc_interval(samples, res["labels"][lab][k]["value"], cfg.ci_level)
+                res["labels"][lab][k]["n_boot_defined"] = int(np.isfinite(samples).sum())
+        for k in macro_names:
+            if macro_sets[k]:
+                # a resample where one of the macro's labels is undefined has no macro value (counted below)
+                macro_reps[k] = np.mean(np.column_stack([flat[lab][k] for lab in macro_sets[k]]), axis=1)
     res["macro"] = {}
-    for k in MACRO_METRICS:
+    for k in macro_names:
         labs = macro_sets[k]
-        res["macro"][k] = {
+        entry = {
             "value": float(np.mean([binary_entries[lab][k]["value"] for lab in labs])) if labs else None,
-            "ci": M.percentile_ci(macro_reps[k], cfg.ci_level) if macro_reps else None,
+            "ci": None,
             "n_labels": len(labs),
-            "labels_excluded": sorted(set(binary_entries) - set(labs)),
+            "labels": labs,
+            "labels_excluded": sorted(macro_why[k]),
+            "excluded_reasons": macro_why[k],
         }
+        entry["ci"] = bc_interval(macro_reps[k], entry["value"], cfg.ci_level) if k in macro_reps else None
+        if k in macro_reps:
+            entry["n_boot_defined"] = int(np.isfinite(macro_reps[k]).sum())
+        res["macro"][k] = entry
     skipped = [lab for lab, e in res["labels"].items() if e["status"] == "skipped"]
     if skipped:
         res["labels_skipped"] = skipped
+    unreliable = [lab for lab, e in binary_entries.items() if not e["reliable"]]
+    if unreliable:
+        res["labels_unreliable"] = unreliable
     return res, curves
 
 
@@ -294,14 +388,32 @@ def _match_labels(pred_labels: list[str], table_labels: list[str]) -> tuple[dict
     return mapping, unmatched
 
 
-def evaluate(preds: Predictions, labels: LabelTable, cfg: EvalConfig,
-             log: Callable[[str], None] = lambda s: None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Join ``preds`` with ``labels`` and evaluate every level.
+@dataclass
+class Joined:
+    """Predictions joined with their labels: the rows both know, in prediction order.
 
-    Returns (report body: exclusions, split info, {"levels": {level: evaluate_level result}}, settings) and the
-    curve data {level: {label: ...}} for plots. Rows/labels that cannot be used are counted and logged, never
-    dropped silently; nothing usable at all is an :class:`EvaluateError`.
+    Y, S: (N, L) truth and scores of ``pred_labels``; rid: (N,) record ids; keys: (N,) patient keys; split: (N,)
+    or None; fold: (N,) int or None; ``rows``: index of each row in the predictions.
     """
+
+    Y: np.ndarray
+    S: np.ndarray
+    rid: np.ndarray
+    keys: np.ndarray
+    split: np.ndarray | None
+    fold: np.ndarray | None
+    rows: np.ndarray
+    pred_labels: list[str]
+    kinds: dict[str, str]
+    mapping: dict[str, str]
+    is_segment: bool
+    notes: list[str]
+    body: dict[str, Any]
+
+
+def join(preds: Predictions, labels: LabelTable, cfg: EvalConfig) -> Joined:
+    """Join ``preds`` with ``labels`` on record_id (counting every excluded row and label in ``notes`` and
+    ``body``); nothing usable at all is an :class:`EvaluateError`."""
     notes: list[str] = list(labels.notes)
     mapping, unmatched = _match_labels(preds.labels, labels.labels)
     if not mapping:
@@ -350,7 +462,7 @@ def evaluate(preds: Predictions, labels: LabelTable, cfg: EvalConfig,
     if split is not None and any(x is None for x in split):
         n = sum(x is None for x in split)
         raise EvaluateError(f"{n} prediction rows have an empty split; fill the split column or remove it")
-    split_check = {"source": split_source}
+    split_check: dict[str, Any] = {"source": split_source}
     if split is not None:
         overlap = check_patient_disjoint(keys, split)
         split_check.update(patients_in_multiple_splits=len(overlap), examples=list(overlap)[:10])
@@ -360,35 +472,10 @@ def evaluate(preds: Predictions, labels: LabelTable, cfg: EvalConfig,
     else:
         evaluated_on = "all"
         notes.append("no split column: every row is evaluated and thresholds default to 0.5 (no valid split)")
+    fold = preds.fold[known] if preds.fold is not None else None
     n_per_record = len(rid) / max(len(set(rid)), 1)
     is_segment = preds.segment_index is not None and bool((preds.segment_index[known] >= 0).any()) \
         and n_per_record > 1
-    levels: dict[str, Any] = {}
-    curves: dict[str, Any] = {}
-    first_level = "segment" if is_segment else "record"
-    levels[first_level], curves[first_level] = evaluate_level(Y, S, split, keys, pred_labels, kinds, cfg)
-    levels[first_level]["n_records"] = len(set(rid[split == cfg.eval_split] if split is not None else rid))
-    if cfg.aggregate and is_segment:
-        methods = [cfg.aggregate_methods.get(p, cfg.aggregate_methods.get(mapping[p], "mean")) for p in pred_labels]
-        rec_ids, S_rec, first = aggregate_rows(rid, S, methods)
-        if split is not None:
-            # a record's segments must share one split
-            per = {}
-            for r, sp in zip(rid, split, strict=True):
-                per.setdefault(r, set()).add(sp)
-            mixed = [r for r, v in per.items() if len(v) > 1]
-            if mixed:
-                raise EvaluateError(f"{len(mixed)} records have segments in several splits (e.g. {mixed[0]!r}); "
-                                    f"cannot aggregate to records")
-        rsplit = split[first] if split is not None else None
-        lev, cur = evaluate_level(Y[first], S_rec, rsplit, keys[first], pred_labels, kinds, cfg)
-        lev["n_records"] = lev["n_rows"]
-        lev["aggregation"] = dict(zip(pred_labels, methods, strict=True))
-        levels["record"], curves["record"] = lev, cur
-    elif cfg.aggregate:
-        notes.append("--aggregate ignored: the predictions already have one row per record")
-    for n in notes:
-        log(n)
     body = {
         "evaluated_split": evaluated_on,
         "split_check": split_check,
@@ -399,10 +486,477 @@ def evaluate(preds: Predictions, labels: LabelTable, cfg: EvalConfig,
             "labels_not_predicted": not_predicted,
         },
         "label_names": {p: mapping[p] for p in pred_labels if mapping[p] != p},
-        "notes": notes,
-        "levels": levels,
     }
+    return Joined(Y, S, rid, keys, split, fold, np.nonzero(known)[0], pred_labels, kinds, mapping, is_segment,
+                  notes, body)
+
+
+@dataclass
+class LevelData:
+    """The rows of one level: y, s (N, L); split (N,) or None; keys, rid (N,); ``first``: for the record level
+    built from segments, each record's first joined row (else None)."""
+
+    y: np.ndarray
+    s: np.ndarray
+    split: np.ndarray | None
+    keys: np.ndarray
+    rid: np.ndarray
+    first: np.ndarray | None = None
+    aggregation: dict[str, str] | None = None
+
+
+def level_data(j: Joined, cfg: EvalConfig, notes: list[str] | None = None) -> dict[str, LevelData]:
+    """The levels evaluated for ``j``: its own rows (``segment`` or ``record``) and, with ``cfg.aggregate`` on
+    segment rows, the records (segment scores reduced per label with ``cfg.aggregate_methods``)."""
+    out: dict[str, LevelData] = {}
+    out["segment" if j.is_segment else "record"] = LevelData(j.Y, j.S, j.split, j.keys, j.rid)
+    if cfg.aggregate and j.is_segment:
+        methods = [cfg.aggregate_methods.get(p, cfg.aggregate_methods.get(j.mapping[p], "mean"))
+                   for p in j.pred_labels]
+        _, S_rec, first = aggregate_rows(j.rid, j.S, methods)
+        if j.split is not None:
+            # a record's segments must share one split
+            per: dict[str, set] = {}
+            for r, sp in zip(j.rid, j.split, strict=True):
+                per.setdefault(r, set()).add(sp)
+            mixed = [r for r, v in per.items() if len(v) > 1]
+            if mixed:
+                raise EvaluateError(f"{len(mixed)} records have segments in several splits (e.g. {mixed[0]!r}); "
+                                    f"cannot aggregate to records")
+        out["record"] = LevelData(j.Y[first], S_rec, j.split[first] if j.split is not None else None, j.keys[first],
+                                  j.rid[first], first, dict(zip(j.pred_labels, methods, strict=True)))
+    elif cfg.aggregate and notes is not None:
+        notes.append("--aggregate ignored: the predictions already have one row per record")
+    return out
+
+
+def data_summary(j: Joined, cfg: EvalConfig) -> dict[str, Any]:
+    """What a reader needs about the data (TRIPOD+AI): per split (and fold) records, patients and, per binary
+    label, positive records; all at record level (a record's label is the same on all its segments)."""
+    _, first = np.unique(j.rid.astype(str), return_index=True)
+    y, keys = j.Y[first], j.keys[first]
+    split = j.split[first] if j.split is not None else np.full(len(first), "all", dtype=object)
+    binary = [(i, lab) for i, lab in enumerate(j.pred_labels) if j.kinds[lab] == "binary"]
+
+    def counts(m: np.ndarray) -> dict[str, Any]:
+        return {"records": int(m.sum()), "patients": len(set(keys[m])),
+                "positives": {lab: int(np.nansum(y[m, i] == 1)) for i, lab in binary},
+                "labelled": {lab: int(np.isfinite(y[m, i]).sum()) for i, lab in binary}}
+
+    out: dict[str, Any] = {"rows": len(j.rid), "records": len(first), "patients": len(set(keys)),
+                           "level_of_rows": "segment" if j.is_segment else "record",
+                           "splits": {str(sp): counts(split == sp) for sp in sorted({str(x) for x in split})}}
+    if j.fold is not None:
+        fold = j.fold[first]
+        ok = fold >= 0
+        out["folds"] = {"n_folds": len(set(fold[ok].tolist())),
+                        "per_fold": {str(int(f)): counts(fold == f) for f in sorted(set(fold[ok].tolist()))}}
+    return out
+
+
+def evaluate(preds: Predictions, labels: LabelTable, cfg: EvalConfig,
+             log: Callable[[str], None] = lambda s: None,
+             subgroups: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Join ``preds`` with ``labels`` and evaluate every level.
+
+    ``subgroups``: {name: (rows of preds,) group value per prediction row} (see :func:`subgroup_columns`);
+    each is reported per level with :func:`evaluate_subgroups`.
+    Returns (report body: exclusions, split info, data summary, {"levels": {level: evaluate_level result}}) and
+    the curve data {level: {label: ...}} for plots. Rows/labels that cannot be used are counted and logged, never
+    dropped silently; nothing usable at all is an :class:`EvaluateError`.
+    """
+    j = join(preds, labels, cfg)
+    notes = j.notes
+    levels: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
+    lv = level_data(j, cfg, notes)
+    for name, d in lv.items():
+        levels[name], curves[name] = evaluate_level(d.y, d.s, d.split, d.keys, j.pred_labels, j.kinds, cfg)
+        levels[name]["n_records"] = len(set(d.rid[d.split == cfg.eval_split] if d.split is not None else d.rid))
+        if d.aggregation is not None:
+            levels[name]["aggregation"] = d.aggregation
+    if subgroups:
+        for name, d in lv.items():
+            per_row = {k: v[j.rows] for k, v in subgroups.items()}
+            if d.first is not None:
+                per_row = {k: v[d.first] for k, v in per_row.items()}
+            levels[name]["subgroups"] = evaluate_subgroups(d, per_row, j.pred_labels, j.kinds, cfg)
+    defaulted = sorted({e["threshold"]["reason"].removesuffix("; 0.5 used") for lev in levels.values()
+                        for e in lev["labels"].values() if e.get("threshold", {}).get("chosen_on", "valid") is None})
+    if defaulted:
+        notes.append(f"thresholds: 0.5 used for sensitivity/specificity/PPV/F1 ({'; '.join(defaulted)})")
+    for n in notes:
+        log(n)
+    body = {**j.body, "data": data_summary(j, cfg), "notes": notes, "levels": levels}
     return body, curves
+
+
+# --------------------------------------------------------------------------------------------- subgroups
+#: Columns derived when no table holds them (see :func:`subgroup_columns`).
+DERIVED_SUBGROUPS = ("source",)
+
+
+def band_values(name: str, values: list[Any], age_bands: tuple[float, ...]) -> np.ndarray:
+    """Group labels of one subgroup column: ``age`` in the bands ``age_bands`` (``<40``, ``40-59``, ...); another
+    numeric column with more than 10 distinct values in quartiles (``Q1 [lo, hi]``); anything else as text.
+    Missing values are the group ``unknown``."""
+    out = np.full(len(values), "unknown", dtype=object)
+    num = np.full(len(values), np.nan)
+    numeric = True
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and not np.isfinite(v)) or v == "":
+            continue
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            numeric = False
+            out[i] = str(v)
+        else:
+            num[i] = float(v)
+    if not numeric:
+        for i in range(len(values)):
+            if out[i] == "unknown" and np.isfinite(num[i]):
+                out[i] = f"{num[i]:g}"
+        return out
+    ok = np.isfinite(num)
+    if name.lower() == "age":
+        edges = list(age_bands)
+        names = [f"<{edges[0]:g}"] + [f"{a:g}-{b - 1:g}" for a, b in zip(edges[:-1], edges[1:], strict=True)] \
+            + [f">={edges[-1]:g}"]
+        idx = np.searchsorted(np.asarray(edges, dtype=float), num[ok], side="right")
+        out[ok] = [names[i] for i in idx]
+    elif len(set(num[ok].tolist())) > 10:
+        q = np.quantile(num[ok], [0.25, 0.5, 0.75])
+        idx = np.searchsorted(q, num[ok], side="left")
+        lo = [num[ok][idx == k].min() if (idx == k).any() else np.nan for k in range(4)]
+        hi = [num[ok][idx == k].max() if (idx == k).any() else np.nan for k in range(4)]
+        out[ok] = [f"Q{k + 1} [{lo[k]:g}, {hi[k]:g}]" for k in idx]
+    else:
+        out[ok] = [f"{v:g}" for v in num[ok]]
+    return out
+
+
+def _common_dir(paths: list[str]) -> str:
+    import os
+
+    try:
+        return os.path.commonpath(paths) if paths else ""
+    except ValueError:
+        return ""
+
+
+def derive_source(source_paths: list[str | None]) -> list[str | None]:
+    """``source`` of each record when no table has that column: the folder of its file relative to the folder
+    common to all records' files (a dataset's sub-databases, e.g. ``georgia/g1``); ``.`` when all share one."""
+    import os
+
+    given = [p for p in source_paths if p]
+    root = _common_dir([os.path.dirname(p) for p in given])
+    out: list[str | None] = []
+    for p in source_paths:
+        if not p:
+            out.append(None)
+            continue
+        rel = os.path.relpath(os.path.dirname(p), root) if root else os.path.dirname(p)
+        out.append(rel)
+    return out
+
+
+def _read_columns(path: Path, wanted: set[str]) -> tuple[dict[str, list], list[str]]:
+    """Columns ``wanted`` (those present) + record_id of a table/artifact, reading only those columns from
+    Parquet; also returns every column name (for the error message)."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    files: list[Path] = []
+    if p.is_dir():
+        for kind in ("records", "segments"):
+            files = sorted(p.glob(f"{kind}-*.parquet"))
+            if files:
+                break
+        if not files:
+            files = sorted(f for f in p.glob("*.parquet") if ".tmp-" not in f.name
+                           and not f.name.startswith(("labels-", "rejects-")))
+    elif p.suffix.lower() == ".parquet":
+        files = [p]
+    if files:
+        names = pq.read_schema(files[0]).names
+        cols = ["record_id"] + sorted(wanted & set(names))
+        if "record_id" not in names:
+            raise EvaluateError(f"--records {path}: no record_id column")
+        tables = [pq.read_table(f, columns=cols) for f in files]
+        data = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in cols}
+        return data, names
+    table = read_table(p)
+    names = table.column_names
+    if "record_id" not in names:
+        raise EvaluateError(f"--records {path}: no record_id column")
+    cols = ["record_id"] + sorted(wanted & set(names))
+    return {c: table.column(c).to_pylist() for c in cols}, names
+
+
+def subgroup_columns(names: list[str], preds_path: str | Path, preds: Predictions, tables: list[Path],
+                     age_bands: tuple[float, ...] = (40, 60, 80)) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Group label per prediction row for each subgroup column ``names``.
+
+    A column is looked up in the predictions (a column of its own, not a label), then in each table of
+    ``tables`` in order (``--records``: a records or segments artifact, ingest's labels table, any CSV/Parquet
+    with ``record_id``), joined on record_id (a record's first non-missing value). ``source``, when no table has
+    it, is derived from ``source_path`` (:func:`derive_source`). Returns ({name: (rows,) group labels}, {name:
+    where it came from}). A name found nowhere is an :class:`EvaluateError` listing the columns available.
+    """
+    wanted = set(names) | {"source_path"}
+    found: dict[str, list[Any]] = {}
+    where: dict[str, str] = {}
+    rids = preds.record_ids.astype(str)
+    for n in names:
+        if n in preds.columns:
+            found[n] = list(preds.columns[n])
+            where[n] = f"predictions {preds_path}"
+    available: list[str] = list(preds.columns)
+    source_paths: dict[str, str] = {}
+    for path in tables:
+        data, cols = _read_columns(path, wanted)
+        available += [c for c in cols if c not in available]
+        per_rec: dict[str, dict[str, Any]] = {c: {} for c in data if c != "record_id"}
+        for i, r in enumerate(data["record_id"]):
+            for c, d in per_rec.items():
+                v = data[c][i]
+                if v is not None and d.get(r) is None:
+                    d[r] = v
+        for c, d in per_rec.items():
+            if c == "source_path":
+                for r, v in d.items():
+                    source_paths.setdefault(r, v)
+            if c in names and c not in found:
+                found[c] = [d.get(r) for r in rids]
+                where[c] = f"--records {path}"
+    for n in names:
+        if n not in found and n == "source" and source_paths:
+            found[n] = derive_source([source_paths.get(r) for r in rids])
+            where[n] = "derived: folder of source_path relative to the folder common to all records"
+    missing = [n for n in names if n not in found]
+    if missing:
+        hint = "" if tables else " (pass --records SEGMENTS_OR_RECORDS for age/sex, which segments carry)"
+        raise EvaluateError(f"--subgroups {','.join(missing)}: no such column in the predictions"
+                            f"{' or ' + ', '.join(map(str, tables)) if tables else ''}{hint}; available: "
+                            f"{', '.join(sorted(set(available) - {'record_id'}))[:400]}")
+    return {n: band_values(n, found[n], age_bands) for n in names}, where
+
+
+def group_order(v: str) -> tuple:
+    """Sort key of group labels: age bands and quartiles in numeric order, ``unknown`` last, else by name."""
+    import re
+
+    if v == "unknown":
+        return (3, 0.0, v)
+    q = re.match(r"^Q(\d)", v)
+    if q:
+        return (1, float(q.group(1)), v)
+    m = re.match(r"^(<|>=)?(-?\d+(?:\.\d+)?)", v)
+    if m:
+        num = float(m.group(2))
+        return (1, num - 0.5 if m.group(1) == "<" else num + 0.5 if m.group(1) == ">=" else num, v)
+    return (2, 0.0, v)
+
+
+def evaluate_subgroups(d: LevelData, groups: dict[str, np.ndarray], labels: list[str], kinds: dict[str, str],
+                       cfg: EvalConfig) -> dict[str, Any]:
+    """Per subgroup column and group: the level's metrics on the group's evaluated rows (thresholds and
+    temperatures still fitted on the whole valid split), with CIs and Ns; a group with fewer than
+    ``cfg.min_subgroup`` patients is reported as too small, never merged. The groups' macros are taken over one
+    label set, the labels reliable (``cfg.min_positives``) in every evaluated group (``macro_labels``). Per label,
+    the largest AUROC gap between groups large enough, and the label with the largest gap."""
+    from dataclasses import replace
+
+    sub_cfg = replace(cfg, at_specificity=(), at_sensitivity=(), dca_thresholds=())
+    base = d.split if d.split is not None else np.full(len(d.y), "__all__", dtype=object)
+    ev_name = cfg.eval_split if d.split is not None else "__all__"
+    sub_cfg = replace(sub_cfg, eval_split=ev_name)
+    ev = base == ev_name
+    out: dict[str, Any] = {}
+    for name, g in groups.items():
+        res: dict[str, Any] = {"groups": {}}
+        large, common = [], set(lab for lab in labels if kinds[lab] == "binary")
+        for val in sorted(set(g[ev].tolist()), key=group_order):
+            in_g = ev & (g == val)
+            n_pat = len(set(d.keys[in_g]))
+            if n_pat < cfg.min_subgroup:
+                res["groups"][val] = {"status": "too_small", "n_rows": int(in_g.sum()), "n_patients": n_pat,
+                                      "reason": f"{n_pat} patients < --min-subgroup {cfg.min_subgroup}: not "
+                                                f"evaluated (and not merged into another group)"}
+                continue
+            large.append(val)
+            res["groups"][val] = None  # keeps the order; filled below
+            for jj, lab in enumerate(labels):
+                if lab in common:
+                    m = in_g & np.isfinite(d.y[:, jj]) & np.isfinite(d.s[:, jj])
+                    npos, nneg = len(set(d.keys[m & (d.y[:, jj] == 1)])), len(set(d.keys[m & (d.y[:, jj] == 0)]))
+                    if min(npos, nneg) < cfg.min_positives:
+                        common.discard(lab)
+        res["macro_labels"] = [lab for lab in labels if lab in common]
+        cfg_g = replace(sub_cfg, macro_only=tuple(res["macro_labels"]))
+        for val in large:
+            in_g = ev & (g == val)
+            split_g = np.where(ev & ~in_g, "__other__", base).astype(object)
+            r, _ = evaluate_level(d.y, d.s, split_g, d.keys, labels, kinds, cfg_g)
+            r.pop("decision_curve_thresholds", None)
+            res["groups"][val] = {"status": "evaluated", **r}
+        gaps: dict[str, Any] = {}
+        for lab in [*labels, "__macro__"]:
+            vals = {}
+            for val, gr in res["groups"].items():
+                if gr["status"] != "evaluated":
+                    continue
+                e = gr["macro"]["auroc"] if lab == "__macro__" else gr["labels"][lab]
+                if lab != "__macro__" and (e.get("kind") != "binary" or e.get("status") != "evaluated"
+                                           or not e.get("reliable") or e["auroc"]["value"] is None):
+                    continue
+                v = e["value"] if lab == "__macro__" else e["auroc"]["value"]
+                if v is not None:
+                    vals[val] = v
+            if len(vals) >= 2:
+                hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)
+                gaps["macro" if lab == "__macro__" else lab] = {
+                    "metric": "auroc", "gap": vals[hi] - vals[lo], "highest": hi, "lowest": lo,
+                    "highest_value": vals[hi], "lowest_value": vals[lo], "n_groups": len(vals)}
+        res["auroc_gaps"] = gaps
+        per_label = {k: v for k, v in gaps.items() if k != "macro"}
+        if per_label:
+            worst = max(per_label, key=lambda k: per_label[k]["gap"])
+            res["largest_gap"] = {"label": worst, **per_label[worst]}
+        out[name] = res
+    return out
+
+
+# --------------------------------------------------------------------------------------------- paired comparison
+def _row_keys(p: Predictions) -> np.ndarray:
+    seg = p.segment_index if p.segment_index is not None else np.full(len(p.record_ids), -1)
+    return np.array([f"{r}\x00{int(k)}" for r, k in zip(p.record_ids, seg, strict=True)], dtype=object)
+
+
+def subset_predictions(p: Predictions, idx: np.ndarray, labels: list[str] | None = None) -> Predictions:
+    """Rows ``idx`` (and label columns ``labels``) of ``p``."""
+    labels = labels or p.labels
+    cols = [p.labels.index(lab) for lab in labels]
+
+    def take(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[idx]
+
+    return Predictions(p.record_ids[idx], p.scores[idx][:, cols], list(labels), take(p.patient_ids),
+                       take(p.segment_index), take(p.split), p.meta, take(p.fold),
+                       {k: v[idx] for k, v in p.columns.items()})
+
+
+def intersect(a: Predictions, b: Predictions) -> tuple[Predictions, Predictions, dict[str, Any]]:
+    """The rows (record_id, segment_index) and labels both predictions hold, in ``a``'s order, and the counts.
+    Refuses rows whose split differs between the two (a paired comparison needs one test set)."""
+    ka, kb = _row_keys(a), _row_keys(b)
+    pos_b = {k: i for i, k in enumerate(kb)}
+    ia = np.array([i for i, k in enumerate(ka) if k in pos_b], dtype=np.int64)
+    if not len(ia):
+        raise EvaluateError("--baseline: no row (record_id, segment_index) is in both predictions; a paired "
+                            "comparison needs the same records")
+    ib = np.array([pos_b[ka[i]] for i in ia], dtype=np.int64)
+    labs = [lab for lab in a.labels if lab in b.labels]
+    if not labs:
+        raise EvaluateError(f"--baseline: no label in common (model: {a.labels[:5]}, baseline: {b.labels[:5]})")
+    pa_, pb_ = subset_predictions(a, ia, labs), subset_predictions(b, ib, labs)
+    if pa_.split is not None and pb_.split is not None:
+        diff = int(sum(x != y for x, y in zip(pa_.split, pb_.split, strict=True)))
+        if diff:
+            raise EvaluateError(f"--baseline: {diff} common rows are in different splits in the two predictions "
+                                f"(e.g. {pa_.record_ids[np.nonzero(pa_.split != pb_.split)[0][0]]!r}); probe both "
+                                f"with the same split (`probe --baseline` does)")
+    elif pa_.split is None and pb_.split is not None:
+        pa_.split = pb_.split
+    pb_.split = pa_.split
+    counts = {"model_rows": len(ka), "baseline_rows": len(kb), "common_rows": len(ia),
+              "model_records": len(set(a.record_ids)), "baseline_records": len(set(b.record_ids)),
+              "common_records": len(set(pa_.record_ids)), "common_labels": labs,
+              "labels_only_in_model": [x for x in a.labels if x not in labs],
+              "labels_only_in_baseline": [x for x in b.labels if x not in labs]}
+    return pa_, pb_, counts
+
+
+def compare_level(y: np.ndarray, sa: np.ndarray, sb: np.ndarray, split: np.ndarray | None, keys: np.ndarray,
+                  labels: list[str], kinds: dict[str, str], cfg: EvalConfig) -> dict[str, Any]:
+    """Paired model - baseline differences of AUROC and AUPRC on one level's rows: point, patient-level
+    bootstrap CI (the same resamples for both models, stratified as in :func:`evaluate_level`) and p-values
+    (DeLong for AUROC, treating rows as independent; the bootstrap for both). Macro: mean difference over the
+    binary labels reliable (``cfg.min_positives``) and defined for both."""
+    from ecgfm_cli.stats import bootstrap_p, delong_paired
+
+    ev = split == cfg.eval_split if split is not None else np.ones(len(y), dtype=bool)
+    out: dict[str, Any] = {"n_rows": int(ev.sum()), "n_patients": len(set(keys[ev])), "labels": {}}
+    cache = []
+    ok_all = np.zeros((int(ev.sum()), len(labels)), dtype=bool)
+    for j, lab in enumerate(labels):
+        if kinds[lab] != "binary":
+            continue
+        m = ev & np.isfinite(y[:, j]) & np.isfinite(sa[:, j]) & np.isfinite(sb[:, j])
+        yt = y[m, j]
+        e: dict[str, Any] = {"n": int(m.sum()), "n_pos": int(yt.sum())}
+        out["labels"][lab] = e
+        pos_pat, neg_pat = len(set(keys[m & (y[:, j] == 1)])), len(set(keys[m & (y[:, j] == 0)]))
+        e.update(n_pos_patients=pos_pat, n_neg_patients=neg_pat)
+        if pos_pat == 0 or neg_pat == 0:
+            e["status"] = "undefined"
+            e["reason"] = "the common evaluated rows hold a single class"
+            continue
+        ok_all[:, j] = m[ev]
+        e["status"] = "compared"
+        e["reliable"] = min(pos_pat, neg_pat) >= cfg.min_positives
+        ra, rb = M.RankedScores(yt, sa[m, j]), M.RankedScores(yt, sb[m, j])
+        (aa, pa_), (ab, pb_) = ra.auroc_ap(), rb.auroc_ap()
+        dl = delong_paired(yt, sa[m, j], sb[m, j])
+        e["auroc"] = {"model": aa, "baseline": ab, "diff": aa - ab, "p_delong": dl["p"], "se_delong": dl["se"]}
+        e["auprc"] = {"model": pa_, "baseline": pb_, "diff": pa_ - pb_}
+        cache.append((lab, m[ev], ra, rb))
+    comp = [lab for lab, e in out["labels"].items() if e["status"] == "compared"]
+    macro_labs = [lab for lab in comp if out["labels"][lab]["reliable"]]
+    reps: dict[str, dict[str, np.ndarray]] = {}
+    if cfg.n_boot > 0 and cache:
+        strata, _ = label_strata(y[ev], ok_all, keys[ev], [labels.index(lab) for lab, *_ in cache])
+        acc: dict[str, dict[str, list]] = {lab: {"auroc": [], "auprc": []} for lab, *_ in cache}
+        for W_all in M.bootstrap_weight_matrices(keys[ev], cfg.n_boot, cfg.seed, strata=strata):
+            for lab, mask, ra, rb in cache:
+                W = W_all[:, mask]
+                (a1, p1), (b1, q1) = ra.auroc_ap_many(W), rb.auroc_ap_many(W)
+                acc[lab]["auroc"].append(a1 - b1)
+                acc[lab]["auprc"].append(p1 - q1)
+        reps = {lab: {k: np.concatenate(v) for k, v in d.items()} for lab, d in acc.items()}
+        for lab, d in reps.items():
+            for k, v in d.items():
+                out["labels"][lab][k].update(ci=bc_interval(v, out["labels"][lab][k]["diff"], cfg.ci_level),
+                                             p_bootstrap=bootstrap_p(v))
+    out["macro"] = {}
+    for k in ("auroc", "auprc"):
+        mac: dict[str, Any] = {"labels": macro_labs, "n_labels": len(macro_labs),
+                               "labels_excluded": sorted(set(out["labels"]) - set(macro_labs))}
+        if macro_labs:
+            mac["model"] = float(np.mean([out["labels"][lab][k]["model"] for lab in macro_labs]))
+            mac["baseline"] = float(np.mean([out["labels"][lab][k]["baseline"] for lab in macro_labs]))
+            mac["diff"] = mac["model"] - mac["baseline"]
+            if reps:
+                v = np.mean(np.column_stack([reps[lab][k] for lab in macro_labs]), axis=1)
+                mac.update(ci=bc_interval(v, mac["diff"], cfg.ci_level), p_bootstrap=bootstrap_p(v))
+        out["macro"][k] = mac
+    return out
+
+
+def compare(model: Predictions, baseline: Predictions, labels: LabelTable, cfg: EvalConfig,
+            log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """``evaluate --baseline``: the paired comparison of ``model`` and ``baseline`` on the rows and labels both
+    hold (counted and logged), per level (records aggregated as :func:`evaluate` does)."""
+    a, b, counts = intersect(model, baseline)
+    log(f"paired comparison on the common rows: {counts['common_rows']} of {counts['model_rows']} model rows and "
+        f"{counts['baseline_rows']} baseline rows ({counts['common_records']} records of {counts['model_records']} "
+        f"/ {counts['baseline_records']}); {len(counts['common_labels'])} common labels")
+    ja, jb = join(a, labels, cfg), join(b, labels, cfg)
+    la, lb = level_data(ja, cfg), level_data(jb, cfg)
+    out: dict[str, Any] = {"counts": counts, "levels": {}}
+    for name, d in la.items():
+        out["levels"][name] = compare_level(d.y, d.s, lb[name].s, d.split, d.keys, ja.pred_labels, ja.kinds, cfg)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -425,6 +979,75 @@ def upstream_info(meta: dict[str, Any]) -> dict[str, Any]:
     return up
 
 
+def describe_model(meta: dict[str, Any]) -> dict[str, str]:
+    """What produced a predictions artifact, from its metadata: ``kind`` (``pretrained``, ``random-init``,
+    ``features``, ``finetuned``, ``supervised-from-scratch``, ``unknown``), ``head`` (``probe``/``finetune``) and a
+    one-line ``description`` (the report names the baselines with it)."""
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    head = "finetune" if "finetune" in meta else "probe" if "probe" in meta else "unknown"
+    if head == "finetune":
+        init_kind = str(model.get("init_kind") or "")
+        if init_kind.startswith("random"):
+            return {"kind": "supervised-from-scratch", "head": head,
+                    "description": "supervised model trained from a random init (`finetune --random-init`)"}
+        return {"kind": "finetuned", "head": head,
+                "description": f"encoder finetuned from {model.get('init') or 'a checkpoint'} ({init_kind or '?'})"}
+    kind = str(model.get("kind") or "")
+    probe = "logistic-regression probe" if head == "probe" else "unknown head"
+    if kind == "features":
+        cols = model.get("columns")
+        what = f" ({len(cols)} features: {', '.join(cols[:6])}{', ...' if len(cols) > 6 else ''})" \
+            if isinstance(cols, list) else ""
+        return {"kind": "features", "head": head,
+                "description": f"classical {model.get('features', '')} features{what} + {probe}"}
+    if kind == "random-init":
+        return {"kind": "random-init", "head": head,
+                "description": f"random-init encoder ({model.get('preset', '?')} preset, seed {model.get('seed')}) "
+                               f"+ {probe}"}
+    if kind:
+        return {"kind": "pretrained", "head": head,
+                "description": f"{kind} checkpoint {model.get('checkpoint') or ''} + {probe}".replace("  ", " ")}
+    return {"kind": "unknown", "head": head, "description": "unknown (no ecgfm.model metadata)"}
+
+
+def strip_private(o: Any) -> Any:
+    """Drop ``_``-prefixed keys (internal arrays) recursively."""
+    if isinstance(o, dict):
+        return {k: strip_private(v) for k, v in o.items() if not str(k).startswith("_")}
+    if isinstance(o, list):
+        return [strip_private(v) for v in o]
+    return o
+
+
+def build_report(body: dict[str, Any], preds: Predictions, predictions_path: str, labels_path: str,
+                 settings: dict[str, Any], provenance: dict[str, Any], baseline_body: dict[str, Any] | None = None,
+                 baseline_preds: Predictions | None = None, baseline_path: str | None = None,
+                 comparison: dict[str, Any] | None = None, subgroup_sources: dict[str, str] | None = None,
+                 ) -> dict[str, Any]:
+    """The report (the ``-o OUT.json`` document) of one evaluation: the body of :func:`evaluate`, the settings,
+    what produced the predictions (and the baseline), the paired comparison and the provenance."""
+    report: dict[str, Any] = {
+        "ecgfm_report_version": REPORT_VERSION,
+        "kind": "evaluate",
+        "predictions": predictions_path,
+        "labels": labels_path,
+        **body,
+        "settings": settings,
+        "model": describe_model(preds.meta),
+        "upstream": upstream_info(preds.meta),
+    }
+    if subgroup_sources:
+        report["subgroup_sources"] = subgroup_sources
+    if baseline_body is not None and baseline_preds is not None:
+        report["baseline"] = {"predictions": baseline_path, **baseline_body,
+                              "model": describe_model(baseline_preds.meta),
+                              "upstream": upstream_info(baseline_preds.meta)}
+    if comparison is not None:
+        report["comparison"] = comparison
+    report["provenance"] = provenance
+    return strip_private(report)
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -436,46 +1059,198 @@ def _fmt_ci(m: dict[str, Any] | None) -> str:
     return f"{m['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['value']:.3f}"
 
 
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_diff(d: dict[str, Any] | None) -> str:
+    if not d or d.get("diff") is None:
+        return "—"
+    ci = d.get("ci")
+    return f"{d['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f"{d['diff']:+.3f}"
+
+
+def _unreliable(e: dict[str, Any]) -> str:
+    if e.get("reliable", True) or not e.get("n_pos_patients") or not e.get("n_neg_patients"):
+        return ""  # reliable, or single-class (then the metric itself reads "undefined")
+    return f" ⚠ unreliable ({e['n_pos_patients']} pos. / {e['n_neg_patients']} neg. patients)"
+
+
+def macro_left_out(mac: dict[str, Any]) -> str:
+    """The labels a macro average leaves out, grouped by reason: ``"A, B (only 1 positive ...); C (...)"``."""
+    by: dict[str, list[str]] = {}
+    for lab in mac.get("labels_excluded") or []:
+        why = (mac.get("excluded_reasons") or {}).get(lab, "")
+        why = "fewer than the positive/negative patients needed" if why.startswith("only ") else why
+        by.setdefault(why, []).append(lab)
+    return "; ".join(f"{', '.join(labs)} ({why})" for why, labs in by.items())
+
+
+def ci_label(report: dict[str, Any]) -> str:
+    """`` [95% CI]`` when the report has bootstrap intervals, else empty."""
+    st = report["settings"]
+    return f" [{int(round(st['ci_level'] * 100))}% CI]" if st.get("bootstrap") else ""
+
+
+def threshold_line(lev: dict[str, Any]) -> str | None:
+    """One sentence on how the operating thresholds of a level were chosen, when any was not on valid."""
+    reasons = sorted({e["threshold"]["reason"].removesuffix("; 0.5 used") for e in lev["labels"].values()
+                      if e.get("threshold") and e["threshold"].get("chosen_on") is None})
+    if not reasons:
+        return None
+    n = sum(1 for e in lev["labels"].values() if e.get("threshold") and e["threshold"].get("chosen_on") is None)
+    return f"Threshold 0.5 (not chosen on a valid split) for {n} label(s): {'; '.join(reasons)}."
+
+
+def markdown_metrics(report: dict[str, Any], level: str, lev: dict[str, Any], base: dict[str, Any] | None
+                     ) -> list[str]:
+    """The metrics tables of one level: binary labels (macro row first), then continuous targets."""
+    ci = ci_label(report)
+    out = []
+    binary = {k: v for k, v in lev["labels"].items() if v["kind"] == "binary"}
+    cont = {k: v for k, v in lev["labels"].items() if v["kind"] == "continuous"}
+    if binary:
+        out.append(f"| label | AUROC{ci} | AUPRC{ci} | Sens | Spec | PPV | F1 | Prev | N (pos) |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+
+        def macro_row(name: str, mac: dict[str, Any]) -> str:
+            return (f"| {name} | {_fmt_ci(mac['auroc'])} | {_fmt_ci(mac['auprc'])} | "
+                    f"{_fmt(mac['sensitivity']['value'])} | {_fmt(mac['specificity']['value'])} | "
+                    f"{_fmt(mac['ppv']['value'])} | {_fmt(mac['f1']['value'])} | | "
+                    f"{plural(mac['auroc']['n_labels'], 'label')} |")
+
+        out.append(macro_row("**macro**", lev["macro"]))
+        if base is not None:
+            out.append(macro_row("*baseline (macro)*", base["macro"]))
+        for lab, e in binary.items():
+            if e["status"] != "evaluated":
+                out.append(f"| {lab} | skipped: {e.get('reason', '')} | | | | | | | |")
+                continue
+            out.append(f"| {lab} | {_fmt_ci(e['auroc'])}{_unreliable(e)} | {_fmt_ci(e['auprc'])} | "
+                       f"{_fmt(e['sensitivity']['value'])} | {_fmt(e['specificity']['value'])} | "
+                       f"{_fmt(e['ppv']['value'])} | {_fmt(e['f1']['value'])} | "
+                       f"{_fmt(e['prevalence'])} | {e['n']} ({e['n_pos']}) |")
+        left = macro_left_out(lev["macro"]["auroc"])
+        if left:
+            out.append(f"\nMacro over {plural(lev['macro']['auroc']['n_labels'], 'label')}; left out: {left}")
+        line = threshold_line(lev)
+        if line:
+            out.append("\n" + line)
+    if cont:
+        out.append(f"\n| target | MAE{ci} | RMSE{ci} | R²{ci} | Pearson r{ci} | N |")
+        out.append("|---|---|---|---|---|---|")
+        for lab, e in cont.items():
+            if e["status"] != "evaluated":
+                out.append(f"| {lab} | skipped: {e.get('reason', '')} | | | | |")
+                continue
+            out.append(f"| {lab} | {_fmt_ci(e['mae'])} | {_fmt_ci(e['rmse'])} | {_fmt_ci(e['r2'])} | "
+                       f"{_fmt_ci(e['pearson_r'])} | {e['n']} |")
+    return out
+
+
+def markdown_operating_points(report: dict[str, Any], lev: dict[str, Any]) -> list[str]:
+    """Sensitivity at fixed specificity and the reverse, per binary label."""
+    st = report["settings"]
+    keys = ([(M.operating_key("sens_at_spec", t), f"Sens @ Spec {t:g}") for t in st.get("at_specificity") or []]
+            + [(M.operating_key("spec_at_sens", t), f"Spec @ Sens {t:g}") for t in st.get("at_sensitivity") or []])
+    binary = {k: v for k, v in lev["labels"].items() if v["kind"] == "binary" and v["status"] == "evaluated"}
+    if not keys or not binary:
+        return []
+    ci = ci_label(report)
+    out = ["| label | " + " | ".join(f"{name}{ci}" for _, name in keys) + " |",
+           "|---|" + "---|" * len(keys),
+           "| **macro** | " + " | ".join(_fmt_ci(lev["macro"].get(k)) for k, _ in keys) + " |"]
+    for lab, e in binary.items():
+        if e["auroc"]["value"] is None:
+            continue
+        out.append(f"| {lab}{_unreliable(e)} | " + " | ".join(_fmt_ci(e.get(k)) for k, _ in keys) + " |")
+    return out
+
+
+def markdown_comparison(comp_level: dict[str, Any], ci: str) -> list[str]:
+    """Paired model - baseline table of one level."""
+    out = [f"| label | ΔAUROC{ci} | p (DeLong) | p (bootstrap) | ΔAUPRC{ci} | p (bootstrap) | "
+           "AUROC model / baseline | N (pos) |", "|---|---|---|---|---|---|---|---|"]
+    mac = comp_level["macro"]
+    if mac["auroc"].get("diff") is not None:
+        out.append(f"| **macro** ({mac['auroc']['n_labels']} labels) | {_fmt_diff(mac['auroc'])} | | "
+                   f"{_fmt_p(mac['auroc'].get('p_bootstrap'))} | {_fmt_diff(mac['auprc'])} | "
+                   f"{_fmt_p(mac['auprc'].get('p_bootstrap'))} | {_fmt(mac['auroc']['model'])} / "
+                   f"{_fmt(mac['auroc']['baseline'])} | |")
+    for lab, e in comp_level["labels"].items():
+        if e["status"] != "compared":
+            continue
+        flag = "" if e["reliable"] else f" ⚠ unreliable ({e['n_pos_patients']} pos. patients)"
+        out.append(f"| {lab} | {_fmt_diff(e['auroc'])}{flag} | {_fmt_p(e['auroc']['p_delong'])} | "
+                   f"{_fmt_p(e['auroc'].get('p_bootstrap'))} | {_fmt_diff(e['auprc'])} | "
+                   f"{_fmt_p(e['auprc'].get('p_bootstrap'))} | {_fmt(e['auroc']['model'])} / "
+                   f"{_fmt(e['auroc']['baseline'])} | {e['n']} ({e['n_pos']}) |")
+    single = [lab for lab, e in comp_level["labels"].items() if e["status"] != "compared"]
+    if single:
+        out.append(f"\nNot compared (a single class in the common evaluated rows): {', '.join(single)}")
+    return out
+
+
+def markdown_subgroups(report: dict[str, Any], lev: dict[str, Any]) -> list[str]:
+    """Per subgroup column: one row per group (N, macro AUROC/AUPRC with CIs) and the largest gaps."""
+    ci = ci_label(report)
+    out: list[str] = []
+    for name, sg in (lev.get("subgroups") or {}).items():
+        out.append(f"\n**{name}**\n")
+        out.append(f"| {name} | patients | rows | macro AUROC{ci} | macro AUPRC{ci} |")
+        out.append("|---|---|---|---|---|")
+        for val, g in sg["groups"].items():
+            if g["status"] != "evaluated":
+                out.append(f"| {val} | {g['n_patients']} | {g['n_rows']} | too small: {g['reason']} | |")
+                continue
+            out.append(f"| {val} | {g['n_patients']} | {g['n_rows']} | {_fmt_ci(g['macro']['auroc'])} | "
+                       f"{_fmt_ci(g['macro']['auprc'])} |")
+        labs = sg.get("macro_labels") or []
+        out.append(f"\nMacros over the {plural(len(labs), 'label')} reliable in every evaluated group"
+                   + (f": {', '.join(labs)}" if labs else " (none: no macro)"))
+        gaps = sorted(((k, v) for k, v in sg["auroc_gaps"].items() if k != "macro"), key=lambda kv: -kv[1]["gap"])
+        if gaps:
+            out.append("\nLargest AUROC gaps between groups: " + "; ".join(
+                f"{k} {v['gap']:.3f} ({v['lowest']} {v['lowest_value']:.3f} vs {v['highest']} "
+                f"{v['highest_value']:.3f})" for k, v in gaps[:5]))
+    return out
+
+
 def report_markdown(report: dict[str, Any]) -> str:
-    """Markdown tables: per level, macro row (+ baseline macro row) then one row per label."""
-    out = [f"Evaluated split: **{report['evaluated_split']}**"
-           + (f" — bootstrap {report['settings']['bootstrap']} patient resamples, "
-              f"{int(report['settings']['ci_level'] * 100)}% CI" if report["settings"]["bootstrap"] else "")]
+    """Markdown tables: per level, macro row (+ baseline macro row) then one row per label; then the paired
+    comparison, operating points and subgroups when present."""
+    st = report["settings"]
+    head = f"Evaluated split: **{report['evaluated_split']}**"
+    folds = (report.get("data") or {}).get("folds")
+    if folds:
+        head += f" (pooled over {folds['n_folds']} cross-validation folds)"
+    if st["bootstrap"]:
+        head += f" — bootstrap {st['bootstrap']} patient resamples (stratified by label), " \
+                f"{int(round(st['ci_level'] * 100))}% CI"
+    out = [head]
     base = report.get("baseline", {}).get("levels", {})
+    comp = (report.get("comparison") or {}).get("levels", {})
     for level, lev in report["levels"].items():
-        binary = {k: v for k, v in lev["labels"].items() if v["kind"] == "binary"}
-        cont = {k: v for k, v in lev["labels"].items() if v["kind"] == "continuous"}
-        agg = f" (aggregation: {report['settings']['aggregate']})" if level == "record" and "aggregation" in lev else ""
+        agg = f" (aggregation: {st['aggregate']})" if level == "record" and "aggregation" in lev else ""
         out.append(f"\n### {level}-level{agg}: {lev['n_rows']} rows, {lev['n_patients']} patients\n")
-        if binary:
-            out.append("| label | AUROC [95% CI] | AUPRC [95% CI] | Sens | Spec | PPV | F1 | Prev | N |")
-            out.append("|---|---|---|---|---|---|---|---|---|")
-
-            def macro_row(name: str, mac: dict[str, Any]) -> str:
-                return (f"| {name} | {_fmt_ci(mac['auroc'])} | {_fmt_ci(mac['auprc'])} | "
-                        f"{_fmt(mac['sensitivity']['value'])} | {_fmt(mac['specificity']['value'])} | "
-                        f"{_fmt(mac['ppv']['value'])} | {_fmt(mac['f1']['value'])} | | |")
-
-            out.append(macro_row("**macro**", lev["macro"]))
-            if level in base:
-                out.append(macro_row("*baseline (macro)*", base[level]["macro"]))
-            for lab, e in binary.items():
-                if e["status"] != "evaluated":
-                    out.append(f"| {lab} | skipped: {e.get('reason', '')} | | | | | | | |")
-                    continue
-                out.append(f"| {lab} | {_fmt_ci(e['auroc'])} | {_fmt_ci(e['auprc'])} | "
-                           f"{_fmt(e['sensitivity']['value'])} | {_fmt(e['specificity']['value'])} | "
-                           f"{_fmt(e['ppv']['value'])} | {_fmt(e['f1']['value'])} | "
-                           f"{_fmt(e['prevalence'])} | {e['n']} |")
-        if cont:
-            out.append("\n| target | MAE [95% CI] | RMSE [95% CI] | R² [95% CI] | Pearson r [95% CI] | N |")
-            out.append("|---|---|---|---|---|---|")
-            for lab, e in cont.items():
-                if e["status"] != "evaluated":
-                    out.append(f"| {lab} | skipped: {e.get('reason', '')} | | | | |")
-                    continue
-                out.append(f"| {lab} | {_fmt_ci(e['mae'])} | {_fmt_ci(e['rmse'])} | {_fmt_ci(e['r2'])} | "
-                           f"{_fmt_ci(e['pearson_r'])} | {e['n']} |")
+        out += markdown_metrics(report, level, lev, base.get(level))
+        if level in comp:
+            c = report["comparison"]["counts"]
+            what = ("records", c["common_records"], c["model_records"], c["baseline_records"]) \
+                if level == "record" and lev.get("aggregation") else \
+                ("rows", c["common_rows"], c["model_rows"], c["baseline_rows"])
+            out.append(f"\n#### model − baseline (paired on the {what[1]} {what[0]} both hold, of {what[2]} / "
+                       f"{what[3]}; {comp[level]['n_rows']} evaluated)\n")
+            out += markdown_comparison(comp[level], ci_label(report))
+        ops = markdown_operating_points(report, lev)
+        if ops:
+            out.append("\n#### operating points (read off the ROC curve of the evaluated rows)\n")
+            out += ops
+        if lev.get("subgroups"):
+            out.append("\n#### subgroups")
+            out += markdown_subgroups(report, lev)
     ex = report["exclusions"]
     excl = []
     for level, lev in report["levels"].items():
@@ -515,4 +1290,11 @@ def report_csv(report: dict[str, Any]) -> str:
                         w.writerow([model, level, lab, k, e[k], None, None])
                 if "threshold" in e:
                     w.writerow([model, level, lab, "threshold", e["threshold"]["value"], None, None])
+    for level, lev in (report.get("comparison") or {}).get("levels", {}).items():
+        for lab, e in [("macro", lev["macro"]), *lev["labels"].items()]:
+            for k in ("auroc", "auprc"):
+                d = e.get(k) or {}
+                if d.get("diff") is not None:
+                    ci = d.get("ci") or [None, None]
+                    w.writerow(["model-baseline", level, lab, f"delta_{k}", d["diff"], ci[0], ci[1]])
     return buf.getvalue()

@@ -1,5 +1,6 @@
 """``ecgfm evaluate``: metrics with patient-level bootstrap CIs, thresholds chosen on valid, calibration,
-segment -> record aggregation; JSON/Markdown/CSV reports and optional plots."""
+segment -> record aggregation, paired comparisons, subgroups, decision curves; JSON/Markdown/CSV reports, plots and
+a self-contained HTML/Markdown report. The work is in ``ecgfm_cli.evaluate`` / ``ecgfm_cli.report``."""
 
 from __future__ import annotations
 
@@ -59,20 +60,42 @@ def evaluate_command(
     plots: Annotated[Path | None, typer.Option(help="Directory for PNG plots (ROC, PR, reliability) per label; "
                                                "replaced as a whole. Needs matplotlib.")] = None,
     baseline: Annotated[Path | None, typer.Option(help="Predictions of a baseline (e.g. `ecgfm probe --baseline` "
-                                                  "output) reported beside the model.")] = None,
+                                                  "output): reported beside the model, and the paired difference "
+                                                  "(ΔAUROC, ΔAUPRC with CIs and p-values) on the common rows.")] = None,
+    subgroups: Annotated[str | None, typer.Option(help="Comma-separated columns to report metrics per group of "
+                                                  "(e.g. age,sex,source): from the predictions or the --records "
+                                                  "tables; age in --age-bands.")] = None,
+    records: Annotated[list[Path] | None, typer.Option("--records", help="Tables joined on record_id for "
+                                                       "--subgroups: a segments or records artifact (age, sex, "
+                                                       "source_path), ingest's labels table, any CSV/Parquet. "
+                                                       "Repeatable.")] = None,
+    age_bands: Annotated[str, typer.Option(help="Upper-exclusive band edges for age (years).")] = "40,60,80",
+    min_subgroup: Annotated[int, typer.Option(help="Patients a subgroup needs to be evaluated (smaller ones are "
+                                              "reported as too small).")] = 20,
+    min_positives: Annotated[int, typer.Option(help="Positive (and negative) patients a label needs for a reliable "
+                                               "interval and a place in the macro average.")] = 3,
+    at_specificity: Annotated[str, typer.Option(help="Specificity targets for 'sensitivity at specificity' "
+                                                "(comma-separated; empty for none).")] = "0.9,0.95",
+    at_sensitivity: Annotated[str, typer.Option(help="Sensitivity targets for 'specificity at sensitivity'.")
+                              ] = "0.9,0.95",
+    report: Annotated[Path | None, typer.Option("--report", help="One self-contained file for a reviewer (.html "
+                                                "with embedded plots, or .md): data, splits, baselines, metrics, "
+                                                "calibration, subgroups, decision curves, provenance.")] = None,
 ) -> None:
     """Evaluate predictions against labels on the test split: AUROC, AUPRC, sensitivity, specificity, PPV, F1,
-    calibration (and MAE/RMSE/R²/r for continuous targets) with patient-level bootstrap CIs."""
+    calibration (and MAE/RMSE/R²/r for continuous targets) with patient-level bootstrap CIs; paired comparison
+    with a baseline, subgroups, decision curves and operating points."""
     from ecgfm_cli.console import fail
     from ecgfm_cli.evaluate import (
-        REPORT_VERSION,
         EvalConfig,
         EvaluateError,
+        build_report,
+        compare,
         evaluate,
         load_predictions,
         report_csv,
         report_markdown,
-        upstream_info,
+        subgroup_columns,
     )
     from ecgfm_cli.io.artifacts import atomic_path, atomic_write_text, check_writable_dir
     from ecgfm_cli.labels import LabelError, load_aggregate_rules, load_labels, resolve_aggregation
@@ -81,29 +104,51 @@ def evaluate_command(
 
     if output is not None and output.suffix.lower() not in (".json", ".md", ".csv"):
         fail(f"-o {output}: the report format comes from the extension; use .json, .md or .csv")
+    if report is not None and report.suffix.lower() not in (".html", ".htm", ".md"):
+        fail(f"--report {report}: use .html (self-contained, plots embedded) or .md")
     if bootstrap < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--bootstrap")
+    for value, name in ((min_positives, "--min-positives"), (min_subgroup, "--min-subgroup")):
+        if value < 1:
+            raise typer.BadParameter("must be >= 1", param_hint=name)
     if aggregate_rules is not None and aggregate is not Aggregate.label:
         raise typer.BadParameter("needs --aggregate label", param_hint="--aggregate-rules")
-    if plots is not None:
+    targets = {}
+    for name, text in (("--at-specificity", at_specificity), ("--at-sensitivity", at_sensitivity),
+                       ("--age-bands", age_bands)):
+        try:
+            vals = tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+        if name != "--age-bands" and any(not 0 < v < 1 for v in vals):
+            raise typer.BadParameter("targets must lie in (0, 1)", param_hint=name)
+        if name == "--age-bands" and (not vals or list(vals) != sorted(set(vals))):
+            raise typer.BadParameter("give increasing band edges, e.g. 40,60,80", param_hint=name)
+        targets[name] = vals
+    subgroup_names = [x.strip() for x in (subgroups or "").split(",") if x.strip()]
+    if records and not subgroup_names:
+        raise typer.BadParameter("is only used by --subgroups", param_hint="--records")
+    if plots is not None or (report is not None and report.suffix.lower() != ".md"):
         from ecgfm_cli.plots import PlotsUnavailable, check_plots_dir, require_matplotlib
 
         try:
             require_matplotlib()
         except PlotsUnavailable as e:
-            fail(str(e))
+            fail(str(e) if plots is not None else str(e).replace("--plots", "--report .html"))
     for p, what in ((predictions, "PREDICTIONS"), (labels, "--labels"), (baseline, "--baseline"),
-                    (aggregate_rules, "--aggregate-rules")):
+                    (aggregate_rules, "--aggregate-rules"), *((r, "--records") for r in records or [])):
         if p is not None and not p.exists():
             fail(f"{what} {p}: no such file or directory")
-    if output is not None:
-        check_writable_dir(output.parent, f"-o {output}")
+    for path, what in ((output, "-o"), (report, "--report")):
+        if path is not None:
+            check_writable_dir(path.parent, f"{what} {path}")
     if plots is not None:
         check_plots_dir(plots)
 
     def log(msg: str) -> None:
         typer.echo(f"ecgfm evaluate: {msg}", err=True)
 
+    base_body, base_curves, bpreds, comparison, sources = None, None, None, None, None
     try:
         table = load_labels(labels, label_map)
         preds = load_predictions(predictions)
@@ -112,45 +157,49 @@ def evaluate_command(
                    if aggregate is not None else {})
         cfg = EvalConfig(eval_split=eval_split, threshold_method=threshold.value, n_boot=bootstrap, seed=seed,
                          calibrate=calibrate, aggregate=aggregate.value if aggregate else None,
-                         aggregate_methods=methods)
-        body, curves = evaluate(preds, table, cfg, log=log)
-        base_body, base_curves = None, None
+                         aggregate_methods=methods, min_positives=min_positives,
+                         at_specificity=targets["--at-specificity"], at_sensitivity=targets["--at-sensitivity"],
+                         min_subgroup=min_subgroup, age_bands=targets["--age-bands"])
+        groups = None
+        if subgroup_names:
+            groups, sources = subgroup_columns(subgroup_names, predictions, preds, list(records or []),
+                                               cfg.age_bands)
+            for name, where in sources.items():
+                log(f"subgroup {name!r} from {where}")
+        body, curves = evaluate(preds, table, cfg, log=log, subgroups=groups)
         if baseline is not None:
             bpreds = load_predictions(baseline)
             base_body, base_curves = evaluate(bpreds, table, cfg, log=lambda m: log(f"baseline: {m}"))
+            comparison = compare(preds, bpreds, table, cfg, log=log)
     except (LabelError, EvaluateError) as e:
         fail(str(e))
 
     lm_input = label_map if label_map and Path(label_map).is_file() else None
     settings = {"aggregate": cfg.aggregate, "aggregate_methods": methods or None, "bootstrap": bootstrap,
                 "seed": seed, "ci_level": cfg.ci_level, "threshold_method": cfg.threshold_method,
-                "calibrate": calibrate, "eval_split": eval_split, "ece_bins": ECE_BINS, "label_map": label_map}
-    report: dict[str, Any] = {
-        "ecgfm_report_version": REPORT_VERSION,
-        "kind": "evaluate",
-        "predictions": str(predictions),
-        "labels": str(labels),
-        **body,
-        "settings": settings,
-        "upstream": upstream_info(preds.meta),
-    }
-    if base_body is not None:
-        report["baseline"] = {"predictions": str(baseline), **base_body, "upstream": upstream_info(bpreds.meta)}
-    report["provenance"] = build_provenance(
-        {"predictions": predictions, "labels": labels, "label_map": lm_input, "baseline": baseline,
-         "aggregate_rules": aggregate_rules}, seed=seed, extra=settings)
-    report = _clean(report)
+                "calibrate": calibrate, "eval_split": eval_split, "ece_bins": ECE_BINS, "label_map": label_map,
+                "min_positives": min_positives, "at_specificity": list(cfg.at_specificity),
+                "at_sensitivity": list(cfg.at_sensitivity), "subgroups": subgroup_names or None,
+                "age_bands": list(cfg.age_bands), "min_subgroup": min_subgroup,
+                "bootstrap_strata": "patients by the rarest label they are positive for",
+                "ci_method": "bias-corrected percentile (BC)"}
+    inputs = {"predictions": predictions, "labels": labels, "label_map": lm_input, "baseline": baseline,
+              "aggregate_rules": aggregate_rules}
+    inputs.update({f"records_{i}": r for i, r in enumerate(records or [])})
+    prov = build_provenance(inputs, seed=seed, extra=settings)
+    rep = _clean(build_report(body, preds, str(predictions), str(labels), settings, prov, base_body, bpreds,
+                              str(baseline) if baseline else None, comparison, sources))
 
-    md = report_markdown(report)
+    md = report_markdown(rep)
     typer.echo(md)
     if output is not None:
         suffix = output.suffix.lower()
         if suffix == ".json":
-            text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+            text = json.dumps(rep, indent=2, allow_nan=False) + "\n"
         elif suffix == ".md":
             text = md
         else:
-            text = report_csv(report)
+            text = report_csv(rep)
         atomic_write_text(output, text)
         log(f"wrote {output}")
     if plots is not None:
@@ -159,5 +208,10 @@ def evaluate_command(
         with atomic_path(plots) as tmp:
             tmp.mkdir()
             written = write_plots(curves, tmp, base_curves)
-            (tmp / "provenance.json").write_text(json.dumps(report["provenance"], indent=2) + "\n")
+            (tmp / "provenance.json").write_text(json.dumps(rep["provenance"], indent=2) + "\n")
         log(f"wrote {len(written)} plots to {plots}")
+    if report is not None:
+        from ecgfm_cli.report import render_report
+
+        atomic_write_text(report, render_report(rep, curves, base_curves, html=report.suffix.lower() != ".md"))
+        log(f"wrote {report}")
