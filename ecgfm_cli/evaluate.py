@@ -439,7 +439,10 @@ def join(preds: Predictions, labels: LabelTable, cfg: EvalConfig) -> Joined:
     tcols = [labels.labels.index(mapping[p]) for p in pred_labels]
     S = preds.scores[known][:, cols]
     Y = labels.values[rows][:, tcols]
-    kinds = {p: labels.kinds[mapping[p]] for p in pred_labels}
+    # the kind a label was fitted as (probe/finetune --continuous fits a 0/1 column as a target) wins over the
+    # kind the labels table's values suggest
+    fitted = preds.meta.get("label_kinds") if isinstance(preds.meta.get("label_kinds"), dict) else {}
+    kinds = {p: fitted.get(p) or labels.kinds[mapping[p]] for p in pred_labels}
     for j, p in enumerate(pred_labels):
         col = S[:, j][np.isfinite(S[:, j])]
         if kinds[p] == "binary" and len(col) and (col.min() < 0 or col.max() > 1):

@@ -186,6 +186,17 @@ def test_evaluate_bootstrap_ci_single_class_and_aggregation():
     assert body["split_check"]["patients_in_multiple_splits"] == 0
 
 
+def test_a_label_fitted_as_continuous_is_scored_as_continuous():
+    """`probe --continuous AF` on a 0/1 column: the predictions' label_kinds say so, and evaluate must not score it
+    as a binary label again because the labels table holds 0/1."""
+    preds, lt = _synthetic()
+    preds.meta = {"label_kinds": {"AF": "continuous", "PVC": "binary", "const": "binary"}}
+    body, _ = evaluate(preds, lt, _cfg())
+    labels = body["levels"]["segment"]["labels"]
+    assert "mae" in labels["AF"] and "auroc" not in labels["AF"]
+    assert "auroc" in labels["PVC"]
+
+
 def test_evaluate_exclusions_are_counted_not_silent():
     preds, lt = _synthetic()
     preds.record_ids = preds.record_ids.copy()
