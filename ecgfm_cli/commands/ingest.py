@@ -29,11 +29,21 @@ def ingest_command(
     store_digital: Annotated[bool, typer.Option("--store-digital", help="Also keep lossless ADC integers with "
                                                 "gain and baseline where the source has them.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 if any file is rejected.")] = False,
+    max_samples: Annotated[str, typer.Option("--max-samples", metavar="N", help="Reject a record longer than N "
+                                             "samples per lead as too_large, checked before it is read (bounds "
+                                             "memory per record); 0 or none: no bound.")] = "16777216",
+    id_key: Annotated[Path | None, typer.Option("--id-key", help="Secret key file (16+ bytes) for hospital files' "
+                                                "patient ids: the MRN becomes a keyed HMAC-SHA256 pseudonym, the "
+                                                "same in every run with the same key. Without it patient_id is left "
+                                                "empty (see docs/deidentification.md).")] = None,
+    keep_identifiers: Annotated[bool, typer.Option("--keep-identifiers", help="Do NOT de-identify hospital files: "
+                                                   "MRN as patient_id, names, birth dates, staff and free text in "
+                                                   "comments, full dates.")] = False,
 ) -> None:
     """Find ECG records under PATHS and write one row per record (signal, leads, rate, metadata,
     per-lead quality flags), a labels table from the headers, and a rejects table."""
     from ecgfm_cli.console import fail, info
-    from ecgfm_cli.ingest import IngestOptions, check_user_labels, parse_shard, report, run_ingest
+    from ecgfm_cli.ingest import IngestOptions, check_user_labels, parse_max_samples, parse_shard, report, run_ingest
     from ecgfm_cli.io.artifacts import discard_empty_output, resolve_output
     from ecgfm_cli.io.readers import ReadOptions
 
@@ -50,8 +60,21 @@ def ingest_command(
     if fs is not None and not (0 < fs <= 20000):
         fail(f"--fs {fs}: expected a sampling rate in Hz (0 < fs <= 20000)")
     lead_list = [s.strip() for s in leads.split(",")] if leads else None
-    opts = IngestOptions(read=ReadOptions(fs=fs, leads=lead_list, gain=gain, store_digital=store_digital),
-                         workers=workers, shard=shard_t, strict=strict, labels_csv=labels, rejects_path=rejects)
+    from ecgfm_cli.deid import DeidPolicy, read_id_key
+
+    if id_key is not None and keep_identifiers:
+        fail("--id-key with --keep-identifiers: the one pseudonymises patient ids, the other keeps them; choose one")
+    try:
+        key = read_id_key(id_key) if id_key is not None else None
+    except (OSError, ValueError) as e:
+        fail(str(e) if isinstance(e, ValueError) else f"--id-key {id_key}: {e.strerror or e}")
+    if keep_identifiers:
+        info("ingest: WARNING --keep-identifiers: hospital files' patient names, MRNs, birth dates, staff names and "
+             "free text go into the outputs un-redacted")
+    opts = IngestOptions(read=ReadOptions(fs=fs, leads=lead_list, gain=gain, store_digital=store_digital,
+                                          max_samples=parse_max_samples(max_samples)),
+                         workers=workers, shard=shard_t, strict=strict, labels_csv=labels, rejects_path=rejects,
+                         deid=DeidPolicy(key=key, keep_identifiers=keep_identifiers))
     if labels is not None:
         check_user_labels(labels)  # before reading every record, not after
     summary = run_ingest(paths, out, opts)
