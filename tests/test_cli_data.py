@@ -43,12 +43,17 @@ def table(path: Path, kind: str) -> pa.Table:
     return open_artifact(path, kind).read_all()
 
 
+#: the sample records: 41 from the open datasets plus 7 hospital-format files (GE MUSE 1, Philips 2, HL7 aECG 1,
+#: DICOM 1, SCP-ECG 2); see sample_data/ATTRIBUTION.md
+SAMPLE_RECORDS = 48
+
+
 def test_ingest_reads_every_sample_source(records_dir):
     t = table(records_dir, "records")
     formats = set(t.column("source_format").to_pylist())
     assert {"wfdb-mat", "wfdb", "csv", "sph-hdf5", "fairseq-mat"} <= formats, formats
     ids = t.column("record_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 41
+    assert len(ids) == len(set(ids)) == SAMPLE_RECORDS
     row = t.filter(pc.equal(t.column("record_id"), "challenge2021/A0003")).to_pylist()[0]
     assert row["sample_rate"] == 500 and row["n_leads"] == 12 and row["sex"] in ("M", "F")
     assert "164889003" in row["dx_codes"]  # atrial fibrillation
@@ -56,10 +61,11 @@ def test_ingest_reads_every_sample_source(records_dir):
     ptbxl = [i for i in ids if i.startswith("ptbxl/")]
     assert len(ptbxl) == 6  # 500 Hz and 100 Hz versions stay distinct records
     labels = table(records_dir, "labels")
-    assert labels.num_rows == 41 and set(labels.column_names) >= {"record_id", "patient_id", "codes"}
-    assert table(records_dir, "rejects").num_rows == 0
+    assert labels.num_rows == SAMPLE_RECORDS and set(labels.column_names) >= {"record_id", "patient_id", "codes"}
+    rejects = table(records_dir, "rejects")  # nothing but the documents beside the records (licenses, README)
+    assert set(rejects.column("reason").to_pylist()) <= {"ignored"}, rejects.to_pylist()
     done = json.loads((records_dir / "_done-s00000of00001.json").read_text())
-    assert done["records"] == 41
+    assert done["records"] == SAMPLE_RECORDS
 
 
 def test_ingest_values_equal_wfdb(records_dir, sample_data):
@@ -198,7 +204,7 @@ def test_shards_partition_and_rerun_skips_finished(sample_data, tmp_path):
         res = invoke("ingest", sample_data, "--fs", "500", "-o", out, "--shard", f"{i}/3")
         assert res.exit_code == 0, res.output
     ids = table(out, "records").column("record_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 41
+    assert len(ids) == len(set(ids)) == SAMPLE_RECORDS
     part = next(out.glob("records-s00001of00003-*.parquet"))
     mtime = part.stat().st_mtime_ns
     res = run_cli("ingest", sample_data, "--fs", "500", "-o", out, "--shard", "1/3")
@@ -206,7 +212,7 @@ def test_shards_partition_and_rerun_skips_finished(sample_data, tmp_path):
     # an interrupted shard (no done marker) is redone from scratch, never appended to
     (out / "_done-s00002of00003.json").unlink()
     assert invoke("ingest", sample_data, "--fs", "500", "-o", out, "--shard", "2/3").exit_code == 0
-    assert table(out, "records").num_rows == 41
+    assert table(out, "records").num_rows == SAMPLE_RECORDS
 
 
 def test_failed_or_foreign_outputs_are_not_taken_for_finished(sample_data, tmp_path):
@@ -404,7 +410,7 @@ def test_worker_pool_keeps_order_and_pulls_input_lazily():
 
 def test_closed_pipe_ends_quietly_like_other_tools(sample_data):
     """`ecgfm ingest ... | head -c 100`: exit status 141 (SIGPIPE's, what the shell reports for other tools) and
-    no traceback. All 41 sample records: several MB, more than the 1 MiB pipe buffer ingest asks for."""
+    no traceback. All the sample records: several MB, more than the 1 MiB pipe buffer ingest asks for."""
     p = subprocess.Popen([sys.executable, "-m", "ecgfm_cli", "ingest", str(sample_data), "--fs", "500", "-o", "-"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.read(100)
