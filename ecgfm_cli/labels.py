@@ -53,10 +53,13 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
     s = str(path)
     p = Path(path)
     if s == "-":
-        import sys
+        from ecgfm_cli.io.artifacts import read_stdin_stream
 
-        table = pa.ipc.open_stream(sys.stdin.buffer).read_all()
+        table = read_stdin_stream("")
     elif p.is_dir():
+        from ecgfm_cli.io.artifacts import check_complete
+
+        check_complete(p, "")  # shards interrupted or missing: refused (unless --allow-partial)
         files: list[Path] = []
         for kind in kinds:
             files = sorted(p.glob(f"{kind}-*.parquet"))

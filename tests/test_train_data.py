@@ -10,7 +10,7 @@ import pytest
 
 from ecgfm_cli.console import UsageError
 from ecgfm_cli.contract import Contract
-from ecgfm_cli.io.artifacts import ArtifactWriter, Output
+from ecgfm_cli.io.artifacts import ArtifactWriter, Output, write_done_marker
 from ecgfm_cli.io.schema import segments_schema
 from ecgfm_cli.train.data import (
     LoaderConfig,
@@ -52,6 +52,7 @@ def make_segments(path: Path, counts: list[int], window: int = 2500, n_leads: in
         }
         w.write(pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema))
     w.close()
+    write_done_marker(path, (0, 1), {"kind": "segments", "segments": len(rows), "parts": [f.name for f in w.files]})
     return path
 
 

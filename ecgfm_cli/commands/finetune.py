@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ecgfm_cli.commands.options import AllowPartial
+
 _DATA = "Data and model"
 _OPT = "Optimisation (defaults: see docs/commands/finetune.md for the reference values)"
 _DIST = "Devices and processes"
@@ -80,6 +82,7 @@ def finetune_command(
                                              rich_help_panel=_DIST)] = None,
     procs: Annotated[int | None, typer.Option(help="CPU processes (DDP over gloo).", min=1,
                                               rich_help_panel=_DIST)] = None,
+    allow_partial: AllowPartial = False,
 ) -> None:
     """Finetune an ECG-FM encoder with a linear head on labelled segments (ECG-FM's recipe): conv stack frozen,
     BCE with train pos_weight (MSE for continuous targets), Adam at a fixed LR, best epoch by valid macro AUPRC,

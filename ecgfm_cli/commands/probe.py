@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ecgfm_cli.commands.options import AllowPartial
+
 
 def _grid(text: str, name: str) -> tuple[float, ...]:
     try:
@@ -17,6 +19,11 @@ def _grid(text: str, name: str) -> tuple[float, ...]:
     if not vals or any(v <= 0 for v in vals):
         raise typer.BadParameter(f"{name} must be comma-separated positive numbers, got {text!r}")
     return vals
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Repeatable, comma-separated names (``--continuous a --continuous b,c``)."""
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
 
 
 def probe_command(
@@ -34,7 +41,7 @@ def probe_command(
     baseline_output: Annotated[Path | None, typer.Option(
         "--baseline-output", help="Where to write the baseline predictions (default: OUTPUT with "
         ".baseline.parquet).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the patient-grouped split.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the patient-grouped split (or of the folds).")] = 0,
     split_fractions: Annotated[str, typer.Option(help="train,valid,test fractions of the patient-grouped split "
                                                  "(used when the labels have no split column).")] = "0.8,0.1,0.1",
     c_grid: Annotated[str, typer.Option(help="Inverse regularisation strengths C tried for logistic regression; "
@@ -42,12 +49,20 @@ def probe_command(
     alpha_grid: Annotated[str, typer.Option(help="Ridge alphas tried for continuous targets; the lowest valid MSE "
                                             "wins.")] = "1e-3,1e-2,0.1,1,10,100,1e3,1e4",
     max_iter: Annotated[int, typer.Option(help="Iteration limit of each logistic regression fit.")] = 1000,
+    folds: Annotated[int | None, typer.Option("--folds", help="K-fold out-of-fold probing instead of one split: "
+                                              "patient-grouped folds stratified on the rarest binary label; every "
+                                              "record is scored once, by a probe fitted (C chosen on an inner "
+                                              "split) on the other folds. For small cohorts.", min=2)] = None,
+    continuous: Annotated[list[str] | None, typer.Option(
+        "--continuous", help="Fit this label as a continuous target (ridge); needed for a two-valued label not "
+        "coded 0/1, e.g. 1/2 (repeatable, or comma-separated).")] = None,
+    allow_partial: AllowPartial = False,
 ) -> None:
-    """Fit a linear probe per label on frozen embeddings (patient-grouped train/valid/test split) and write
-    predictions for every split."""
+    """Fit a linear probe per label on frozen embeddings (patient-grouped train/valid/test split, or
+    --folds K out-of-fold) and write predictions for every record."""
     from ecgfm_cli.console import fail
     from ecgfm_cli.io.artifacts import check_writable_dir
-    from ecgfm_cli.labels import LabelError, load_labels
+    from ecgfm_cli.labels import LabelError, load_labels, settle_label_kinds
     from ecgfm_cli.probe import ProbeError, baseline_path, probe_files
     from ecgfm_cli.provenance import build_provenance
     from ecgfm_cli.splits import parse_fractions
@@ -77,19 +92,21 @@ def probe_command(
     def bar(total: int, desc: str):
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=f"probe {desc}", unit="label", disable=not sys.stderr.isatty())
+        return tqdm(total=total, desc=f"probe {desc}", unit="fold" if folds else "label",
+                    disable=not sys.stderr.isatty())
 
     try:
         table = load_labels(labels, label_map)
+        table.notes += settle_label_kinds(table, table.labels, _names(continuous))
         lm_input = label_map if label_map and Path(label_map).is_file() else None
         prov = build_provenance(
             {"embeddings": embeddings, "labels": labels, "label_map": lm_input, "baseline": baseline},
             seed=seed,
             extra={"split_fractions": fractions, "c_grid": cs, "alpha_grid": alphas, "max_iter": max_iter,
-                   "label_map": label_map},
+                   "label_map": label_map, "folds": folds, "continuous": _names(continuous)},
         )
         probe_files(embeddings, table, output, prov, baseline=baseline, baseline_out=baseline_output,
                     fractions=fractions, seed=seed, c_grid=cs, alpha_grid=alphas, max_iter=max_iter, log=log,
-                    progress_factory=bar)
+                    progress_factory=bar, folds=folds)
     except (LabelError, ProbeError) as e:
         fail(str(e))

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ecgfm_cli.commands.options import AllowPartial
+
 
 def segment_command(
     input: Annotated[str, typer.Argument(help="records from `ecgfm ingest`: DIR, FILE.parquet/.arrow, or - "
@@ -31,6 +33,7 @@ def segment_command(
                                          min=1)] = 1,
     rejects: Annotated[Path | None, typer.Option(help="Where to write the rejects table (default: next to "
                                                  "the output).")] = None,
+    allow_partial: AllowPartial = False,
 ) -> None:
     """Reorder leads by name to I..V6 (absent leads zero-filled and flagged), resample linearly to
     500 Hz, z-score each lead over the whole record, cut non-overlapping 5 s windows."""

@@ -2,7 +2,9 @@
 
 The output path's extension decides the format (see docs/artifacts.md). Every file is written under
 a temporary name in its final directory and renamed when complete, so a reader never accepts a
-half-written file.
+half-written file; a directory artifact is read only when every shard's done marker says it is complete
+(:func:`check_complete`), a stream only when its end-of-stream marker arrives, and one run at a time writes
+a shard (:func:`lock_output`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
+import socket
+import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +29,13 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from ecgfm_cli import __version__
-from ecgfm_cli.console import fail, info
+from ecgfm_cli.console import fail, info, plural
+from ecgfm_cli.io.schema import REQUIRED_COLUMNS
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are not locked
+    fcntl = None
 
 SCHEMA_VERSION = 1
 KINDS = ("records", "segments", "labels", "rejects", "embeddings", "predictions")
@@ -154,6 +167,197 @@ def done_marker(directory: Path, shard: tuple[int, int]) -> Path:
     return directory / f"_done-{shard_tag(shard)}.json"
 
 
+# ------------------------------------------------------------------------------------- one run per output
+# A run holds an exclusive advisory lock (flock) on its output's run file from its start to its done marker: a
+# second run into the same shard (or the same single file) is refused, naming the first. The run file stays
+# behind, holding the command line of the last run that started there: a reader of an interrupted directory
+# names it as the rerun that completes it. Shards of one artifact (SLURM arrays) lock separately.
+
+#: lock-file path -> the descriptor through which this process holds its lock (released with the run).
+_HELD: dict[str, int] = {}
+
+
+def run_file(output: Output, shard: tuple[int, int] | None = (0, 1)) -> Path | None:
+    """The lock / run-record file of one shard of a ``dir`` output (``DIR/.run-<shard>.json``; ``shard`` None:
+    the whole directory, ``DIR/.run.json``) or of a single file output (``.NAME.run.json`` beside it); None for a
+    stream."""
+    if output.format == "stream" or output.path is None:
+        return None
+    if output.format == "dir":
+        return output.path / (f".run-{shard_tag(shard)}.json" if shard is not None else ".run.json")
+    return output.path.with_name(f".{output.path.name}.run.json")
+
+
+def command_line() -> str | None:
+    """This process's command line as a user would type it again (``ecgfm ingest data -o out``); None when this
+    process is not the ``ecgfm`` command (a library call from another program)."""
+    argv = list(sys.argv)
+    if not argv:
+        return None
+    first = Path(argv[0])
+    if first.name not in ("ecgfm", "ecgfm.exe") and (first.name, first.parent.name) != ("__main__.py", "ecgfm_cli"):
+        return None
+    return shlex.join(["ecgfm", *argv[1:]])
+
+
+def _stdin_is_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(0).st_mode)
+    except OSError:
+        return False
+
+
+def _run_record() -> dict:
+    return {"command": command_line(), "cwd": os.getcwd(), "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ecgfm": __version__, "stdin_pipe": _stdin_is_pipe()}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _describe_run(run: dict | None) -> str:
+    if not run:
+        return "another process"
+    host = f" on {run['host']}" if run.get("host") and run.get("host") != socket.gethostname() else ""
+    since = f", since {run['started']}" if run.get("started") else ""
+    command = f": `{run['command']}`" if run.get("command") else ""
+    return f"pid {run.get('pid')}{host}{command}{since}"
+
+
+def lock_output(output: Output, shard: tuple[int, int] | None, command: str) -> None:
+    """Take this run's exclusive lock on ``output`` (one shard of a directory, or a single file) for the rest of
+    the run, and record the run's command line in the run file. Another live run holding it: fail with one line
+    naming it. Released by :func:`release_output` (:func:`write_done_marker`, :meth:`ArtifactWriter.abort`,
+    :func:`discard_empty_output`, :func:`write_sidecars` for a single file) or when the process ends."""
+    path = run_file(output, shard)
+    if path is None:
+        return
+    key = os.path.abspath(path)
+    fd = _HELD.get(key)
+    while fd is None:  # (held already: an earlier run in this same process, which ended without releasing it)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = _read_json(path)
+            os.close(fd)
+            sharded = output.format == "dir" and shard is not None and shard[1] > 1
+            what = f"shard {shard[0]}/{shard[1]} of {output.path}" if sharded else str(output.path)
+            fail(f"{command}: {what} is being written by another run ({_describe_run(other)}); wait for it to "
+                 "finish or write elsewhere")
+        except OSError as e:  # a filesystem without locks (some network mounts): go on, unguarded
+            info(f"{command}: warning: cannot lock {path} ({e.strerror}): two runs writing there at once "
+                 "would mix their outputs")
+            break
+        try:  # the run that held it may have deleted the file (single-file outputs) before this one locked it
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            fd = None
+    _HELD[key] = fd
+    data = json.dumps(_run_record(), sort_keys=True).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def release_output(output: Output, shard: tuple[int, int] | None = (0, 1)) -> None:
+    """Release the lock :func:`lock_output` took (no-op when this process holds none). A single file's run file
+    goes with it (a directory's stays: it names the command of a run that is interrupted later)."""
+    path = run_file(output, shard)
+    fd = _HELD.pop(os.path.abspath(path), None) if path is not None else None
+    if fd is not None:
+        if output.format != "dir":
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still locked: see the inode check in lock_output
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(output: Output, shard: tuple[int, int] | None, command: str, kind: str | None = None
+                ) -> Iterator[None]:
+    """:func:`lock_output` and :func:`remove_dead_temporaries` for the duration of the block (``shard`` None: a
+    whole directory, for a command that rewrites every shard of it at once). With ``kind``, a directory holding
+    another artifact is refused first (:func:`check_output_kind`), before anything is written into it."""
+    if kind is not None and output.format == "dir":
+        check_output_kind(output.path, kind, command)
+    lock_output(output, shard, command)
+    try:
+        remove_dead_temporaries(output, shard)
+        yield
+    finally:
+        release_output(output, shard)
+
+
+def _run_is_live(path: Path) -> bool:
+    """Whether another process holds the lock on run file ``path`` now (it is writing that shard)."""
+    if fcntl is None or os.path.abspath(path) in _HELD:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing also drops the shared lock
+    return False
+
+
+#: The temporaries this module writes: ``.NAME.tmp-PID`` (atomic writes) and ``.NAME.old-PID`` (replaced dirs).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:  # not a pid at all
+        return False
+    return True
+
+
+def remove_dead_temporaries(output: Output, shard: tuple[int, int] | None = (0, 1)) -> list[Path]:
+    """Delete the temporaries that killed runs of this output left (a kill -9 cannot clean up): only files
+    matching this module's own ``.NAME.tmp-PID`` pattern, only for names of this shard (directory; ``shard`` None:
+    the whole directory) or this file and its companions (single file), and only when process PID is not alive.
+    Call with the output locked. Returns what was removed."""
+    if output.format == "stream" or output.path is None:
+        return []
+    if output.format == "dir":
+        folder, tag = output.path, shard_tag(shard) if shard is not None else ""
+        ours = lambda name: tag in name  # noqa: E731 - every file of a shard carries its tag
+    else:
+        folder, stem = output.path.parent, output.path.stem
+        ours = lambda name: name == output.path.name or name.startswith(stem + ".")  # noqa: E731
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = _TEMPORARY.match(p.name)
+        if m and ours(m["name"]) and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                _remove(p)
+                removed.append(p)
+    return removed
+
+
 def _parquet_options(schema: pa.Schema) -> dict:
     """Writer options: big float payloads are stored plain (no compression, dictionary or statistics:
     they cost time and save nothing on signals); small columns get the usual treatment."""
@@ -269,12 +473,17 @@ class ArtifactWriter:
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
         self._writer = self._sink = self._tmp = None
+        release_output(self.output, self.shard)
 
 
 def write_done_marker(directory: Path, shard: tuple[int, int], summary: dict) -> None:
+    """Mark a shard of a directory artifact complete (``summary``: kind, counts, ``parts``; the command line is
+    added) and end the run's lock on it. A shard that legitimately holds nothing gets a marker with zero rows."""
     marker = done_marker(directory, shard)
+    summary = {**summary, "command": summary.get("command", command_line()), "cwd": os.getcwd()}
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    release_output(Output("dir", Path(directory)), shard)
 
 
 def check_output_kind(directory: Path, kind: str, command: str) -> None:
@@ -302,16 +511,26 @@ def check_output_kind(directory: Path, kind: str, command: str) -> None:
 
 def start_shard(output: Output, shard: tuple[int, int], command: str, kind: str) -> bool:
     """Prepare a shard of a ``dir`` output of artifact ``kind``: False (and a message) when its done-marker says
-    it is complete; otherwise delete the parts an interrupted run of the same shard left, so the shard is redone
-    from scratch. A directory holding another kind of artifact is refused."""
+    it is complete; otherwise lock it for this run (:func:`lock_output`), delete the parts and temporaries an
+    interrupted run of the same shard left, so the shard is redone from scratch. A directory holding another kind
+    of artifact is refused. A single-file output is locked and cleared of dead runs' temporaries."""
+    if output.format == "stream":
+        return True
     if output.format != "dir":
+        lock_output(output, shard, command)
+        remove_dead_temporaries(output, shard)
         return True
     check_output_kind(output.path, kind, command)
     marker = done_marker(output.path, shard)
+    if not marker.exists():
+        lock_output(output, shard, command)
+        if marker.exists():  # another run finished the shard just before this one took the lock
+            release_output(output, shard)
     if marker.exists():
         info(f"{command}: shard {shard[0]}/{shard[1]} is already complete in {output.path}; nothing to do "
              f"(delete {marker} to redo it)")
         return False
+    remove_dead_temporaries(output, shard)
     for stale in output.path.glob(f"*-{shard_tag(shard)}*.parquet"):
         stale.unlink()
     return True
@@ -319,12 +538,13 @@ def start_shard(output: Output, shard: tuple[int, int], command: str, kind: str)
 
 def discard_empty_output(output: Output, shard: tuple[int, int] = (0, 1)) -> None:
     """After a run that wrote no row: remove its empty artifact file and labels table (the rejects table stays:
-    it says why), so that nothing is left to look like a result."""
+    it says why), so that nothing is left to look like a result. Ends the run's lock on the output."""
     if output.format in ("parquet", "arrow"):
         output.path.unlink(missing_ok=True)
     labels = sidecar_path(output, "labels", shard)
     if labels is not None:
         labels.unlink(missing_ok=True)
+    release_output(output, shard)
 
 
 def write_sidecars(output: Output, shard: tuple[int, int], command: str, labels: pa.Table, rejects: pa.Table,
@@ -337,6 +557,8 @@ def write_sidecars(output: Output, shard: tuple[int, int], command: str, labels:
     rejects_path = rejects_path or sidecar_path(output, "rejects", shard)
     if rejects_path is not None:
         write_table(rejects, rejects_path, "rejects")
+        if output.format != "dir":  # a single file is complete now; a directory's shard ends with its marker
+            release_output(output, shard)
         return
     rows = rejects.slice(0, 20).to_pylist()
     for r in rows:
@@ -369,6 +591,200 @@ def write_table(table: pa.Table, path: Path, kind: str, extra_meta: dict[str, st
 
 # ----------------------------------------------------------------------------------------------- reading
 
+#: The end-of-stream marker of the Arrow IPC stream format: a continuation word and a zero metadata length.
+_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+class _WatchedInput:
+    """A binary stream for pyarrow's stream reader that notes whether the stream ended with its end-of-stream
+    marker. pyarrow takes an EOF that falls between two messages for the end of the stream, so a writer killed
+    between two record batches would otherwise pass for a complete, shorter stream."""
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self._tail = b""
+        self._eof = False  # a read came back short: the writer's end of the pipe closed
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        if n is None or n < 0 or len(data) < n:
+            self._eof = True
+        self._tail = (self._tail + data[-8:])[-8:]
+        return data
+
+    @property
+    def ended_cleanly(self) -> bool:
+        """True when the last bytes read were the end-of-stream marker and the reader stopped there."""
+        return not self._eof and self._tail == _EOS
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def close(self) -> None:  # stdin stays open: its owner closes it
+        pass
+
+
+# Reading a directory whose shards are not all complete is refused unless the command was told otherwise (the
+# shared ``--allow-partial`` option, ecgfm_cli/commands/options.py, sets this for the command's run). An
+# environment variable, so that the processes a command spawns (DDP ranks, embed's workers) inherit it.
+ALLOW_PARTIAL_ENV = "ECGFM_ALLOW_PARTIAL"
+
+
+def set_allow_partial(allow: bool) -> None:
+    """Let :func:`open_artifact` read incomplete directory artifacts (with a warning) in this process and the ones
+    it starts, until set back."""
+    if allow:
+        os.environ[ALLOW_PARTIAL_ENV] = "1"
+    else:
+        os.environ.pop(ALLOW_PARTIAL_ENV, None)
+
+
+_TAGGED = re.compile(r"^(?:(?P<kind>[a-z]+)-|(?P<done>_done-)|(?P<run>\.run-))s(?P<i>\d{5})of(?P<n>\d{5})"
+                     r"(?P<part>-p\d{5})?\.(?:parquet|json)$")
+_WRITER_OF = {"records": "ingest", "segments": "segment", "embeddings": "embed"}
+
+
+def _rerun_of(run: dict | None, shard: tuple[int, int]) -> str | None:
+    """The command that (re)writes ``shard``: the recorded command line of a run of it, or of another shard of the
+    same artifact with its ``--shard`` value replaced."""
+    if not run or not run.get("command"):
+        return None
+    try:
+        argv = shlex.split(run["command"])
+    except ValueError:
+        return None
+    want = f"{shard[0]}/{shard[1]}"
+    for k, a in enumerate(argv):
+        if a == "--shard" and k + 1 < len(argv):
+            argv[k + 1] = want
+            break
+        if a.startswith("--shard="):
+            argv[k] = f"--shard={want}"
+            break
+    else:
+        if shard[1] > 1:
+            argv += ["--shard", want]
+    cmd = f"`{shlex.join(argv)}`"
+    if run.get("cwd") and run["cwd"] != os.getcwd():
+        cmd += f" (in {run['cwd']})"
+    if run.get("stdin_pipe") and "-" in argv[2:]:
+        cmd += " fed by the command that piped into it"
+    return cmd
+
+
+def incomplete_shards(directory: Path) -> tuple[list[str], str | None]:
+    """What keeps directory artifact ``directory`` from being whole: phrases such as ``"shard 0/1 was
+    interrupted"`` (empty when it is complete), and the command that completes it when one is known.
+
+    Every shard of ``N`` that a file name mentions is expected (0..N-1): each needs a readable done marker whose
+    ``parts`` are all there and that lists every part of its shard."""
+    tags: dict[tuple[int, int], dict] = {}
+    for p in directory.iterdir():
+        m = _TAGGED.match(p.name)
+        if m is None:
+            continue
+        entry = tags.setdefault((int(m["i"]), int(m["n"])), {"parts": set(), "done": None, "run": None})
+        if m["done"]:
+            entry["done"] = p
+        elif m["run"]:
+            entry["run"] = p
+        elif m["part"]:
+            entry["parts"].add(p.name)
+    if not tags:
+        return [], None
+    counts = sorted({n for _, n in tags})
+    problems: list[str] = []
+    if len(counts) > 1:
+        problems.append("it mixes runs split into " + " and ".join(map(str, counts)) + " shards")
+    running, interrupted, never, broken, redo = [], [], [], [], []
+    # a recorded run of this artifact, to derive the command of shards that never ran
+    known_run = _read_json(directory / ".run.json") if (directory / ".run.json").exists() else None
+    for n in counts:
+        for i in range(n):
+            entry = tags.get((i, n), {"parts": set(), "done": None, "run": None})
+            run = _read_json(entry["run"]) if entry["run"] is not None else None
+            done = _read_json(entry["done"]) if entry["done"] is not None else None
+            known_run = known_run or next((r for r in (run, done) if r and r.get("command")), None)
+            name = f"{i}/{n}"
+            if entry["done"] is None:
+                if entry["run"] is not None and _run_is_live(entry["run"]):
+                    running.append((name, run))
+                elif entry["parts"] or entry["run"] is not None:
+                    interrupted.append(((i, n), run))
+                else:
+                    never.append((i, n))
+                continue
+            fault = _marker_fault(done, entry)
+            if fault:
+                broken.append(f"shard {name} {fault}")
+                redo.append(((i, n), run or done))
+    for name, run in running:
+        problems.append(f"shard {name} is still being written ({_describe_run(run)}): wait for it to finish")
+    if interrupted:
+        problems.append(_shards(s for s, _ in interrupted) + (" was" if len(interrupted) == 1 else " were")
+                        + " interrupted (no done marker)")
+    if never:
+        problems.append(_shards(never) + (" has" if len(never) == 1 else " have") + " not been written")
+    problems += broken
+    rerun = None
+    for shard, run in interrupted + redo + [(s, None) for s in never]:
+        rerun = _rerun_of(run or known_run, shard)
+        if rerun:
+            break
+    return problems, rerun
+
+
+def _marker_fault(done: dict | None, entry: dict) -> str | None:
+    """What is wrong with a shard whose done marker exists (None when nothing): unreadable, or its listed parts
+    and the part files present differ."""
+    if done is None:
+        return f"has an unreadable done marker ({entry['done'].name})"
+    if "parts" not in done:  # markers of embed's shards list no parts
+        return None
+    listed = set(done["parts"] or ())
+    missing = sorted(listed - entry["parts"])
+    if missing:
+        more = f" and {len(missing) - 1} more part(s)" if len(missing) > 1 else ""
+        return f"lacks {missing[0]}{more} that its done marker lists"
+    extra = sorted(f for f in entry["parts"] - listed if f.startswith(f"{done.get('kind')}-"))
+    if extra:
+        return f"holds {extra[0]}, which its done marker does not list"
+    return None
+
+
+def _shards(shards) -> str:
+    names = [f"{i}/{n}" for i, n in shards]
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ("shard " if len(names) == 1 else "shards ") + ", ".join(names[:5]) + more
+
+
+def check_complete(directory: Path, command: str, allow_partial: bool | None = None) -> None:
+    """Fail (one line: what is missing, the rerun that completes it) unless every shard of directory artifact
+    ``directory`` is complete; with ``allow_partial`` (default: the command's ``--allow-partial``), warn and go
+    on with what is there. ``command`` prefixes the message (empty: none)."""
+    problems, rerun = incomplete_shards(Path(directory))
+    if not problems:
+        return
+    what = f"{directory} is incomplete: " + "; ".join(problems)
+    prefix = f"{command}: " if command else ""
+    if os.environ.get(ALLOW_PARTIAL_ENV) == "1" if allow_partial is None else allow_partial:
+        info(f"{prefix}warning: {what}; reading only what is there (--allow-partial)")
+        return
+    writer = next((w for k, w in _WRITER_OF.items() if any(Path(directory).glob(f"{k}-*.parquet"))), None)
+    how = f"complete it with {rerun}" if rerun else (
+        f"rerun the `ecgfm {writer}` that writes it" if writer else "rerun the command that writes it")
+    fail(f"{prefix}{what}; {how}, or pass --allow-partial to read only what is there")
+
 
 @dataclass
 class ArtifactReader:
@@ -379,6 +795,7 @@ class ArtifactReader:
     files: list[Path] = field(default_factory=list)
     schema: pa.Schema | None = None
     _stream: object = None
+    _input: _WatchedInput | None = None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -400,12 +817,17 @@ class ArtifactReader:
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
         if self._stream is not None:
             stream, self._stream = self._stream, None
+            rows = 0
             try:
                 for batch in stream:
+                    rows += batch.num_rows
                     yield batch.select(columns) if columns else batch
             except (OSError, pa.ArrowInvalid) as e:
                 fail(f"stdin: the Arrow stream stops mid-way ({e}): the command before the pipe failed or was "
                      "interrupted")
+            if self._input is not None and not self._input.ended_cleanly:
+                fail(f"stdin: the Arrow stream stops after {plural(rows, 'row')} without its end-of-stream marker: "
+                     "the command before the pipe was killed or failed, so this is not the whole input")
             return
         for f in self.files:
             if f.suffix == ".parquet":
@@ -424,8 +846,12 @@ class ArtifactReader:
         return pa.Table.from_batches(batches, schema=schema)
 
 
-def open_artifact(path: str | Path, kind: str, command: str = "ecgfm") -> ArtifactReader:
-    """Open an artifact of ``kind`` for reading, with one clear error if it is missing or of another kind."""
+def open_artifact(path: str | Path, kind: str, command: str = "ecgfm",
+                  allow_partial: bool | None = None) -> ArtifactReader:
+    """Open an artifact of ``kind`` for reading, with one clear error if it is missing, of another kind, lacks a
+    column that ``kind`` requires (every file's schema is checked) or (a directory) is incomplete
+    (:func:`check_complete`; ``allow_partial`` None: the command's ``--allow-partial``). A stream is checked for
+    its end-of-stream marker when it has been read through."""
     spath = str(path)
     if spath == "-":
         if sys.stdin.isatty():
@@ -436,11 +862,13 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm") -> Artifa
         if head == b"PAR1":
             fail(f"{command}: stdin holds a Parquet file: give its path as the input instead (stdin takes the "
                  "Arrow stream that `-o -` writes)")
+        watched = _WatchedInput(sys.stdin.buffer)
         try:
-            stream = ipc.open_stream(sys.stdin.buffer)
-        except pa.ArrowInvalid as e:
+            stream = ipc.open_stream(pa.PythonFile(watched, mode="r"))
+        except (OSError, pa.ArrowInvalid) as e:
             fail(f"{command}: stdin is not an Arrow stream from ecgfm ({e})")
-        reader = ArtifactReader(spath, kind, schema=stream.schema, _stream=stream)
+        reader = ArtifactReader(spath, kind, schema=stream.schema, _stream=stream, _input=watched)
+        _check_columns(reader.schema, kind, "stdin", command)
     else:
         p = Path(spath)
         if p.is_dir():
@@ -454,10 +882,16 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm") -> Artifa
         else:
             fail(f"{command}: {p} does not exist")
         reader = ArtifactReader(spath, kind, files=files)
-        try:
-            reader.schema = _read_schema(files[0])
-        except (pa.ArrowInvalid, OSError) as e:
-            fail(f"{command}: {files[0]} is not a Parquet or Arrow file ({e})")
+        for f in files:  # every file: a truncated or foreign one in a directory fails here, not mid-run
+            try:
+                schema = _read_schema(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                fail(f"{command}: cannot read {f}: not a Parquet or Arrow file, or a truncated one ({e})")
+            _check_columns(schema, kind, str(f), command)
+            if reader.schema is None:
+                reader.schema = schema
+        if p.is_dir():
+            check_complete(p, command, allow_partial)
     meta = reader.metadata
     found = meta.get("ecgfm.kind")
     if found is not None and found != kind:
@@ -467,6 +901,30 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm") -> Artifa
         fail(f"{command}: {spath} has schema version {version}; this ecgfm ({__version__}) reads up to "
              f"{SCHEMA_VERSION}: upgrade ecgfm")
     return reader
+
+
+def read_stdin_stream(command: str) -> pa.Table:
+    """The whole Arrow IPC stream on stdin as a table, of any kind: one line when stdin holds none, or when the
+    stream is cut (mid-message, or between messages: no end-of-stream marker)."""
+    watched = _WatchedInput(sys.stdin.buffer)
+    try:
+        stream = ipc.open_stream(pa.PythonFile(watched, mode="r"))
+    except (OSError, pa.ArrowInvalid) as e:
+        fail(f"{command + ': ' if command else ''}stdin is not an Arrow stream from ecgfm ({e})")
+    reader = ArtifactReader("-", None, schema=stream.schema, _stream=stream, _input=watched)
+    return reader.read_all()
+
+
+def _check_columns(schema: pa.Schema, kind: str, where: str, command: str) -> None:
+    """Fail naming ``where`` and the columns a ``kind`` artifact needs that ``schema`` lacks (an artifact of
+    another kind says which)."""
+    missing = [c for c in REQUIRED_COLUMNS.get(kind, ()) if c not in schema.names]
+    if not missing:
+        return
+    found = (schema.metadata or {}).get(b"ecgfm.kind", b"").decode()
+    if found and found != kind:
+        fail(f"{command}: {where} holds {found}, not {kind}")
+    fail(f"{command}: {where} is not a {kind} artifact: it lacks the column(s) {', '.join(missing)}")
 
 
 def _read_schema(path: Path) -> pa.Schema:

@@ -63,6 +63,18 @@ CARRIED = ("record_id", "patient_id", "study_id", "source_path", "source_format"
            "dx_codes", "comments")
 
 
+#: Columns an artifact of each kind must hold for ecgfm's readers (checked when it is opened, so that a file of
+#: another shape fails with one line naming it and what it lacks instead of a KeyError deep in a command).
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "records": (*CARRIED, "sample_rate", "n_samples", "n_leads", "leads", "signal"),
+    "segments": ("record_id", "patient_id", "segment_index", "signal", "lead_present"),
+    "labels": ("record_id",),
+    "rejects": tuple(REJECTS.names),
+    "embeddings": ("record_id", "segment_index", "embedding"),
+    "predictions": ("record_id",),
+}
+
+
 def segments_schema(n_leads: int, window: int, dtype: str = "float32") -> pa.Schema:
     value = pa.float16() if dtype == "float16" else pa.float32()
     carried = [RECORDS.field(name) for name in CARRIED]
@@ -149,7 +161,7 @@ def numpy_view(arr: pa.Array) -> np.ndarray:
 
 
 def lead_quality(signal: np.ndarray, clip_fraction: float = 0.01) -> tuple[list[bool], list[bool], list[bool]]:
-    """Per-lead flags of a (n_leads, n_samples) signal: (has NaN, constant, clipped).
+    """Per-lead flags of a (n_leads, n_samples) signal: (has NaN or inf, constant, clipped).
 
     Clipped: at least ``clip_fraction`` of the samples sit at the lead's extreme value (a saturated
     ADC gives a plateau at its min or max); a flat lead is not also reported clipped.
@@ -161,7 +173,8 @@ def lead_quality(signal: np.ndarray, clip_fraction: float = 0.01) -> tuple[list[
         # plain min/max are several times faster than the NaN-aware ones, and a lead holding NaN
         # has a NaN minimum (min propagates NaN), so no separate isnan pass is needed
         lo, hi = signal.min(axis=1), signal.max(axis=1)
-        nan = np.isnan(lo) if signal.dtype.kind == "f" else np.zeros(signal.shape[0], dtype=bool)
+        # an inf sample (a tiny header gain, an "inf" in a table) is no measurement either: flagged like NaN
+        nan = ~(np.isfinite(lo) & np.isfinite(hi)) if signal.dtype.kind == "f" else np.zeros(signal.shape[0], bool)
         if nan.any():
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN leads
