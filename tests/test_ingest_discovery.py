@@ -89,6 +89,22 @@ def test_every_file_found_is_read_a_companion_or_listed(sample_data, tmp_path, i
     assert only_docs.returncode == 0, only_docs.stderr
 
 
+def test_a_stream_lists_rejects_on_stderr_but_counts_documents(sample_data, tmp_path):
+    """`ingest DIR | ...` has no rejects table: real rejects are listed one per line, the documents beside the
+    records are only counted in the summary (a dataset's README and LICENSE files are not news)."""
+    folder = tmp_path / "data"
+    copy_record(sample_data, PTBXL_LR, folder)
+    (folder / "README.md").write_text("about this dataset\n")
+    (folder / "bad.hea").write_text("bad 12 500\n")
+    r = subprocess.run([sys.executable, "-m", "ecgfm_cli", "ingest", str(folder), "-o", "-"], capture_output=True,
+                       timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "skipped bad:" in err
+    assert "skipped README" not in err
+    assert "1 other file ignored (README.md)" in err
+
+
 def test_cpsc_mat_beside_a_wfdb_record_of_the_same_name_is_read(sample_data, tmp_path, ingest):
     """``bad.hea`` + ``bad.dat`` beside a CPSC-2018 ``bad.mat``: the .mat was silently taken as the header's signal
     file. It is read on its own; its record_id is the header's, so it is listed as duplicate_record_id."""

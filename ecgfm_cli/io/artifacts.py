@@ -560,11 +560,12 @@ def write_sidecars(output: Output, shard: tuple[int, int], command: str, labels:
         if output.format != "dir":  # a single file is complete now; a directory's shard ends with its marker
             release_output(output, shard)
         return
-    rows = rejects.slice(0, 20).to_pylist()
-    for r in rows:
+    # files that are not records (documents, images) are counted in the command's summary line, not listed here
+    listed = [r for r in rejects.to_pylist() if r["reason"] != "ignored"]
+    for r in listed[:20]:
         info(f"{command}: skipped {r['record_id'] or r['source_path']}: {r['reason']}: {r['detail']}")
-    if rejects.num_rows > len(rows):
-        info(f"{command}: ... and {rejects.num_rows - len(rows)} more (pass --rejects FILE.parquet to keep them all)")
+    if len(listed) > 20:
+        info(f"{command}: ... and {len(listed) - 20} more (pass --rejects FILE.parquet to keep them all)")
 
 
 def sidecar_path(output: Output, kind: str, shard: tuple[int, int] = (0, 1)) -> Path | None:
