@@ -266,13 +266,27 @@ def assign_units(index: SegmentIndex, cfg: LoaderConfig, epoch: int) -> tuple[li
                                                                                np.ndarray]:
     """Share the units out among ``cfg.consumers`` for ``epoch``.
 
-    Units are visited in a seeded per-epoch random order and each goes to the consumer holding the fewest
-    items so far (ties: lowest id), which balances the item counts. Returns (per consumer: its unit ids in
-    visiting order, unit starts, unit stops).
+    A corpus of at least ``consumers * min_units_per_consumer`` files (a sharded segments directory at cluster
+    scale) is shared out by whole files, the same every epoch (:func:`assign_files`): each consumer, so each rank,
+    opens and reads only its own ~1/consumers of the files, and visits its units in a seeded per-epoch order.
+    A smaller corpus is shared out by units afresh each epoch: units are visited in a seeded per-epoch random
+    order and each goes to the consumer holding the fewest items so far (ties: lowest id), which balances the
+    item counts. Either way the result depends on the seed, the epoch and the number of consumers (ranks x
+    workers) only, never on how the ranks are spread over nodes. Returns (per consumer: its unit ids in visiting
+    order, unit starts, unit stops).
     """
     starts, stops = index.units(cfg.consumers * cfg.min_units_per_consumer)
     items = index.items(cfg.cmsc)
     counts = np.searchsorted(items, stops) - np.searchsorted(items, starts)
+    if len(index.files) >= cfg.consumers * cfg.min_units_per_consumer:
+        unit_file = index.rg_file[np.searchsorted(index.rg_start, starts, side="right") - 1]
+        owner = assign_files(np.bincount(unit_file, weights=counts, minlength=len(index.files)), cfg.consumers,
+                             cfg.seed)[unit_file]
+        owned_f = []
+        for c in range(cfg.consumers):
+            mine = np.flatnonzero(owner == c)
+            owned_f.append(mine[seeded_rng(cfg.seed, epoch, 4, c).permutation(len(mine))])
+        return owned_f, starts, stops
     order = seeded_rng(cfg.seed, epoch, 1).permutation(len(starts))
     heap = [(0, c) for c in range(cfg.consumers)]
     owned: list[list[int]] = [[] for _ in range(cfg.consumers)]
@@ -281,6 +295,20 @@ def assign_units(index: SegmentIndex, cfg: LoaderConfig, epoch: int) -> tuple[li
         owned[c].append(u)
         heapq.heappush(heap, (load + int(counts[u]), c))
     return [np.asarray(o, dtype=np.int64) for o in owned], starts, stops
+
+
+def assign_files(file_items: np.ndarray, consumers: int, seed: int) -> np.ndarray:
+    """Owner consumer of every file, ``(n_files,)`` int64: largest files first (ties in a seeded order), each to
+    the consumer holding the fewest items so far, which keeps the consumers' item counts within about one file
+    of each other. ``file_items``: items per file."""
+    tie = seeded_rng(seed, 0, 5).permutation(len(file_items))
+    owner = np.zeros(len(file_items), dtype=np.int64)
+    heap = [(0, c) for c in range(consumers)]
+    for f in np.lexsort((tie, -np.asarray(file_items))).tolist():
+        load, c = heapq.heappop(heap)
+        owner[f] = c
+        heapq.heappush(heap, (load + int(file_items[f]), c))
+    return owner
 
 
 def epoch_plan(index: SegmentIndex, cfg: LoaderConfig, epoch: int, consumer: int) -> np.ndarray:

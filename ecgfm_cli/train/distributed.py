@@ -6,19 +6,75 @@ otherwise it starts ``nprocs`` local processes with ``torch.multiprocessing.spaw
 variables for them, so one code path serves ``--gpus 8``, ``--procs 2`` on CPU and multi-node runs.
 A single-node spawn meets through a rendezvous file (``ECGFM_DIST_INIT=file://...``) instead of a TCP port,
 so two jobs on one machine can never race for the same free port.
+
+A rank whose peers stop answering (a process or node died, or stalled) does not hang: every collective, and the
+start-up rendezvous, gives up after ``ECGFM_DIST_TIMEOUT`` seconds (default :data:`DEFAULT_TIMEOUT_S`), and the
+error from the process group ends the run with one line (:func:`peer_failure`) instead of a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+#: Seconds a rank waits in a collective or at the rendezvous before it gives up on the others (``ECGFM_DIST_TIMEOUT``
+#: overrides). Longer than any step one rank takes alone (rank 0 writing a checkpoint), short enough that a dead
+#: node costs minutes, not a SLURM allocation.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def dist_timeout() -> float:
+    """The process-group timeout in seconds: ``ECGFM_DIST_TIMEOUT`` or :data:`DEFAULT_TIMEOUT_S`."""
+    from ecgfm_cli.console import fail
+
+    text = os.environ.get("ECGFM_DIST_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        fail(f"ECGFM_DIST_TIMEOUT={text!r}: expected a number of seconds > 0")
+    return value
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """One line for an error of the process group (a peer's connection closed, a collective timed out), or None
+    when ``error`` is something else. Says which rank saw it and how to continue."""
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or re.search(r"gloo|NCCL|ProcessGroup|c10d", text)):
+        return None
+    why = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    why = re.sub(r"^\[[^\]]*\]\s*", "", why)  # the C++ source location
+    why = why.split(". This is typically")[0].rstrip(".")[:160]
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return (f"rank {rank} of {world} lost the other processes of the job ({why}): one of them died or stalled "
+            f"longer than the {dist_timeout():g} s timeout (ECGFM_DIST_TIMEOUT); see the logs of the other "
+            "node(s), then rerun the same command on every node (pretrain: with --resume, to continue from the "
+            "last checkpoint)")
+
+
+def _guarded(worker: Callable[..., None], args: tuple) -> None:
+    """``worker(*args)``, a process-group failure turned into one line (:func:`peer_failure`)."""
+    try:
+        worker(*args)
+    except RuntimeError as e:
+        line = peer_failure(e)
+        if line is None:
+            raise
+        from ecgfm_cli.console import fail
+
+        fail(line)
 
 
 @dataclass(frozen=True)
@@ -69,7 +125,7 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
            master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
     """Run ``worker(*args)`` in every process of the job (see the module docstring)."""
     if under_launcher() or nprocs * nnodes == 1:
-        worker(*args)
+        _guarded(worker, args)
         return
     rendezvous = tempfile.mkdtemp(prefix="ecgfm-dist-") if nnodes == 1 and master_port is None else None
     init = f"file://{rendezvous}/store" if rendezvous else None
@@ -86,6 +142,13 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
         from ecgfm_cli.console import fail
 
         fail(text.rsplit(marker, 1)[1].strip())
+    except torch.multiprocessing.ProcessExitedException as e:  # killed by a signal (the OOM killer, scancel)
+        from ecgfm_cli.console import fail
+
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
+        fail(f"rank {node_rank * nprocs + e.error_index} of {nprocs * nnodes} {how} (out of memory? see the system "
+             "log); the other processes of this node were stopped; rerun the same command (pretrain: with --resume, "
+             "to continue from the last checkpoint)")
     finally:
         if rendezvous:
             shutil.rmtree(rendezvous, ignore_errors=True)
@@ -99,7 +162,7 @@ def _spawned(local_rank: int, worker: Callable[..., None], args: tuple, nprocs: 
     if init:
         os.environ["ECGFM_DIST_INIT"] = init
     os.environ["ECGFM_SPAWNED"] = "1"
-    worker(*args)
+    _guarded(worker, args)
     # Leave without C++ teardown (see cleanup): the parent only needs the exit status, and every file is closed.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -122,6 +185,7 @@ def setup(device: str) -> DistContext:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
                                 init_method=os.environ.get("ECGFM_DIST_INIT", "env://"),
+                                timeout=timedelta(seconds=dist_timeout()),
                                 **({"device_id": dev} if device == "cuda" else {}))
     return DistContext(rank, world, local, dev)
 
