@@ -15,7 +15,8 @@ def ingest_command(
     output: Annotated[str | None, typer.Option("-o", "--output", help="DIR (Parquet shards), FILE.parquet, "
                                                "FILE.arrow, or - for an Arrow stream. Omitted: stream to stdout "
                                                "when it is a pipe.")] = None,
-    workers: Annotated[int, typer.Option(help="Reader processes.", min=1)] = 1,
+    workers: Annotated[int, typer.Option(help="Reader processes (pays only with idle cores to spare; on 2 cores "
+                                         "it is slower).", min=1)] = 1,
     shard: Annotated[str, typer.Option(help="I/N: read only shard I of N (0-based, stable by file path), "
                                        "e.g. $SLURM_ARRAY_TASK_ID/64. A rerun skips finished shards.")] = "0/1",
     fs: Annotated[float | None, typer.Option(help="Sampling rate (Hz) of header-less files (CSV).")] = None,

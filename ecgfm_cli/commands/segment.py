@@ -29,7 +29,8 @@ def segment_command(
                                       "rejecting them.")] = False,
     dtype: Annotated[str, typer.Option(help="Sample type of the windows: float32 or float16.")] = "float32",
     shard: Annotated[str, typer.Option(help="I/N: process only every N-th input file starting at I.")] = "0/1",
-    workers: Annotated[int, typer.Option(help="Worker processes (output order does not depend on it).",
+    workers: Annotated[int, typer.Option(help="Worker processes (pays only with idle cores to spare; on 2 cores "
+                                         "it is slower).",
                                          min=1)] = 1,
     rejects: Annotated[Path | None, typer.Option(help="Where to write the rejects table (default: next to "
                                                  "the output).")] = None,
