@@ -4,7 +4,8 @@ Both models get identical (random, BERT-scaled) weights for the given config (de
 size, 90 M parameters), the same batch of 12 x 2500 segments, the same thread count, in one process.
 Timed variants, interleaved in every repeat (medians reported):
 
-  ecgfm fp32    ``ecgfm_cli.embed.embed_batch`` (the code ``ecgfm embed`` runs), float32
+  ecgfm fp32    ``ecgfm_cli.embed.embed_batch`` (the code ``ecgfm embed`` runs: the encoder after
+                ``prepare_for_inference``), float32
   hf fp32       ``Wav2Vec2Model(x).last_hidden_state.mean(1)`` under ``torch.inference_mode``
   ecgfm bf16    ``embed_batch(..., dtype="bfloat16")`` (torch.autocast, weights pre-cast once)
   hf bf16       transformers under ``torch.autocast(bfloat16)`` (its own mixed-precision path)
@@ -40,7 +41,7 @@ from ecgfm_cli.embed import embed_batch  # noqa: E402
 from ecgfm_cli.model.checkpoint import state_dict_from_fairseq  # noqa: E402
 from ecgfm_cli.model.config import EncoderConfig, preset  # noqa: E402
 from ecgfm_cli.model.encoder import EcgEncoder  # noqa: E402
-from ecgfm_cli.model.inference import InferenceEncoder  # noqa: E402
+from ecgfm_cli.model.inference import inference_copy  # noqa: E402
 
 
 def forward_flops(cfg: EncoderConfig, length: int) -> float:
@@ -82,8 +83,7 @@ def main() -> None:
     enc.load_state_dict(state_dict_from_fairseq(state)[1])
     enc.eval()
     dev = torch.device(args.device)
-    nets = {"float32": InferenceEncoder(enc).to(dev).eval(),
-            "bfloat16": InferenceEncoder(enc, torch.bfloat16).to(dev).eval()}
+    nets = {"float32": inference_copy(enc).to(dev), "bfloat16": inference_copy(enc, torch.bfloat16).to(dev)}
     hf = build_hf_model(cfg)
     hf.load_state_dict(fairseq_to_hf_state(state))
     hf.to(dev).eval()

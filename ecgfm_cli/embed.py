@@ -2,8 +2,9 @@
 
 Layers of this module, pure at the core, I/O at the edges:
 
-* :class:`~ecgfm_cli.model.inference.InferenceEncoder` (in ``model/inference.py``) - the model it runs: the
-  same function as ``EcgEncoder.embed``, faster on CPU.
+* :func:`prepare` - the model it runs: the checkpoint's ``EcgEncoder`` with its leaves swapped in place for
+  fused inference forms (:func:`~ecgfm_cli.model.inference.prepare_for_inference`); its ``embed`` is the
+  encoder's own, faster on CPU.
 * :func:`embed_batch` - (B, C, L) numpy -> (B, D) float32 numpy embeddings (:func:`queue_batch`: the same,
   left on the device).
 * :func:`run_embed` - streams a ``segments`` artifact through the model into an ``embeddings`` artifact,
@@ -33,7 +34,7 @@ from torch import Tensor
 from ecgfm_cli.contract import Contract, canonical_lead
 from ecgfm_cli.model.config import EncoderConfig
 from ecgfm_cli.model.encoder import EcgEncoder
-from ecgfm_cli.model.inference import InferenceEncoder
+from ecgfm_cli.model.inference import prepare_for_inference
 
 #: Input columns read from a segments artifact.
 INPUT_COLUMNS = ["record_id", "patient_id", "segment_index", "signal", "lead_present"]
@@ -107,12 +108,13 @@ def torch_dtype(name: str) -> torch.dtype:
         raise EmbedError(f"--dtype {name!r}: expected float32 or bfloat16") from None
 
 
-def prepare(model: LoadedModel, device: str, dtype: str) -> InferenceEncoder:
-    """The inference module for ``model`` on ``device`` (weights pre-cast for ``dtype``)."""
-    return InferenceEncoder(model.encoder, torch_dtype(dtype)).to(device).eval()
+def prepare(model: LoadedModel, device: str, dtype: str) -> EcgEncoder:
+    """``model.encoder`` prepared for inference in place (weights pre-cast for ``dtype``), on ``device``.
+    Consumes ``model``: its encoder is the returned module."""
+    return prepare_for_inference(model.encoder, torch_dtype(dtype)).to(device)
 
 
-def embed_batch(net: InferenceEncoder, x: np.ndarray, device: str = "cpu", dtype: str = "float32",
+def embed_batch(net: EcgEncoder, x: np.ndarray, device: str = "cpu", dtype: str = "float32",
                 lead_mask: np.ndarray | None = None) -> np.ndarray:
     """(B, C, L) signals (float32 or float16 numpy) -> (B, D) float32 embeddings.
 
@@ -122,7 +124,7 @@ def embed_batch(net: InferenceEncoder, x: np.ndarray, device: str = "cpu", dtype
     return queue_batch(net, x, device, dtype, lead_mask).cpu().numpy()
 
 
-def queue_batch(net: InferenceEncoder, x: np.ndarray, device: str = "cpu", dtype: str = "float32",
+def queue_batch(net: EcgEncoder, x: np.ndarray, device: str = "cpu", dtype: str = "float32",
                 lead_mask: np.ndarray | None = None) -> Tensor:
     """:func:`embed_batch` without waiting for the result: (B, D) float32 on ``device`` (on a GPU, reading it
     with ``.cpu()`` is what waits, so the host can prepare the next batch meanwhile)."""
@@ -133,7 +135,7 @@ def queue_batch(net: InferenceEncoder, x: np.ndarray, device: str = "cpu", dtype
     if lead_mask is not None and not lead_mask.all():
         t = t * torch.from_numpy(lead_mask.astype(np.float32)).to(dev)[None, :, None]
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        return net(t).float()
+        return net.embed(t)
 
 
 def parse_leads(spec: str | None, contract: Contract) -> tuple[list[str], np.ndarray]:
@@ -338,7 +340,7 @@ class RecordPooler:
         return [row]
 
 
-def embed_rows(batches: Iterator[pa.Table], net: InferenceEncoder, opts: EmbedOptions, lead_mask: np.ndarray,
+def embed_rows(batches: Iterator[pa.Table], net: EcgEncoder, opts: EmbedOptions, lead_mask: np.ndarray,
                schema: pa.Schema, write, summary: EmbedSummary) -> None:
     """Embed every row of ``batches`` and pass ``embeddings`` record batches to ``write``, in input order.
 
@@ -433,17 +435,27 @@ class NpzCollector:
 
 def plan_ranges(reader, n: int, align_records: bool) -> list[tuple[int, int]]:
     """Split the input's rows into ``n`` contiguous ranges of about equal size; with ``align_records`` a
-    boundary moves forward to the next record start (reads only the ``record_id`` column)."""
+    boundary moves forward to the next record start (reads only the ``record_id`` column). A function of the
+    input alone: the ``N`` jobs of ``embed --shard I/N`` each compute the same ranges."""
     total = reader.num_rows()
     if total is None:
         raise EmbedError("several processes need a file or directory input (a stdin stream cannot be split)")
-    cuts = [round(total * k / n) for k in range(n + 1)]
-    if align_records and n > 1:
+    return split_range(reader, 0, total, n, align_records)
+
+
+def split_range(reader, start: int, stop: int, n: int, align_records: bool, grain: int = 1) -> list[tuple[int, int]]:
+    """Split input rows ``[start, stop)`` into ``n`` contiguous ranges of about equal size (see
+    :func:`plan_ranges`); an aligned boundary that runs past ``stop`` becomes ``stop`` (an empty range). Without
+    ``align_records``, boundaries fall on multiples of ``grain`` rows after ``start``."""
+    total = stop - start
+    steps = -(-total // grain)  # whole grains (the last may be short), shared out evenly
+    cuts = [start + min(total, grain * round(steps * k / n)) for k in range(n + 1)]
+    if align_records and n > 1 and total > 0:
         targets = iter(cuts[1:-1])
         target = next(targets)
-        aligned = [0]
-        pos, prev = 0, None
-        for b in reader.iter_batches(["record_id"], batch_size=65536):
+        aligned = [start]
+        pos, prev = start, None
+        for b in iter_rows(reader, start, stop, ["record_id"], batch_size=65536):
             ids = b.column("record_id").to_pylist()
             for i, rid in enumerate(ids):
                 while target is not None and pos + i >= target and rid != prev:
@@ -453,7 +465,7 @@ def plan_ranges(reader, n: int, align_records: bool) -> list[tuple[int, int]]:
             pos += len(ids)
             if target is None:
                 break
-        aligned += [total] * (n + 1 - len(aligned))
+        aligned += [stop] * (n + 1 - len(aligned))
         cuts = aligned
     return [(cuts[k], cuts[k + 1]) for k in range(n)]
 
@@ -471,6 +483,13 @@ class _Job:
     status_dir: str
     schema_meta: dict[str, str]
     dim: int
+    #: ``embed --shard I/N`` with several processes: every process writes parts of this one shard (part numbers
+    #: ``rank * PARTS_PER_PROCESS + k``, so the sorted names keep the input order); the caller marks it done.
+    shard: tuple[int, int] | None = None
+
+
+#: Part-number stride between the processes of one ``--shard`` job (5-digit part numbers: up to 99 processes).
+PARTS_PER_PROCESS = 1000
 
 
 def _worker(rank: int, job: _Job) -> None:
@@ -480,7 +499,7 @@ def _worker(rank: int, job: _Job) -> None:
     from ecgfm_cli.model.checkpoint import CheckpointError
 
     n = len(job.ranges)
-    shard = (rank, n)
+    shard = job.shard or (rank, n)
     summary = EmbedSummary()
     result: dict[str, Any]
     writer = None
@@ -492,14 +511,13 @@ def _worker(rank: int, job: _Job) -> None:
             torch.cuda.set_device(torch.device(opts.device))
         from ecgfm_cli.io.artifacts import open_artifact
 
-        reader = open_artifact(job.input, "segments", "embed")
+        reader = open_artifact(job.input, "segments", "embed", allow_partial=True)  # the parent checked it
         model = load_model(job.spec)
         net = prepare(model, opts.device, opts.dtype)
         _, mask = parse_leads(opts.leads, model.contract)
-        del model  # the inference copy has what it needs
         schema = embeddings_schema(job.dim).with_metadata(job.schema_meta)
         writer = ArtifactWriter(Output("dir", Path(job.shard_dir)), "embeddings", schema, shard=shard,
-                                row_group_rows=1024)
+                                row_group_rows=1024, _part=rank * PARTS_PER_PROCESS if job.shard else 0)
         start, stop = job.ranges[rank]
         batches = rebatch(iter_rows(reader, start, stop, batch_size=opts.batch_size), opts.batch_size)
         if rank == 0:
@@ -507,9 +525,10 @@ def _worker(rank: int, job: _Job) -> None:
 
             batches = progress(batches, "embed", total=stop - start, unit="segment", size=len)
         embed_rows(batches, net, opts, mask, schema, writer.write, summary)
-        writer.close()
-        write_done_marker(Path(job.shard_dir), shard, {"kind": "embeddings", "shard": list(shard),
-                                                       "rows": summary.rows, "segments": summary.segments})
+        writer.close(write_empty=job.shard is None)
+        if job.shard is None:
+            write_done_marker(Path(job.shard_dir), shard, {"kind": "embeddings", "shard": list(shard),
+                                                           "rows": summary.rows, "segments": summary.segments})
         summary.files = [str(f) for f in writer.files]
         result = {"ok": True, **asdict(summary)}
     except (EmbedError, UsageError, CheckpointError) as e:
@@ -525,14 +544,16 @@ def _with(opts: EmbedOptions, **changes: Any) -> EmbedOptions:
 
 
 def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, opts: EmbedOptions,
-              meta: dict[str, Any], gpus: int = 0, procs: int = 1) -> EmbedSummary:
+              meta: dict[str, Any], gpus: int = 0, procs: int = 1, shard: tuple[int, int] = (0, 1)) -> EmbedSummary:
     """Embed the segments of ``reader`` (opened from ``input``) into ``output`` (an ``Output`` of format
     ``dir``, ``parquet`` or ``npz``). ``meta``: ``{"contract", "model", "provenance", "leads"}`` stored
     with the output. ``gpus`` > 0 runs one process per GPU (cuda:0..), else ``procs`` CPU processes;
     several processes write one shard each (order = input order) and a file output is merged from them.
+    ``shard`` ``(I, N)`` with N > 1 (``embed --shard``, a ``dir`` output already prepared by
+    :func:`~ecgfm_cli.io.artifacts.start_shard`): embed only part I of the input's N parts (:func:`run_shard`).
 
-    Consumes ``model``: its encoder's weights are released (moved to the meta device) as soon as they are not
-    needed, i.e. once the inference copy exists, or before the worker processes start (they load their own).
+    Consumes ``model``: its encoder is prepared for inference in place (:func:`prepare`), or, with several
+    processes, its weights are released (moved to the meta device) before they start (each loads its own).
     """
     from ecgfm_cli.io.artifacts import ArtifactWriter, Output, check_output_kind, write_done_marker
 
@@ -540,6 +561,8 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
     schema_meta = {f"ecgfm.{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()}
     schema = embeddings_schema(dim).with_metadata(schema_meta)
     nproc = gpus if gpus > 0 else procs
+    if shard[1] > 1:
+        return run_shard(input, reader, output, spec, model, opts, meta, schema, nproc, gpus > 0, shard)
     if output.format == "dir":
         check_output_kind(output.path, "embeddings", "embed")
         _clear_embeddings(output.path)
@@ -551,7 +574,6 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
             torch.set_num_threads(opts.threads)
         net = prepare(model, opts.device, opts.dtype)
         _, mask = parse_leads(opts.leads, model.contract)
-        model.encoder.to("meta")  # the inference copy has what it needs: free 4 bytes per parameter
         total = reader.num_rows()
         batches = rebatch(reader.iter_batches(INPUT_COLUMNS, batch_size=opts.batch_size), opts.batch_size)
         from ecgfm_cli.console import progress
@@ -620,6 +642,135 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+#: What every shard of one embeddings artifact must share (compared through the shards' done markers).
+_SHARED_SETTINGS = ("model", "pool", "leads")
+
+
+def check_shard_count(directory: Path, shard: tuple[int, int]) -> None:
+    """Refuse (:class:`EmbedError`) ``--shard I/N`` into a directory whose files belong to another number of
+    shards (finished, running or interrupted): they would never form one artifact."""
+    import re
+
+    i, n = shard
+    if not directory.is_dir():
+        return
+    for p in sorted(directory.iterdir()):
+        m = re.search(r"-s(\d{5})of(\d{5})", p.name)
+        if m and int(m[2]) != n:
+            raise EmbedError(f"{directory} holds embeddings split into {int(m[2])} shard(s) ({p.name}); --shard "
+                             f"{i}/{n} writes one of {n}: use the same N for every shard, or another directory")
+
+
+def _same_key(value: Any, key: str) -> str:
+    """What must agree between shards: the model's description with its checkpoint path cut to the name (a copy
+    of the checkpoint on a node-local disk is the same model)."""
+    if key == "model" and isinstance(value, dict) and value.get("checkpoint"):
+        value = {**value, "checkpoint": Path(value["checkpoint"]).name}
+    return json.dumps(value, sort_keys=True)
+
+
+def check_sibling_shards(directory: Path, shard: tuple[int, int], input_rows: int, meta: dict[str, Any],
+                         batch_size: int | None = None) -> None:
+    """Refuse (:class:`EmbedError`) to add ``shard`` to ``directory`` when a finished shard there was split into
+    another number of shards, cut from an input with another row count, or embedded with another model, pooling
+    or lead subset: the N shards of an artifact must be N parts of one job."""
+
+    i, n = shard
+    check_shard_count(directory, shard)
+    for marker in sorted(directory.glob("_done-*.json")):
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable marker is reported by the reader, which names it
+        other = done.get("shard") or [None, n]
+        if done.get("input_rows") not in (None, input_rows):
+            raise EmbedError(f"{directory}: shard {other[0]}/{n} was embedded from {done['input_rows']} segments, "
+                             f"this input holds {input_rows}: embed every shard from the same segments")
+        if batch_size is not None and done.get("batch_size") not in (None, batch_size):
+            raise EmbedError(f"{directory}: shard {other[0]}/{n} was embedded with --batch-size {done['batch_size']}"
+                             f" (--pool segment cuts the shards at multiples of it): pass --batch-size "
+                             f"{done['batch_size']} to this shard too")
+        for key in _SHARED_SETTINGS:
+            if key in done and _same_key(done[key], key) != _same_key(meta.get(key), key):
+                raise EmbedError(f"{directory}: shard {other[0]}/{n} was embedded with another {key} "
+                                 f"({json.dumps(done[key], sort_keys=True)[:120]}); every shard needs the same")
+
+
+def run_shard(input: str, reader, output, spec: ModelSpec, model: LoadedModel, opts: EmbedOptions,
+              meta: dict[str, Any], schema: pa.Schema, nproc: int, on_gpus: bool,
+              shard: tuple[int, int]) -> EmbedSummary:
+    """``embed --shard I/N``: embed part I of the input's N contiguous parts (cut at batch-size multiples, or
+    at record starts with ``--pool record``) into shard I of directory ``output``
+    (``embeddings-s<I>of<N>-p<P>.parquet`` and its done marker; checked with :func:`check_sibling_shards` and
+    prepared with :func:`~ecgfm_cli.io.artifacts.start_shard` by the caller). The parts depend on the input (and
+    batch size) alone, so N jobs in any order write exactly the rows, in the order, of one job; reading the
+    directory concatenates the shards in name order. ``nproc`` > 1 splits the shard's range once more over
+    local processes (one per GPU with ``on_gpus``), which write parts of the same shard."""
+    from ecgfm_cli.io.artifacts import ArtifactWriter, shard_tag, write_done_marker
+
+    total = reader.num_rows()
+    if total is None:
+        raise EmbedError("--shard needs a file or directory input (a stdin stream cannot be split)")
+    # --pool segment: shards (and a shard's processes) start at multiples of the batch size, so every forward pass
+    # holds the segments it holds in one job and the values agree to the bit; --pool record cuts at record starts.
+    grain = opts.batch_size if opts.pool == "segment" else 1
+    start, stop = split_range(reader, 0, total, shard[1], opts.pool == "record", grain)[shard[0]]
+    summary = EmbedSummary(dim=model.cfg.embed_dim)
+    tag = shard_tag(shard)
+    try:
+        if nproc <= 1:
+            if opts.threads:
+                torch.set_num_threads(opts.threads)
+            net = prepare(model, opts.device, opts.dtype)
+            _, mask = parse_leads(opts.leads, model.contract)
+            writer = ArtifactWriter(output, "embeddings", schema, shard=shard, row_group_rows=1024)
+            from ecgfm_cli.console import progress
+
+            batches = rebatch(iter_rows(reader, start, stop, batch_size=opts.batch_size), opts.batch_size)
+            batches = progress(batches, "embed", total=stop - start, unit="segment", size=len)
+            try:
+                embed_rows(batches, net, opts, mask, schema, writer.write, summary)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            summary.files = [str(f) for f in writer.files]
+        else:
+            model.encoder.to("meta")  # each worker process loads its own
+            ranges = split_range(reader, start, stop, nproc, opts.pool == "record", grain)
+            devices = [f"cuda:{k}" for k in range(nproc)] if on_gpus else ["cpu"] * nproc
+            if not on_gpus and opts.threads is None:
+                opts = _with(opts, threads=max(1, (os.cpu_count() or 1) // nproc))
+            work = Path(tempfile.mkdtemp(prefix=f".embed-{tag}-", dir=output.path))
+            try:
+                schema_meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+                job = _Job(input, ranges, spec, opts, devices, str(output.path), str(work), schema_meta, summary.dim,
+                           shard)
+                torch.multiprocessing.spawn(_worker, args=(job,), nprocs=nproc, join=True)
+                for rank in range(nproc):
+                    status = work / f"rank{rank:05d}.json"
+                    result = json.loads(status.read_text()) if status.exists() else {"ok": False,
+                                                                                      "error": "no result"}
+                    if not result["ok"]:
+                        raise EmbedError(result["error"])
+                    result.pop("ok")
+                    summary.merge(result)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        for f in output.path.glob(f"embeddings-{tag}-*.parquet"):
+            f.unlink()
+        raise
+    # A shard whose segments all hold NaN/Inf (--nan skip) is complete with no rows, as that part of one job's
+    # output would be.
+    write_done_marker(output.path, shard, {
+        "kind": "embeddings", "shard": list(shard), "rows": summary.rows, "segments": summary.segments,
+        "range": [start, stop], "input_rows": total, "batch_size": opts.batch_size,
+        "parts": sorted(Path(f).name for f in summary.files),
+        **{k: meta.get(k) for k in _SHARED_SETTINGS}})
     return summary
 
 

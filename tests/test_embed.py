@@ -22,7 +22,7 @@ from ecgfm_cli.io.schema import segment_signals
 from ecgfm_cli.model.checkpoint import build_encoder, load_checkpoint, make_config, save_checkpoint
 from ecgfm_cli.model.config import EncoderConfig, preset
 from ecgfm_cli.model.encoder import EcgEncoder
-from ecgfm_cli.model.inference import Dense, InferenceEncoder, attention
+from ecgfm_cli.model.inference import Dense, attention, inference_copy
 
 TINY = preset("tiny")
 
@@ -216,15 +216,15 @@ def test_plan_ranges_and_merge(data, tmp_path):
         [pa.record_batch({"a": list(range(5))})] * 3).to_batches()), 4)] == [4, 4, 4, 3]
 
 
-def test_inference_encoder_general_conv_matches_module():
-    """The fast path's fallback for kernel != stride convolutions, and odd positional kernels."""
+def test_prepared_encoder_general_conv_matches_module():
+    """The prepared encoder keeps kernel != stride convolutions as they are, and handles odd positional kernels."""
     cfg = EncoderConfig(conv_layers=((16, 3, 2), (16, 2, 2)), embed_dim=32, layers=1, heads=2, ffn_dim=64,
                         conv_pos=7, conv_pos_groups=2).with_dropouts(0.0)
     torch.manual_seed(0)
     enc = EcgEncoder(cfg).eval()
     x = torch.randn(3, 12, 500)
     with torch.no_grad():
-        torch.testing.assert_close(InferenceEncoder(enc)(x), enc.embed(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(inference_copy(enc).embed(x), enc.embed(x), atol=1e-5, rtol=1e-4)
 
 
 def test_cpu_attention_equals_sdpa():

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ecgfm_cli.commands.options import AllowPartial
+
 
 def embed_command(
     output: Annotated[str, typer.Option("-o", "--output", help="DIR (Parquet shards), FILE.parquet or FILE.npz.")],
@@ -34,9 +36,17 @@ def embed_command(
                                       min=0)] = 0,
     procs: Annotated[int, typer.Option(help="Split the input over this many CPU processes (same code path as "
                                        "--gpus; --threads is per process).", min=1)] = 1,
+    features: Annotated[str | None, typer.Option("--features", help="rhythm: classical features instead of a "
+                                                 "model (heart rate, R-R irregularity, QRS/PR/QT; neurokit2), "
+                                                 "the baseline a model should beat. --leads: the leads to try, "
+                                                 "in order (default II first).")] = None,
+    shard: Annotated[str, typer.Option(help="I/N: embed only part I of the input's N equal parts into -o DIR, "
+                                       "e.g. $SLURM_ARRAY_TASK_ID/64; the N shard jobs, in any order, write the "
+                                       "artifact one job would. A rerun skips finished shards.")] = "0/1",
     unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a "
                                                 ".pt checkpoint (runs code from the file: trusted files only).")
                              ] = False,
+    allow_partial: AllowPartial = False,
 ) -> None:
     """One mean-pooled embedding (768-d for the base model) per 5 s segment, keyed by record_id,
     patient_id and segment_index, as ECG-FM's linear-probing features."""
@@ -44,6 +54,29 @@ def embed_command(
     from ecgfm_cli.io.artifacts import resolve_output
 
     out = resolve_output(output, ("dir", "parquet", "npz"), "embed")
+    from ecgfm_cli.ingest import parse_shard
+
+    shard_t = parse_shard(shard)
+    if shard_t[1] > 1:
+        if out.format != "dir" or input == "-":
+            fail("--shard splits a segments file or directory among jobs: give it as input (not stdin) and -o DIR "
+                 "(each shard writes its own files there)")
+        if features is not None:
+            fail("--shard with --features: rhythm features are computed in one job; leave --shard out")
+        from ecgfm_cli.io.artifacts import done_marker
+
+        marker = done_marker(out.path, shard_t)
+        if marker.exists():  # before loading anything: a rerun of a SLURM array skips its finished tasks at once
+            from ecgfm_cli.console import info
+
+            info(f"embed: shard {shard_t[0]}/{shard_t[1]} is already complete in {out.path}; nothing to do (delete "
+                 f"{marker} to redo it)")
+            return
+    if features is not None:
+        from ecgfm_cli.commands._embed_features import embed_features
+
+        embed_features(out, output, input, features, model, random_init, pool, leads, nan, procs, gpus)
+        return
     if (model is None) == (not random_init):
         fail("give exactly one of --model CKPT and --random-init")
     if pool not in ("segment", "record"):
@@ -115,12 +148,28 @@ def embed_command(
         "leads": lead_names,
         "pool": pool,
     }
-    try:
-        summary = run_embed(input, reader, out, spec, loaded, opts, meta, gpus=gpus, procs=procs)
+    from ecgfm_cli.io.artifacts import output_lock
+
+    if shard_t[1] > 1:
+        from ecgfm_cli.embed import check_sibling_shards
+        from ecgfm_cli.io.artifacts import check_output_kind, start_shard
+
+        check_output_kind(out.path, "embeddings", "embed")
+        try:  # before the shard is locked: a refused job leaves nothing behind
+            check_sibling_shards(out.path, shard_t, reader.num_rows() or 0, meta,
+                                 batch_size if pool == "segment" else None)
+        except EmbedError as e:
+            fail(str(e))
+        if not start_shard(out, shard_t, "embed", "embeddings"):
+            return
+    try:  # a shard run holds its shard's lock since start_shard; one run of the whole output locks all of it
+        with output_lock(out, shard_t if shard_t[1] > 1 else None, "embed", "embeddings"):
+            summary = run_embed(input, reader, out, spec, loaded, opts, meta, gpus=gpus, procs=procs, shard=shard_t)
     except EmbedError as e:
         fail(str(e))
     what = "records" if pool == "record" else "segments"
-    msg = f"embed: {summary.rows} {what} x {summary.dim} -> {output}"
+    part = f" (shard {shard_t[0]}/{shard_t[1]})" if shard_t[1] > 1 else ""
+    msg = f"embed: {summary.rows} {what} x {summary.dim} -> {output}{part}"
     if summary.nan_skipped:
         msg += (f" ({summary.nan_skipped} segment(s) with NaN/Inf skipped, e.g. "
                 f"{'; '.join(summary.nan_examples)})")

@@ -1,4 +1,4 @@
-"""ECG-FM models: encoder, classifier, inference encoder, pretraining heads, checkpoints.
+"""ECG-FM models: encoder, classifier, its preparation for inference, pretraining heads, checkpoints.
 
 Names are exported lazily so that ``import ecgfm_cli.model.config`` does not import torch.
 """
@@ -16,7 +16,8 @@ _EXPORTS = {
     "EcgClassifier": "encoder",
     "GradMultiply": "encoder",
     "count_parameters": "encoder",
-    "InferenceEncoder": "inference",
+    "prepare_for_inference": "inference",
+    "inference_copy": "inference",
     "CheckpointError": "checkpoint",
     "LoadedCheckpoint": "checkpoint",
     "load_checkpoint": "checkpoint",

@@ -9,6 +9,10 @@ The positional conv keeps torch's weight-norm parametrisation (``dim=2``), so it
 ``conv_pos.pos_conv.0.parametrizations.weight.original0`` (g, shape (1, 1, K)) and ``...original1``
 (v, shape (D, D/groups, K)) and training it behaves as in fairseq.
 
+This module tree is the only forward there is: ``ecgfm embed`` and finetune's predictions run it after
+:func:`~ecgfm_cli.model.inference.prepare_for_inference` has swapped some of its leaves (linears, attention,
+positional conv) for fused inference forms of the same function, in place.
+
 Shapes: B batch, C in_channels (leads), L samples, T tokens (L // 16 for ECG-FM), D embed_dim.
 """
 
@@ -42,11 +46,9 @@ class ConvFeatureExtractor(nn.Module):
     Block i is ``Sequential(Conv1d(no bias), Dropout(0), [GroupNorm(ch, ch) only in block 0], GELU)``;
     the Dropout(0) placeholder keeps fairseq's key indices (``conv_layers.0.2`` is the GroupNorm).
 
-    A conv whose kernel equals its stride (all of ECG-FM's) sees non-overlapping windows, so it runs as one
-    matmul over (B, T, kernel * C) windows of the channels-last signal: the same function as ``Conv1d``,
-    without im2col or transposes between blocks (cuDNN's bf16 kernels for these 2-tap convs took half of a
-    GPU training step). The block-0 GroupNorm (one group per channel: each channel normalised over time)
-    is computed in float32 on that layout, as fairseq's ``Fp32GroupNorm``.
+    The stack runs channels-last (:func:`conv_channels_last`), so no transposes between blocks. The block-0
+    GroupNorm (one group per channel: each channel normalised over time) is computed in float32 on that
+    layout, as fairseq's ``Fp32GroupNorm``; each block ends with its GELU module (``block[-1]``).
     """
 
     def __init__(self, in_channels: int, conv_layers: tuple[tuple[int, int, int], ...]):
@@ -67,17 +69,28 @@ class ConvFeatureExtractor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = x.transpose(1, 2)  # (B, L, C)
         for i, block in enumerate(self.conv_layers):
-            conv = block[0]
-            kernel, stride = conv.kernel_size[0], conv.stride[0]
-            if kernel == stride:
-                h = F.linear(conv_windows(h, kernel), window_weight(conv.weight))
-            else:
-                h = conv(h.transpose(1, 2)).transpose(1, 2)
+            h = conv_channels_last(block[0], h)
             if i == 0:
                 gn = block[2]
                 h = channel_norm(h, gn.weight, gn.bias, gn.eps)
-            h = F.gelu(h)
+            h = block[-1](h)
         return h
+
+
+def conv_channels_last(conv: nn.Module, h: Tensor) -> Tensor:
+    """A bias-free ``Conv1d`` on channels-last ``h (B, L, C_in)`` -> ``(B, L', C_out)``.
+
+    A conv whose kernel equals its stride (all of ECG-FM's) sees non-overlapping windows, so it runs as one
+    matmul over :func:`conv_windows`: the same function as ``Conv1d``, without im2col (cuDNN's bf16 kernels
+    for such 2-tap convs are slow, see docs/performance.md). A module that is not a ``Conv1d`` is the inference
+    form :func:`~ecgfm_cli.model.inference.prepare_for_inference` put in its place, and takes ``h`` itself.
+    """
+    if not isinstance(conv, nn.Conv1d):
+        return conv(h)
+    kernel, stride = conv.kernel_size[0], conv.stride[0]
+    if kernel == stride:
+        return F.linear(conv_windows(h, kernel), window_weight(conv.weight))
+    return conv(h.transpose(1, 2)).transpose(1, 2)
 
 
 def conv_windows(h: Tensor, kernel: int) -> Tensor:
@@ -97,7 +110,7 @@ def channel_norm(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``GroupNorm(C, C)`` of a channels-last ``h (B, T, C)``: each channel normalised over time, computed in
     float32 (fairseq's ``Fp32GroupNorm``) and returned in ``h``'s dtype."""
     hf = h.float()
-    # two passes of mean() instead of var_mean(), whose reduction over a non-last dim is ~5x slower on CPU
+    # two passes of mean() instead of var_mean(), whose reduction over a non-last dim is slower on CPU
     mean = hf.mean(dim=1, keepdim=True)
     var = (hf - mean).square().mean(dim=1, keepdim=True)
     scale = torch.rsqrt(var + eps) * weight.float()
@@ -121,8 +134,8 @@ def grouped_conv_fft(x: Tensor, weight: Tensor, bias: Tensor, groups: int, spect
 
     Same function as ``Conv1d(D, D, K, padding=K // 2, groups=groups)`` followed by dropping the last frame
     when K is even: ``out[t] = bias + sum_k w[k] x[t + k - K // 2]`` per group (equal to ~1e-6). The direct
-    128-tap grouped conv is ~1.5 GFLOP per 156-frame segment and runs far below matmul speed on CPU and GPU;
-    here it is float32 FFTs and one small complex matmul per frequency and group. Differentiable.
+    128-tap grouped conv runs far below matmul speed on CPU and GPU; here it is float32 FFTs and one small
+    complex matmul per frequency and group. Differentiable.
 
     ``weight`` is ``(D, D / groups, K)``, ``bias`` ``(D,)``; ``spectrum``, optional, is
     ``kernel_spectrum(weight, groups, fft_length(T, K))`` computed once (inference, where weights are fixed).
@@ -159,6 +172,14 @@ class ConvPositionalEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv = self.pos_conv[0]
         return F.gelu(grouped_conv_fft(x, conv.weight, conv.bias, conv.groups)).to(x.dtype)
+
+
+def residual(h: Tensor, x: Tensor) -> Tensor:
+    """``h + x``; added into ``h`` (a fresh activation) when autograd records nothing and the sum keeps
+    ``h``'s dtype, which saves one (B, T, D) allocation per residual at inference."""
+    if torch.is_grad_enabled() or torch.promote_types(h.dtype, x.dtype) != h.dtype:
+        return h + x
+    return h.add_(x)
 
 
 class SelfAttention(nn.Module):
@@ -219,9 +240,9 @@ class TransformerLayer(nn.Module):
         self, x: Tensor, padding_mask: Tensor | None = None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         attn, weights = self.self_attn(x, padding_mask, need_weights)
-        x = self.self_attn_layer_norm(x + self.dropout1(attn))
+        x = self.self_attn_layer_norm(residual(self.dropout1(attn), x))
         h = self.fc2(self.dropout2(self.activation(self.fc1(x))))
-        x = self.final_layer_norm(x + self.dropout3(h))
+        x = self.final_layer_norm(residual(self.dropout3(h), x))
         return x, weights
 
 
@@ -309,8 +330,9 @@ class EcgEncoder(nn.Module):
         return self.contextualize(self.project(self.conv_features(x))[1])
 
     def embed(self, x: Tensor) -> Tensor:
-        """(B, in_channels, L) -> (B, D): mean over time of :meth:`forward` (ECG-FM's segment embedding)."""
-        return self.forward(x).mean(dim=1)
+        """(B, in_channels, L) -> (B, D) float32: mean over time of :meth:`forward` (ECG-FM's segment
+        embedding), taken in float32 also when the tokens are bfloat16."""
+        return self.forward(x).float().mean(dim=1)
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, in_channels, L) -> (out (B, T, D), attention (B, layers, T, T)), attention probabilities

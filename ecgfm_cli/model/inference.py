@@ -1,26 +1,40 @@
-"""The fast inference path of the ECG-FM encoder: :class:`InferenceEncoder`, an inference-only
-re-arrangement of an :class:`~ecgfm_cli.model.encoder.EcgEncoder`'s weights that computes the same function
-as ``EcgEncoder.embed``, faster on CPU (and on GPU in bfloat16).
+"""The fast inference path of the ECG-FM encoder, as a transformation of the one module tree.
 
-What it changes, not what it computes: a fused q/k/v projection, kernel == stride convolutions as matmuls in
-channels-last layout, the positional conv by FFT with its kernel spectrum computed once, weights pre-cast for
-bfloat16 and pre-packed for oneDNN (:class:`Dense`), and a per-sample CPU attention with a float32 softmax
-(:func:`attention`). ``ecgfm embed`` runs it; the training encoder stays the one with fairseq's keys.
+:func:`prepare_for_inference` swaps leaves of an :class:`~ecgfm_cli.model.encoder.EcgEncoder` (or of an
+:class:`~ecgfm_cli.model.encoder.EcgClassifier`'s encoder) IN PLACE for fused modules that compute the same
+function from the same weights, so ``EcgEncoder.forward`` stays the one forward that runs; only how a leaf
+computes changes:
+
+* every ``nn.Linear`` (and each kernel == stride conv block, a matmul over windows) becomes a :class:`Dense`:
+  weights cast once to the compute dtype, on CPU oneDNN's linear with the bias and the following GELU fused
+  into the matmul, on a weight packed once into oneDNN's layout; the fused GELU replaces its module by
+  ``nn.Identity``;
+* ``SelfAttention`` becomes :class:`FusedSelfAttention`: one q/k/v projection with the softmax scale folded
+  into q, and :func:`attention` (per sample on CPU, float32 softmax);
+* the positional conv becomes :class:`FrozenPositionalEmbedding`: weight norm folded, the FFT of its kernel
+  computed once per length and device.
+
+The prepared module is for inference only (eval mode, no gradients, no padding mask or attention maps) and
+its state-dict keys are no longer the checkpoint's: save and load the unprepared module. ``ecgfm embed`` and
+finetune's prediction pass run it. Measurements: docs/performance.md.
 
 Shapes: B batch, C leads, L samples per segment, T tokens (L // 16), D embed_dim (768 for base).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecgfm_cli.model.encoder import (
+    ConvPositionalEmbedding,
+    EcgClassifier,
     EcgEncoder,
-    channel_norm,
+    SelfAttention,
     conv_windows,
     fft_length,
     grouped_conv_fft,
@@ -28,115 +42,98 @@ from ecgfm_cli.model.encoder import (
     window_weight,
 )
 
+Prepared = TypeVar("Prepared", EcgEncoder, EcgClassifier)
 
-class InferenceEncoder(nn.Module):
-    """Inference-only twin of :class:`EcgEncoder`: (B, C, L) float -> (B, D) float32 mean-pooled embedding.
 
-    Built from a trained encoder's weights (copied, the source module is untouched). Differences from
-    ``EcgEncoder.forward`` are arrangement only, not function:
+def prepare_for_inference(module: Prepared, dtype: torch.dtype = torch.float32) -> Prepared:
+    """Swap ``module``'s leaves for their fused inference forms, in place; returns ``module`` in eval mode
+    with gradients off. ``dtype``: the compute dtype the matmul weights are cast to once (``torch.bfloat16``
+    for a bfloat16 run under ``torch.autocast``). An ``EcgClassifier``'s ``proj`` stays a plain linear.
 
-    * conv blocks whose kernel equals their stride (all of ECG-FM's) are one matmul on non-overlapping
-      windows in channels-last (B, T, C) layout, so no transposes between blocks and no im2col;
-    * the block-0 GroupNorm (one group per channel = normalise each channel over time) is computed in
-      float32, as fairseq does; every other op runs in the compute dtype;
-    * q, k and v are one (3D x D) projection; the pos-conv weight norm is folded into a plain weight and
-      the conv is computed by FFT in float32 (:meth:`positional`);
-    * with ``dtype=torch.bfloat16`` matmul/conv weights are stored in bfloat16 once, so ``torch.autocast``
-      does not re-cast 90 M parameters on every batch; on CPU the FFN's GELU runs inside fc1's matmul.
-
-    Dropout and masking do not exist here: the output is deterministic.
+    The swapped-out weights are released; use :func:`inference_copy` to keep the original module.
     """
+    encoder = module.encoder if isinstance(module, EcgClassifier) else module
+    # normal tensors even when called under inference_mode: Dense and the spectrum cache read weight versions
+    with torch.inference_mode(False), torch.no_grad():
+        for i, block in enumerate(encoder.feature_extractor.conv_layers):
+            conv = block[0]
+            if isinstance(conv, nn.Conv1d) and conv.kernel_size[0] == conv.stride[0]:
+                fuse_gelu = i > 0  # block 0 normalises between its conv and its GELU
+                block[0] = WindowDense(window_weight(conv.weight).to(dtype), conv.kernel_size[0], fuse_gelu)
+                if fuse_gelu:
+                    block[-1] = nn.Identity()
+        encoder.post_extract_proj = Dense.copy(encoder.post_extract_proj, dtype)
+        encoder.conv_pos = FrozenPositionalEmbedding(encoder.conv_pos)
+        for layer in encoder.encoder.layers:
+            layer.self_attn = FusedSelfAttention(layer.self_attn, dtype)
+            fuse_gelu = isinstance(layer.activation, nn.GELU) and layer.activation.approximate == "none"
+            layer.fc1 = Dense.copy(layer.fc1, dtype, gelu=fuse_gelu)
+            if fuse_gelu:
+                layer.activation = nn.Identity()
+            layer.fc2 = Dense.copy(layer.fc2, dtype)
+    return module.eval().requires_grad_(False)
 
-    def __init__(self, encoder: EcgEncoder, dtype: torch.dtype = torch.float32):
+
+def inference_copy(module: Prepared, dtype: torch.dtype = torch.float32) -> Prepared:
+    """:func:`prepare_for_inference` of a copy: ``module`` (e.g. a model still training) is left as it is."""
+    return prepare_for_inference(copy.deepcopy(module), dtype)
+
+
+class FusedSelfAttention(nn.Module):
+    """``SelfAttention`` with one (3D x D) q/k/v :class:`Dense` (q rows pre-scaled by 1/sqrt(head dim)) and
+    :func:`attention`: x (B, T, D) -> (out (B, T, D), None). Takes no padding mask and gives no weights."""
+
+    def __init__(self, att: SelfAttention, dtype: torch.dtype):
         super().__init__()
-        cfg = encoder.cfg
-        self.cfg = cfg
-        self.compute_dtype = dtype
-        wdt = dtype  # dtype of matmul / conv weights
-        with torch.no_grad():
-            self.conv_specs: list[tuple[int, int]] = []
-            self.convs = nn.ModuleList()
-            for i, (_, kernel, stride) in enumerate(cfg.conv_layers):
-                w = encoder.feature_extractor.conv_layers[i][0].weight.detach()  # (out, in, k)
-                self.conv_specs.append((kernel, stride))
-                if kernel == stride:
-                    w = window_weight(w)
-                self.convs.append(Dense(w.to(wdt), None, gelu=i > 0))  # block 0 normalises before its GELU
-            gn = encoder.feature_extractor.conv_layers[0][2]
-            self.gn_weight = nn.Parameter(gn.weight.detach().float().clone(), requires_grad=False)
-            self.gn_bias = nn.Parameter(gn.bias.detach().float().clone(), requires_grad=False)
-            self.gn_eps = gn.eps
-            self.layer_norm = _frozen_copy(encoder.layer_norm)
-            self.post_extract_proj = Dense.copy(encoder.post_extract_proj, wdt)
-            pos = encoder.conv_pos.pos_conv[0]
-            self.pos_groups = cfg.conv_pos_groups
-            self.pos_bias = nn.Parameter(pos.bias.detach().float().clone(), requires_grad=False)
-            self.pos_weight = nn.Parameter(pos.weight.detach().float().contiguous(), requires_grad=False)
-            self._pos_spectrum: dict[tuple[int, str], Tensor] = {}
-            self.input_norm = _frozen_copy(encoder.encoder.layer_norm)
-            self.layers = nn.ModuleList(_FusedLayer(layer, cfg.heads, wdt) for layer in encoder.encoder.layers)
-
-    def features(self, x: Tensor) -> Tensor:
-        """(B, C, L) -> (B, T, conv_dim) conv features, channels-last."""
-        h = x.transpose(1, 2)  # (B, L, C)
-        for i, ((kernel, stride), conv) in enumerate(zip(self.conv_specs, self.convs, strict=True)):
-            if kernel == stride:
-                h = conv(conv_windows(h, kernel))
-            else:  # general conv (not in ECG-FM): back to channels-first for conv1d
-                w = conv.weight
-                h = F.conv1d(h.transpose(1, 2).to(w.dtype), w, stride=stride).transpose(1, 2)
-                h = F.gelu(h) if conv.gelu else h
-            if i == 0:
-                h = F.gelu(channel_norm(h, self.gn_weight, self.gn_bias, self.gn_eps))
-        return h
-
-    def tokens(self, x: Tensor) -> Tensor:
-        """(B, C, L) -> (B, T, D) contextual token embeddings (``EcgEncoder.forward``)."""
-        h = self.post_extract_proj(self.layer_norm(self.features(x)))
-        h = h + F.gelu(self.positional(h).to(h.dtype))
-        h = self.input_norm(h)
-        for layer in self.layers:
-            h = layer(h)
-        return h
-
-    def positional(self, h: Tensor) -> Tensor:
-        """(B, T, D) -> (B, T, D) float32: the grouped positional conv (before its GELU), via FFT
-        (:func:`~ecgfm_cli.model.encoder.grouped_conv_fft`)."""
-        n = fft_length(h.shape[1], self.pos_weight.shape[-1])
-        key = (n, str(h.device))
-        if key not in self._pos_spectrum:  # the weights are fixed: transform them once per length and device
-            self._pos_spectrum[key] = kernel_spectrum(self.pos_weight.to(h.device), self.pos_groups, n).contiguous()
-        return grouped_conv_fft(h, self.pos_weight, self.pos_bias, self.pos_groups, self._pos_spectrum[key])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C, L) -> (B, D) float32 mean over tokens."""
-        return self.tokens(x).float().mean(dim=1)
-
-
-class _FusedLayer(nn.Module):
-    """A post-LN transformer layer with a fused q/k/v projection (inference only)."""
-
-    def __init__(self, layer: nn.Module, heads: int, wdt: torch.dtype):
-        super().__init__()
-        att = layer.self_attn
-        self.heads = heads
+        self.heads = att.heads
         d = att.q_proj.weight.shape[0]
-        scale = (d // heads) ** -0.5  # the softmax scale, folded into the q rows (one pass less per layer)
-        self.qkv = Dense(torch.cat([att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight]).to(wdt),
-                         torch.cat([att.q_proj.bias * scale, att.k_proj.bias, att.v_proj.bias]).to(wdt))
-        self.out_proj = Dense.copy(att.out_proj, wdt)
-        self.ln1 = _frozen_copy(layer.self_attn_layer_norm)
-        self.fc1 = Dense.copy(layer.fc1, wdt, gelu=True)
-        self.fc2 = Dense.copy(layer.fc2, wdt)
-        self.ln2 = _frozen_copy(layer.final_layer_norm)
-        self.requires_grad_(False)
+        scale = (d // att.heads) ** -0.5  # the softmax scale, folded into the q rows (one pass less per layer)
+        self.qkv = Dense(torch.cat([att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight]).to(dtype),
+                         torch.cat([att.q_proj.bias * scale, att.k_proj.bias, att.v_proj.bias]).to(dtype))
+        self.out_proj = Dense.copy(att.out_proj, dtype)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, None]:
+        if padding_mask is not None or need_weights:
+            raise ValueError("an encoder prepared for inference takes no padding mask and gives no attention "
+                             "weights: run the unprepared encoder (e.g. forward_with_attention) for those")
+        b, t, d = x.shape
+        return self.out_proj(attention(self.qkv(x).view(b, t, 3, self.heads, d // self.heads))), None
+
+
+class FrozenPositionalEmbedding(nn.Module):
+    """``ConvPositionalEmbedding`` with fixed weights: the weight norm folded into a plain (D, D / groups, K)
+    weight and the kernel's spectrum (:func:`~ecgfm_cli.model.encoder.kernel_spectrum`) computed once per
+    FFT length and device. (B, T, D) -> (B, T, D) in the input's dtype, the same function."""
+
+    def __init__(self, pos: ConvPositionalEmbedding):
+        super().__init__()
+        conv = pos.pos_conv[0]
+        self.groups = conv.groups
+        self.weight = nn.Parameter(conv.weight.detach().float().contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(conv.bias.detach().float().clone(), requires_grad=False)
+        self._weight_key: tuple[int, int] | None = None  # (data_ptr, version) the spectra were computed from
+        self._spectrum: dict[tuple[int, str], Tensor] = {}  # (FFT length, device) -> spectrum
+
+    def spectrum(self, frames: int, device: torch.device) -> Tensor:
+        """The kernel's spectrum for ``frames`` tokens on ``device``, recomputed when the weight changes."""
+        weight_key = (self.weight.data_ptr(), self.weight._version)
+        if weight_key != self._weight_key:
+            self._weight_key, self._spectrum = weight_key, {}
+        n = fft_length(frames, self.weight.shape[-1])
+        key = (n, str(device))
+        if key not in self._spectrum:
+            self._spectrum[key] = kernel_spectrum(self.weight.to(device), self.groups, n).contiguous()
+        return self._spectrum[key]
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        a = attention(self.qkv(x).view(b, t, 3, self.heads, d // self.heads))
-        # residual adds in place into the fresh projection outputs: one (B, T, D) allocation less each
-        x = self.ln1(self.out_proj(a).add_(x))
-        return self.ln2(self.fc2(self.fc1(x)).add_(x))
+        spectrum = self.spectrum(x.shape[1], x.device)
+        # GELU after the cast to x's dtype: for bfloat16 one pass over half the bytes (torch's bfloat16 GELU
+        # computes in float32 and rounds once; the conv's float32 output is rounded once before it)
+        return F.gelu(grouped_conv_fft(x, self.weight, self.bias, self.groups, spectrum).to(x.dtype))
+
+    def __getstate__(self) -> dict[str, Any]:  # the spectra are derived: a copy recomputes them
+        return {**self.__dict__, "_weight_key": None, "_spectrum": {}}
 
 
 def _onednn_linear_works() -> bool:
@@ -161,10 +158,9 @@ class Dense(nn.Module):
     """``x @ weight.T + bias``, then exact GELU if ``gelu``: (..., in) -> (..., out) in the weight's dtype.
 
     On CPU this is oneDNN's linear with the bias and GELU fused into the matmul's epilogue (ATen's ``addmm``
-    copies the broadcast bias into the output before the GEMM and GELU is another pass over (B, T, 3072),
-    together ~25 % of a bfloat16 forward on two cores), on a copy of the weight reordered once into
-    oneDNN's blocked layout: given a plain weight, oneDNN repacks it on every call, 4-12 % of each matmul
-    at ECG-FM's shapes. The packed copy is rebuilt when the weight changes (``.to()``, ``load_state_dict``).
+    copies the broadcast bias into the output first, and GELU would be another pass over the output), on a
+    copy of the weight reordered once into oneDNN's blocked layout (given a plain weight, oneDNN repacks it on
+    every call). The packed copy is rebuilt when the weight changes (``.to()``, ``load_state_dict``).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, gelu: bool = False):
@@ -177,6 +173,10 @@ class Dense(nn.Module):
     @classmethod
     def copy(cls, src: nn.Linear, dtype: torch.dtype, gelu: bool = False) -> Dense:
         return cls(src.weight.to(dtype), None if src.bias is None else src.bias.to(dtype), gelu)
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        return f"{inp} -> {out}, bias={self.bias is not None}, gelu={self.gelu}, dtype={self.weight.dtype}"
 
     def packed_weight(self) -> Tensor:
         """The weight in oneDNN's blocked layout (the plain weight where this torch build cannot pack it)."""
@@ -209,14 +209,30 @@ class Dense(nn.Module):
         return {**self.__dict__, "_packed": None}
 
 
+class WindowDense(Dense):
+    """A bias-free kernel == stride conv block as a :class:`Dense` over the non-overlapping windows of a
+    channels-last signal: (B, L, C_in) -> (B, L // kernel, C_out); ``weight`` is
+    :func:`~ecgfm_cli.model.encoder.window_weight` of the conv's."""
+
+    def __init__(self, weight: Tensor, kernel: int, gelu: bool = False):
+        super().__init__(weight, None, gelu)
+        self.kernel = kernel
+
+    def extra_repr(self) -> str:
+        return f"kernel=stride={self.kernel}, {super().extra_repr()}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(conv_windows(x, self.kernel))
+
+
 def attention(qkv: Tensor) -> Tensor:
     """Softmax attention without a mask: (B, T, 3, H, d) projected q/k/v (q already scaled by 1/sqrt(d)) ->
     (B, T, H * d).
 
     On CPU one sample at a time, so that its (H, T, T) scores stay in cache: q/k/v are laid out head-major
     once, each sample's heads are written straight into the (B, T, H, d) output, and the softmax runs in
-    float32, which torch computes twice as fast as in bfloat16. At ECG-FM's 156 tokens this is ~25 % faster
-    than batching all samples and beats torch's flash kernel, which is tuned for long sequences. Elsewhere
+    float32, which torch computes faster than in bfloat16; at ECG-FM's 156 tokens this beats batching all
+    samples and torch's flash kernel, which is tuned for long sequences. Elsewhere
     ``scaled_dot_product_attention``.
     """
     b, t, _, h, dh = qkv.shape
@@ -230,9 +246,3 @@ def attention(qkv: Tensor) -> Tensor:
         probs = torch.softmax(scores, dim=-1, out=scores).to(v.dtype)
         torch.bmm(probs, v[i], out=out[i].transpose(0, 1))
     return out.view(b, t, h * dh)
-
-
-def _frozen_copy(src: nn.LayerNorm) -> nn.LayerNorm:
-    out = nn.LayerNorm(src.normalized_shape, eps=src.eps)
-    out.load_state_dict(src.state_dict())
-    return out.requires_grad_(False)

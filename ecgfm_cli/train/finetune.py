@@ -445,18 +445,20 @@ def folded_state(model: nn.Module, prep: Prepared) -> dict[str, Tensor]:
     return state
 
 
-@torch.inference_mode()
 def predict_outputs(model: nn.Module, prep: Prepared, positions: np.ndarray, batch_size: int, device: torch.device,
                     dtype: str = "float32") -> np.ndarray:
-    """Raw head outputs (len(positions), L) float64 for the used segments at ``positions`` (in order)."""
-    model.eval()
+    """Raw head outputs (len(positions), L) float64 for the used segments at ``positions`` (in order), from a
+    copy of ``model`` (an ``EcgClassifier``, left as it is) prepared for inference as ``ecgfm embed`` runs it."""
+    from ecgfm_cli.model.inference import inference_copy
+
+    net = inference_copy(model, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     out = np.zeros((len(positions), len(prep.labels)), dtype=np.float64)
     batches = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
     k = 0
-    with Prefetch(iter_signals(prep, batches)) as ahead:
+    with Prefetch(iter_signals(prep, batches)) as ahead, torch.inference_mode():
         for b, x in ahead:
             with autocast(device, dtype):
-                z = model(torch.from_numpy(x).to(device, non_blocking=True))
+                z = net(torch.from_numpy(x).to(device, non_blocking=True))
             out[k:k + len(b)] = z.float().cpu().numpy()
             k += len(b)
     return out
