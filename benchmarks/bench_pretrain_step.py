@@ -7,6 +7,14 @@ CMSC); ecgfm's full W2V + CMSC step is timed too. Prints the median of ``--repea
 warm-up step, and the ratio (transformers time / ecgfm time; > 1 means ecgfm is faster). Usage:
 
     python benchmarks/bench_pretrain_step.py [--batch 4] [--threads 2] [--repeats 5] [--preset base] [--json F]
+
+``--throughput tiny,small,base``: the real training update instead (``train.pretrain.train_update``: W2V + CMSC,
+each preset's own objective and batch from its recipe, dropouts on, AdamW) on random segments, per preset:
+segments/s and the share of the machine's matmul rate its FLOPs reach (FLOPs per segment counted as
+``benchmarks/gpu_pretrain_mfu.py`` does; the matmul rate is measured here, a float32 ``(1024 x 1024)`` GEMM
+timed between the updates, so a load change on a shared machine hits both alike)::
+
+    python benchmarks/bench_pretrain_step.py --throughput tiny,small,base [--threads 2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -40,6 +48,55 @@ def time_steps(steps: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def throughput(presets: list[str], threads: int, repeats: int, batch: int | None) -> list[dict]:
+    """Per preset: the median update time of the training step and its share of the measured matmul rate."""
+    from gpu_pretrain_mfu import step_flops
+
+    from ecgfm_cli.model.config import RECIPES, preset
+    from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer
+    from ecgfm_cli.train.distributed import DistContext
+    from ecgfm_cli.train.pretrain import TrainOptions, apply_recipe, train_update
+
+    a, b_ = torch.randn(1024, 1024), torch.randn(1024, 1024)
+
+    def gemm() -> None:
+        for _ in range(8):
+            torch.mm(a, b_)
+
+    ctx = DistContext()
+    out = []
+    for name in presets:
+        opts, pcfg = apply_recipe(TrainOptions("-", "-", preset=name), PretrainConfig(), name)
+        enc = preset(name)
+        if opts.dropout is not None:
+            enc = replace(enc, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
+        bsz = batch or opts.batch_size or (8 if name == "base" or name == "large" else 32)
+        torch.manual_seed(0)
+        model = Wav2Vec2Pretrainer(enc, pcfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=opts.adam_betas, eps=opts.adam_eps,
+                                weight_decay=opts.weight_decay)
+        g = torch.Generator().manual_seed(0)
+        micro = [{"x": torch.randn(bsz, 12, 2500, generator=g), "record": torch.arange(bsz) // 2}]
+
+        def update(model=model, opt=opt, micro=micro, lr=opts.lr, clip=opts.clip_norm) -> None:
+            train_update(model, model, opt, micro, ctx, lr, clip).metrics()
+
+        t_update, t_gemm = time_steps([update, gemm], repeats)
+        rate = 8 * 2 * 1024**3 / t_gemm
+        flops = step_flops(enc, num_negatives=pcfg.num_negatives, final_dim=pcfg.final_dim,
+                           latent_groups=pcfg.latent_groups, latent_vars=pcfg.latent_vars).total
+        seg_s = bsz / t_update
+        row = {"preset": name, "batch": bsz, "parameters": sum(p.numel() for p in model.parameters()),
+               "update_s": round(t_update, 4), "segments_per_s": round(seg_s, 1),
+               "gflop_per_segment": round(flops / 1e9, 3), "matmul_gflops": round(rate / 1e9, 1),
+               "share_of_matmul_rate": round(seg_s * flops / rate, 3), "recipe": RECIPES.get(name, {})}
+        print(f"  {name:6s} batch {bsz:4d}  {row['parameters'] / 1e6:6.2f} M params  {t_update:7.3f} s/update  "
+              f"{seg_s:7.1f} segments/s  {flops / 1e9:6.2f} GFLOP/segment  {row['share_of_matmul_rate']:.1%} of "
+              f"{rate / 1e9:.0f} GFLOP/s matmul", flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4)
@@ -47,8 +104,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--preset", default="base")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--throughput", help="comma-separated presets: time the training update of each instead")
+    ap.add_argument("--update-batch", type=int, help="with --throughput: segments per update (default: the recipe's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.throughput:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        print(f"pretraining update, {args.threads} threads, median of {args.repeats}, torch {torch.__version__}:")
+        rows = throughput(args.throughput.split(","), args.threads, args.repeats, args.update_batch)
+        if args.json:
+            args.json.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
+        return
 
     from hf_reference import build_hf_model
     from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices

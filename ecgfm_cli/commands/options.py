@@ -24,8 +24,7 @@ def _allow_partial(ctx: typer.Context, value: bool) -> bool:
 
 AllowPartial = Annotated[bool, typer.Option(
     "--allow-partial",
-    help="Read a directory artifact even when some of its shards are missing or were interrupted (no done marker): "
-         "what is there is read and what is missing is listed on stderr. Without it such a directory is refused, "
-         "naming the rerun that completes it.",
+    help="Read a directory artifact whose shards are missing or interrupted (listed on stderr); without it such a "
+         "directory is refused, naming the rerun that completes it.",
     callback=_allow_partial,
 )]

@@ -179,6 +179,11 @@ PRESETS: dict[str, EncoderConfig] = {
     "base": EncoderConfig(),
     # The unreleased v1 preprint size (BERT-Large): 24 x 1024, 16 heads, FFN 4096.
     "large": EncoderConfig(embed_dim=1024, layers=24, heads=16, ffn_dim=4096),
+    # The laptop recipe's encoder (~1 M parameters): pretrains in minutes on 2 CPU cores (see RECIPES["small"]).
+    "small": EncoderConfig(
+        conv_layers=((64, 2, 2),) * 4, embed_dim=128, layers=4, heads=4, ffn_dim=512,
+        conv_pos=32, conv_pos_groups=8,
+    ),
     # For tests and CPU demos (~0.1 M parameters); conv_dim != embed_dim keeps fairseq's module layout.
     "tiny": EncoderConfig(
         conv_layers=((32, 2, 2),) * 4, embed_dim=64, layers=2, heads=4, ffn_dim=128,
@@ -186,9 +191,32 @@ PRESETS: dict[str, EncoderConfig] = {
     ),
 }
 
+#: Effective batch (segments per update) of the reference pretraining: 4 GPUs x update_freq 2 x 128.
+REFERENCE_UPDATE_SEGMENTS = 1024
+
+#: Pretraining defaults of each preset that differ from the ECG-FM reference (``ecgfm pretrain``'s own defaults):
+#: keys are ``TrainOptions`` fields and, under ``"pretrain"``, ``PretrainConfig`` fields. An option given on the
+#: command line always wins. ``base``/``large`` are the reference: no overrides, and the update is
+#: :data:`REFERENCE_UPDATE_SEGMENTS` segments whatever the world size (gradient accumulation fills the gap).
+#: ``small`` is the laptop recipe (docs/experiments.md says how it was chosen): schedules that follow the run
+#: (warm-up then cosine learning rate, Gumbel temperature annealed start -> end across the run), a codebook,
+#: projection and negatives scaled to a 128-wide model, and small batches for many updates. ``tiny`` keeps
+#: the reference objective at a small batch (fast tests).
+RECIPES: dict[str, dict[str, Any]] = {
+    "base": {"update_segments": REFERENCE_UPDATE_SEGMENTS},
+    "large": {"update_segments": REFERENCE_UPDATE_SEGMENTS},
+    "small": {
+        "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine", "warmup_fraction": 0.05, "clip_norm": 1.0,
+        "dropout": 0.0,
+        "pretrain": {"latent_vars": 64, "final_dim": 64, "num_negatives": 20, "latent_temp_max": 2.0,
+                     "latent_temp_min": 0.5, "latent_temp_schedule": "run"},
+    },
+    "tiny": {},
+}
+
 
 def preset(name: str, **overrides: Any) -> EncoderConfig:
-    """A named preset (``base``, ``large``, ``tiny``), optionally with fields overridden."""
+    """A named preset (``base``, ``large``, ``small``, ``tiny``), optionally with fields overridden."""
     try:
         cfg = PRESETS[name]
     except KeyError:

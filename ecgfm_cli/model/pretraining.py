@@ -59,6 +59,9 @@ class PretrainConfig:
     latent_temp_max: float = 2.0
     latent_temp_min: float = 0.5
     latent_temp_decay: float = 0.999995
+    #: "decay": ``max(latent_temp_max * decay ** update, latent_temp_min)`` (reference); "run": annealed
+    #: geometrically from latent_temp_max to latent_temp_min across the run (progress 0 -> 1; the decay is unused)
+    latent_temp_schedule: str = "decay"
     num_negatives: int = 100
     logit_temp: float = 0.1
     dropout_features: float = 0.1
@@ -175,14 +178,16 @@ class Wav2Vec2Pretrainer(nn.Module):
             groups=cfg.latent_groups,
             vq_dim=cfg.final_dim,
             temp=(cfg.latent_temp_max, cfg.latent_temp_min, cfg.latent_temp_decay),
+            schedule=cfg.latent_temp_schedule,
         )
         self.project_q = nn.Linear(cfg.final_dim, cfg.final_dim)
         self.final_proj = nn.Linear(embed_dim, cfg.final_dim)
         self.dropout_features = nn.Dropout(cfg.dropout_features)
 
-    def set_num_updates(self, num_updates: int) -> None:
-        """Set the optimizer-step counter that drives the Gumbel temperature schedule."""
-        self.quantizer.set_num_updates(num_updates)
+    def set_num_updates(self, num_updates: int, progress: float | None = None) -> None:
+        """Set the optimizer-step counter (and, for a ``"run"`` temperature schedule, the run's progress in
+        [0, 1]) that drive the Gumbel temperature."""
+        self.quantizer.set_num_updates(num_updates, progress)
 
     def forward(
         self,

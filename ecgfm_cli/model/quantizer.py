@@ -37,6 +37,9 @@ class GumbelVectorQuantizer(nn.Module):
 
     ``num_updates`` is a plain attribute (not in the state dict, so fairseq checkpoints load strictly): the
     trainer sets it every update with :meth:`set_num_updates` and restores it from its step counter on resume.
+    ``schedule`` ``"decay"`` is the reference temperature ``max(max_temp * decay ** num_updates, min_temp)``;
+    ``"run"`` anneals geometrically from ``max_temp`` to ``min_temp`` across the run,
+    ``max_temp * (min_temp / max_temp) ** progress``, the trainer setting ``progress`` in [0, 1] with the count.
     """
 
     def __init__(
@@ -46,10 +49,15 @@ class GumbelVectorQuantizer(nn.Module):
         groups: int = 2,
         vq_dim: int = 256,
         temp: tuple[float, float, float] = (2.0, 0.5, 0.999995),
+        schedule: str = "decay",
     ) -> None:
         super().__init__()
         if vq_dim % groups:
             raise ValueError(f"vq_dim {vq_dim} must be divisible by groups {groups}")
+        if schedule not in ("decay", "run"):
+            raise ValueError(f"temperature schedule {schedule!r}: expected 'decay' or 'run'")
+        self.schedule = schedule
+        self.progress = 0.0
         self.groups = groups
         self.num_vars = num_vars
         self.vq_dim = vq_dim
@@ -71,11 +79,15 @@ class GumbelVectorQuantizer(nn.Module):
 
     @property
     def temperature(self) -> float:
-        """Current Gumbel temperature ``max(max_temp * decay ** num_updates, min_temp)``."""
+        """Current Gumbel temperature (see the class docstring for the two schedules)."""
+        if self.schedule == "run":
+            return self.max_temp * (self.min_temp / self.max_temp) ** min(max(self.progress, 0.0), 1.0)
         return max(self.max_temp * self.temp_decay**self.num_updates, self.min_temp)
 
-    def set_num_updates(self, num_updates: int) -> None:
+    def set_num_updates(self, num_updates: int, progress: float | None = None) -> None:
         self.num_updates = int(num_updates)
+        if progress is not None:
+            self.progress = float(progress)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Quantize ``x (B, T, dim)``.

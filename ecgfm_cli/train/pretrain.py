@@ -37,7 +37,7 @@ from torch import nn
 from ecgfm_cli.console import fail, info, plural
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, replace_dir
-from ecgfm_cli.model.config import EncoderConfig, preset
+from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, preset
 from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, cmsc_loss, total_loss
 from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
 from ecgfm_cli.train.distributed import DistContext, cleanup, setup
@@ -48,16 +48,24 @@ LATEST = "latest"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
 #: Options a resumed run takes from its checkpoint, not the command line: they fix the data order and the
 #: optimisation. Stopping (--max-*), cadence (--save-every, --log-every), devices and the loader layout may change.
-RESUME_KEEPS = ("seed", "shuffle_buffer", "lr", "lr_schedule", "warmup_updates", "weight_decay", "adam_betas",
-                "adam_eps", "clip_norm", "update_freq", "dropout")
+RESUME_KEEPS = ("seed", "shuffle_buffer", "lr", "lr_schedule", "warmup_updates", "warmup_fraction", "weight_decay",
+                "adam_betas", "adam_eps", "clip_norm", "update_freq", "dropout")
+#: Options whose default is the preset's (:data:`~ecgfm_cli.model.config.RECIPES`) unless given: ``TrainOptions``
+#: fields, and ``PretrainConfig`` fields under ``pretrain.``. ``TrainOptions.given`` names those given.
+RECIPE_OPTIONS = ("batch_size", "update_freq", "lr", "lr_schedule", "warmup_fraction", "clip_norm", "dropout",
+                  "pretrain.latent_vars", "pretrain.final_dim", "pretrain.num_negatives", "pretrain.latent_temp_max",
+                  "pretrain.latent_temp_min", "pretrain.latent_temp_decay", "pretrain.latent_temp_schedule")
 
 
 @dataclass
 class TrainOptions:
     """Everything ``ecgfm pretrain`` takes (CLI defaults = the ECG-FM reference, see docs/commands/pretrain.md).
 
-    batch_size: segments per rank per micro-batch (CMSC: 2 x pairs). max_time: seconds. workers: data
-    partitions per rank, each read by a background thread (or a DataLoader process with worker_processes).
+    batch_size: segments per rank per micro-batch (CMSC: 2 x pairs). max_time: seconds of training, summed over
+    resumes. workers: data partitions per rank, each read by a background thread (or a DataLoader process with
+    worker_processes). warmup_fraction: linear warm-up over this fraction of the schedule's horizon (the run's
+    length in updates, or in seconds with only ``max_time``); ``warmup_updates`` counts updates instead.
+    given: the :data:`RECIPE_OPTIONS` set explicitly; :func:`prepare` gives the others the preset's values.
     """
 
     segments: str
@@ -74,6 +82,7 @@ class TrainOptions:
     lr: float = 5e-5
     lr_schedule: str = "fixed"
     warmup_updates: int = 0
+    warmup_fraction: float = 0.0
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-6
@@ -86,10 +95,43 @@ class TrainOptions:
     log_every: int = 10
     seed: int = 1
     workers: int = 2
+    threads: int | None = None  # torch CPU threads per process (None: the cores shared among the processes)
     worker_processes: bool = False
     shuffle_buffer: int = 1024
     dropout: float | None = None
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    given: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What the learning-rate and Gumbel-temperature schedules follow: the run's length in updates (``by``
+    ``"updates"``, from ``--max-updates`` or ``--max-epochs``) or, with only ``--max-time``, in seconds of
+    training (``"time"``). ``horizon``: that length. ``warmup_updates``: warm-up by count (``--warmup-updates``,
+    or ``--warmup-fraction`` of an update horizon); ``warmup_fraction``: warm-up as a fraction of a time horizon."""
+
+    by: str
+    horizon: float
+    warmup_updates: int = 0
+    warmup_fraction: float = 0.0
+
+    def progress(self, update: int, clock: float) -> float:
+        """Fraction of the horizon reached before the ``update``-th update (0-based), ``clock`` seconds into the
+        run (the ranks' agreed clock, see :func:`train_update`), in [0, 1]."""
+        done = update if self.by == "updates" else clock
+        return min(max(done / max(self.horizon, 1e-9), 0.0), 1.0)
+
+    def describe(self, opts: TrainOptions, pcfg: PretrainConfig) -> str:
+        """One line for the run log: the horizon and both schedules."""
+        unit = f"{int(self.horizon)} updates" if self.by == "updates" else f"{self.horizon:g} s of training"
+        warm = (f"{self.warmup_updates}-update warm-up, " if self.warmup_updates else
+                f"warm-up over {self.warmup_fraction:.0%}, " if self.warmup_fraction else "")
+        lr = (f"lr {opts.lr:g} {warm}then " + ("cosine to 0" if opts.lr_schedule == "cosine" else "constant"))
+        tau = (f"Gumbel temperature {pcfg.latent_temp_max:g} -> {pcfg.latent_temp_min:g} across the run"
+               if pcfg.latent_temp_schedule == "run" else
+               f"Gumbel temperature {pcfg.latent_temp_max:g} x {pcfg.latent_temp_decay:g}^update (floor "
+               f"{pcfg.latent_temp_min:g})")
+        return f"schedule over {unit}: {lr}; {tau}"
 
 
 @dataclass
@@ -104,6 +146,9 @@ class Prepared:
     batches_per_epoch: int
     resume_from: str | None = None
     init_kind: str | None = None
+    schedule: Schedule = field(default_factory=lambda: Schedule("updates", 1.0))
+    recipe: str | None = None
+    incomplete_segments: int = 0
 
 
 # --------------------------------------------------------------------------------------------- pre-flight
@@ -149,6 +194,10 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
     enc_cfg: EncoderConfig
     model_contract = Contract()
     init_kind = None
+    recipe = None
+    if resume_from is None and not (opts.init and "preset" not in opts.given):
+        recipe = opts.preset
+        opts, pcfg = apply_recipe(opts, pcfg, recipe)
     if resume_from is not None:
         config = json.loads((Path(resume_from) / "config.json").read_text())
         enc_cfg = EncoderConfig.from_dict(config["encoder"])
@@ -170,10 +219,11 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         if source.get("pretrain"):
             saved = PretrainConfig(**{**source["pretrain"], "cmsc_gather": pcfg.cmsc_gather})
             ignored += [f"{k}={v} (run: {getattr(saved, k)})" for k, v in asdict(pcfg).items()
-                        if getattr(saved, k) != v]
+                        if getattr(saved, k) != v and _given(opts, f"pretrain.{k}")]
             pcfg = saved
         kept = {k: tuple(v) if isinstance(v, list) else v for k, v in (source.get("resume_keeps") or {}).items()}
-        ignored += [f"{k}={getattr(opts, k)} (run: {v})" for k, v in kept.items() if getattr(opts, k) != v]
+        ignored += [f"{k}={getattr(opts, k)} (run: {v})" for k, v in kept.items()
+                    if getattr(opts, k) != v and _given(opts, k)]
         opts = replace(opts, **kept)
         if ignored:
             info("pretrain: --resume continues with the run's own settings; given but not used: " + ", ".join(ignored))
@@ -189,6 +239,9 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             ref = EncoderConfig()
             enc_cfg = replace(enc_cfg, dropout=ref.dropout, attention_dropout=ref.attention_dropout,
                               activation_dropout=ref.activation_dropout, dropout_input=ref.dropout_input)
+        if "preset" not in opts.given:  # the defaults of the preset the checkpoint's architecture is, if any
+            recipe = preset_of(enc_cfg)
+            opts, pcfg = apply_recipe(opts, pcfg, recipe)
         heads = loaded.heads
         if loaded.kind == "pretraining" and heads:
             pcfg = replace(pcfg, latent_vars=int(heads["latent_vars"]), latent_groups=int(heads["latent_groups"]),
@@ -204,6 +257,16 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         opts = replace(opts, max_epochs=200)  # the reference's max_epoch
     if opts.batch_size is None:
         opts = replace(opts, batch_size=128)
+    update_segments = RECIPES.get(recipe or "", {}).get("update_segments")
+    if update_segments and resume_from is None and "update_freq" not in opts.given:
+        # the reference's update whatever the world size: accumulate micro-batches to reach it
+        freq = accumulation(update_segments, opts.batch_size, world_size)
+        opts = replace(opts, update_freq=freq)
+        got = freq * opts.batch_size * world_size
+        info(f"pretrain: {recipe}: {freq} micro-batch(es) of {opts.batch_size} per update on "
+             f"{world_size} process(es) = {got} segments per update"
+             + ("" if got == update_segments else f" (the reference's is {update_segments})")
+             + "; --update-freq sets another")
     if pcfg.cmsc and opts.batch_size % 2:
         fail(f"--batch-size {opts.batch_size}: must be even with CMSC (pairs of segments)")
     if pcfg.final_dim % pcfg.latent_groups:
@@ -223,7 +286,80 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         fail(f"not enough data for one batch of {opts.batch_size} segments on each of {world_size} rank(s) x "
              f"{lcfg.workers} loader worker(s): {index.stats.describe(pcfg.cmsc)} ({items} usable "
              f"{'pairs' if pcfg.cmsc else 'segments'}); lower --batch-size/--workers/--procs")
-    return opts, Prepared(enc_cfg, pcfg, index.contract, index.stats, world_size, n, resume_from, init_kind)
+    if opts.warmup_updates and opts.warmup_fraction:
+        fail("--warmup-updates and --warmup-fraction both set the warm-up: give one")
+    schedule = make_schedule(opts, n)
+    incomplete = incomplete_segments(index.files)
+    if incomplete:
+        info(f"pretrain: {plural(incomplete, 'segment')} of {index.stats.segments} have zero-filled leads (absent "
+             "in the record, flat, or NaN zeroed by `segment --nan zero`) and are trained on: random lead masking "
+             "zeroes leads anyway. The reference drops records with NaN or constant leads from training; "
+             "`ecgfm segment --nan drop` drops those with NaN")
+    return opts, Prepared(enc_cfg, pcfg, index.contract, index.stats, world_size, n, resume_from, init_kind,
+                          schedule, recipe, incomplete)
+
+
+def incomplete_segments(files: list[Path]) -> int:
+    """Segments whose ``lead_present`` marks a lead as zero-filled (0 for files without the column)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    n = 0
+    for f in files:
+        if f.suffix != ".parquet" or "lead_present" not in pq.read_schema(str(f)).names:
+            continue
+        col = pq.read_table(str(f), columns=["lead_present"]).column("lead_present").combine_chunks()
+        if len(col) == 0:
+            continue
+        per_row = col.type.list_size if hasattr(col.type, "list_size") else 0
+        if not per_row:
+            continue
+        missing = np.asarray(pc.invert(col.flatten()).to_numpy(zero_copy_only=False)).reshape(-1, per_row)
+        n += int(missing.any(axis=1).sum())
+    return n
+
+
+def accumulation(update_segments: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per update that bring ``batch_size x world_size`` closest to ``update_segments`` (>= 1)."""
+    return max(round(update_segments / (batch_size * world_size)), 1)
+
+
+def _given(opts: TrainOptions, name: str) -> bool:
+    """Whether option ``name`` was set explicitly (every option that is not a preset default counts as given)."""
+    return name not in RECIPE_OPTIONS or name in opts.given
+
+
+def preset_of(cfg: EncoderConfig) -> str | None:
+    """The preset whose architecture ``cfg`` is (dropouts and feature_grad_mult aside), or None."""
+    for name, p in PRESETS.items():
+        if replace(p, feature_grad_mult=cfg.feature_grad_mult).with_dropouts(0.0) == cfg.with_dropouts(0.0):
+            return name
+    return None
+
+
+def apply_recipe(opts: TrainOptions, pcfg: PretrainConfig, name: str | None) -> tuple[TrainOptions, PretrainConfig]:
+    """``opts`` and ``pcfg`` with the preset ``name``'s defaults (:data:`~ecgfm_cli.model.config.RECIPES`) for
+    every :data:`RECIPE_OPTIONS` entry not in ``opts.given`` (unknown or None ``name``: unchanged)."""
+    recipe = RECIPES.get(name or "", {})
+    train = {k: v for k, v in recipe.items() if k in RECIPE_OPTIONS and k not in opts.given}
+    objective = {k: v for k, v in recipe.get("pretrain", {}).items() if f"pretrain.{k}" not in opts.given}
+    pcfg = replace(pcfg, **objective) if objective else pcfg
+    return replace(opts, **train, pretrain=pcfg), pcfg
+
+
+def make_schedule(opts: TrainOptions, batches_per_epoch: int) -> Schedule:
+    """The run's :class:`Schedule`: over updates when ``--max-updates`` or ``--max-epochs`` bounds them (the
+    smaller), else over ``--max-time`` seconds of training; ``--warmup-fraction`` becomes a count of updates
+    for an update horizon."""
+    bounds = [opts.max_updates] if opts.max_updates else []
+    if opts.max_epochs:
+        bounds.append(max(math.ceil(opts.max_epochs * batches_per_epoch / opts.update_freq), 1))
+    if bounds:
+        horizon = min(bounds)
+        warm = opts.warmup_updates or round(opts.warmup_fraction * horizon)
+        return Schedule("updates", float(horizon), warmup_updates=warm)
+    return Schedule("time", float(opts.max_time or 0.0), warmup_updates=opts.warmup_updates,
+                    warmup_fraction=opts.warmup_fraction)
 
 
 def loader_config(opts: TrainOptions, pcfg: PretrainConfig, world_size: int) -> LoaderConfig:
@@ -235,15 +371,26 @@ def loader_config(opts: TrainOptions, pcfg: PretrainConfig, world_size: int) -> 
 # ----------------------------------------------------------------------------------------------- pieces
 
 
-def lr_at(update: int, opts: TrainOptions) -> float:
-    """Learning rate for the ``update``-th optimizer step (0-based): linear warm-up over ``warmup_updates``,
-    then constant (``fixed``, the reference) or half-cosine to 0 at ``max_updates`` (``cosine``)."""
-    if opts.warmup_updates > 0 and update < opts.warmup_updates:
-        return opts.lr * (update + 1) / opts.warmup_updates
-    if opts.lr_schedule == "cosine" and opts.max_updates:
-        span = max(opts.max_updates - opts.warmup_updates, 1)
-        progress = min(max(update - opts.warmup_updates, 0) / span, 1.0)
-        return opts.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+def lr_at(update: int, opts: TrainOptions, schedule: Schedule | None = None, clock: float = 0.0) -> float:
+    """Learning rate for the ``update``-th optimizer step (0-based), ``clock`` seconds into the run: linear
+    warm-up (over ``schedule.warmup_updates`` updates, or its ``warmup_fraction`` of a time horizon), then
+    constant (``fixed``, the reference) or half-cosine to 0 at the end of the horizon (``cosine``). Without a
+    ``schedule``: over ``opts.max_updates`` with ``opts.warmup_updates``."""
+    if schedule is None:
+        schedule = Schedule("updates", float(opts.max_updates or 0), warmup_updates=opts.warmup_updates)
+    warm = schedule.warmup_updates
+    if warm > 0 and update < warm:
+        return opts.lr * (update + 1) / warm
+    progress = schedule.progress(update, clock)
+    if schedule.warmup_fraction > 0 and progress < schedule.warmup_fraction:
+        return opts.lr * max(progress / schedule.warmup_fraction, 0.01)
+    if opts.lr_schedule == "cosine" and schedule.horizon > 0:
+        if schedule.by == "updates":
+            span = max(schedule.horizon - warm, 1)
+            progress = min(max(update - warm, 0) / span, 1.0)
+        else:
+            progress = (progress - schedule.warmup_fraction) / max(1.0 - schedule.warmup_fraction, 1e-9)
+        return opts.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     return opts.lr
 
 
@@ -278,15 +425,17 @@ class UpdateResult:
     while the host draws masks and dispatches the next update's kernels.
     """
 
-    stats: torch.Tensor  # (len(keys) + 2,): the summed stats, the OR-ed stop vote, the gradient norm
+    stats: torch.Tensor  # (len(keys) + 3,): the summed stats, the OR-ed stop vote, the mean clock, the grad norm
     keys: list[str]
     batches: int  # micro-batches x ranks, the denominator of the mean-style stats
     temperature: float
     w2v: bool
+    lr: float = 0.0
+    progress: float = 0.0  # of the schedule, when the update was queued (set by the loop)
 
     def metrics(self) -> dict[str, float]:
         """Plain-float metrics (waits for the update to finish)."""
-        *values, stop, grad_norm = self.stats.tolist()
+        *values, stop, clock, grad_norm = self.stats.tolist()
         tot = dict(zip(self.keys, values, strict=True))
         global_count = max(tot["sample_size"], 1.0)
         return {
@@ -298,19 +447,24 @@ class UpdateResult:
             "grad_norm": grad_norm,
             "sample_size": tot["sample_size"],
             "stop": stop > 0,
+            "clock": clock,
+            "lr": self.lr,
+            "progress": self.progress,
         }
 
 
 def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict],
                  ctx: DistContext, lr: float, clip_norm: float = 0.0, dtype: str = "float32",
-                 fixed: list[dict] | None = None, stop: bool = False) -> UpdateResult:
+                 fixed: list[dict] | None = None, stop: bool = False, clock: float = 0.0) -> UpdateResult:
     """Queue one optimizer step over the micro-batches ``micro`` (dicts with ``x (B, 12, L)`` and
     ``record (B,)``), without waiting for it.
 
     ``net`` is ``model`` or its DDP wrapper. ``fixed`` (tests): per micro-batch ``{"mask": (B, T) bool,
     "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``: this rank's vote to end training, OR-ed
-    over ranks into the metrics' ``stop``. Returns the update's globally reduced statistics
-    (:meth:`UpdateResult.metrics` gives plain floats).
+    over ranks into the metrics' ``stop``. ``clock``: this rank's seconds of training, averaged over ranks into
+    the metrics' ``clock`` (identical on every rank: what a time schedule follows, so all ranks step with the
+    same learning rate). Returns the update's globally reduced statistics (:meth:`UpdateResult.metrics` gives
+    plain floats).
     """
     cfg = model.cfg
     params = [p for p in model.parameters() if p.requires_grad]
@@ -334,7 +488,8 @@ def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.opt
         for k in _SUM_KEYS[:1] + _SUM_KEYS[2:] + _MEAN_KEYS:
             sums[k] += logs[k].float()
     keys = list(sums)
-    vec = torch.stack([sums[k] for k in keys] + [torch.full((), float(stop), device=ctx.device)])
+    vec = torch.stack([sums[k] for k in keys] + [torch.full((), float(stop), device=ctx.device),
+                                                 torch.full((), clock / ctx.world_size, device=ctx.device)])
     if ctx.distributed:
         dist.all_reduce(vec)
     # DDP averaged the gradients over ranks; turn that into sum-over-ranks / global count, on the device.
@@ -344,7 +499,7 @@ def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.opt
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
     optimizer.step()
     return UpdateResult(torch.cat([vec, grad_norm.detach().reshape(1).to(vec)]), keys, len(micro) * ctx.world_size,
-                        model.quantizer.temperature, cfg.w2v)
+                        model.quantizer.temperature, cfg.w2v, lr)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -372,9 +527,11 @@ def _set_rng_state(s: dict) -> None:
 
 
 def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.optim.Optimizer, prep: Prepared,
-                        opts: TrainOptions, ctx: DistContext, update: int, position: tuple[int, int]) -> Path | None:
+                        opts: TrainOptions, ctx: DistContext, update: int, position: tuple[int, int],
+                        clock: float = 0.0) -> Path | None:
     """Collective (every rank calls it: the RNG states are gathered); rank 0 writes
-    ``RUN/checkpoint-<update>/`` atomically, points ``RUN/latest`` at it and keeps the last ``keep_last``."""
+    ``RUN/checkpoint-<update>/`` atomically, points ``RUN/latest`` at it and keeps the last ``keep_last``.
+    ``clock``: seconds of training so far (a resumed run's ``--max-time`` and time schedule continue from it)."""
     from ecgfm_cli.model.checkpoint import make_config, save_checkpoint
 
     states = [None] * ctx.world_size
@@ -407,6 +564,7 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
         "optimizer": optimizer.state_dict(),
         "num_updates": model.quantizer.num_updates,
         "temperature": model.quantizer.temperature,
+        "clock": float(clock),
         "rng": states,
     }, tmp / STATE_FILE)
     replace_dir(tmp, final)
@@ -416,8 +574,31 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
     return final
 
 
+#: What ``_train`` reads from a trainer state (the rest is optional).
+_STATE_KEYS = ("update", "data", "optimizer", "rng")
+
+
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    """The trainer state of checkpoint directory ``ckpt`` (optimizer, update count, RNG states, data position),
+    loaded with ``weights_only=True``. A file that asks for anything beyond tensors and plain data (pickled code),
+    is not a torch file, or lacks the keys a resume needs fails with one line naming it."""
+    import pickle
+
+    path = ckpt / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused what the pickle asks for: it would run code
+        found = re.search(r"Unsupported (?:global: GLOBAL \S+|operand \S+)|unsupported GLOBAL \S+", str(e))
+        why = f" ({found.group(0)})" if found else ""
+        fail(f"--resume: {path} is not a safe trainer state: it holds pickled objects beyond tensors and plain "
+             f"data{why}, which ecgfm never writes; it was not loaded")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"--resume: {path} is not a readable trainer state ({first})")
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
+    if missing:
+        fail(f"--resume: {path} is not an ecgfm trainer state (it lacks {', '.join(missing)})")
+    return state
 
 
 # -------------------------------------------------------------------------------------------------- loop
@@ -434,6 +615,8 @@ def _max_memory_mb(device: torch.device) -> float:
 def train_worker(opts: TrainOptions, prep: Prepared) -> None:
     """Entry point of every rank (see :func:`ecgfm_cli.train.distributed.launch`)."""
     ctx = setup(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     completed = False
     try:
         _train(opts, prep, ctx)
@@ -448,6 +631,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
     lcfg = loader_config(opts, prep.pretrain, ctx.world_size)
     model = build_model(prep, opts.seed)
     update, position = 0, (0, 0)
+    clock0 = 0.0  # seconds of training before this process started (a resumed run's)
     state = None
     if prep.resume_from:
         from ecgfm_cli.model.checkpoint import load_checkpoint
@@ -456,6 +640,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         model.load_state_dict(load_checkpoint(ckpt).state_dict, strict=True)
         state = load_trainer_state(ckpt)
         update = int(state["update"])
+        clock0 = float(state.get("clock", 0.0))
         data = state["data"]
         position = (int(data["epoch"]), int(data["batch"]))
         if (data["world_size"], data["workers"], data["batch_size"]) != (ctx.world_size, lcfg.workers,
@@ -468,7 +653,8 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
                      "from the original run from here on")
     elif opts.init:
         load_init(model, opts.init, opts.unsafe_pickle)
-    model.set_num_updates(update)
+    schedule = prep.schedule
+    model.set_num_updates(update, schedule.progress(update, clock0))
     model.to(ctx.device)
     if opts.compile:
         from ecgfm_cli.model.encoder import compile_layers
@@ -492,8 +678,14 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
 
     if ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
+        precision = ("float32, as the reference" if opts.dtype == "float32" else
+                     f"{opts.dtype} autocast (weights, optimizer, losses and logits float32; the reference "
+                     "trained in float32)")
+        schedule_line = schedule.describe(opts, prep.pretrain)
         _write_json(run / "run.json", {
             "options": {**asdict(opts), "pretrain": asdict(prep.pretrain)},
+            "recipe": prep.recipe, "schedule": {**asdict(schedule), "line": schedule_line}, "precision": precision,
+            "incomplete_segments": prep.incomplete_segments, "threads": torch.get_num_threads(),
             "encoder": model.encoder_cfg.to_dict(), "data": asdict(prep.stats), "world_size": ctx.world_size,
             "batches_per_epoch": prep.batches_per_epoch, "resumed_from": prep.resume_from, "init_kind": prep.init_kind,
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -502,10 +694,12 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         info(f"pretrain: {prep.stats.describe(prep.pretrain.cmsc)}; {prep.batches_per_epoch} batches of "
              f"{opts.batch_size} per rank per epoch, {ctx.world_size} rank(s), update = "
              f"{opts.batch_size * opts.update_freq * ctx.world_size} segments; "
-             f"{'resuming at update ' + str(update) if update else 'starting'} on {ctx.device} ({opts.dtype})"
+             f"{'resuming at update ' + str(update) if update else 'starting'} on {ctx.device} ({precision}"
+             + (f"; {plural(torch.get_num_threads(), 'thread')} per process)" if ctx.device.type == "cpu" else ")")
              + (f"; init {prep.init_kind} {opts.init}" + ("" if prep.init_kind == "pretraining" else
                                                           ", pretraining heads new") if opts.init and not update
                 else ""))
+        info(f"pretrain: {'preset ' + prep.recipe + ', ' if prep.recipe else ''}{schedule_line}")
 
     loader = make_loader(index, lcfg, ctx.rank, position[0], position[1], opts.max_epochs,
                          processes=opts.worker_processes, pin_memory=ctx.device.type == "cuda")
@@ -516,6 +710,11 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         bar = tqdm(total=opts.max_updates, initial=update, unit="upd", file=sys.stderr, dynamic_ncols=True,
                    desc="pretrain")
     t_start = time.monotonic()
+    clock = clock0  # the ranks' agreed clock, as of the last update whose metrics were read
+
+    def run_clock() -> float:
+        return clock0 + time.monotonic() - t_start
+
     window: list[dict] = []
     t_window, seg_window = time.monotonic(), 0
     last_metrics: dict = {}
@@ -527,18 +726,16 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         ``queued``: when the update was queued; rates are measured between those times, which advance as the
         updates complete (the host runs at most one update ahead) however late the metrics are read.
         Returns whether the ranks voted to stop."""
-        nonlocal window, t_window, seg_window, last_metrics
+        nonlocal window, t_window, seg_window, last_metrics, clock
         m = result.metrics()
+        clock = m.pop("clock")
         if not math.isfinite(m["loss"]):  # every rank sees the same global loss, so all stop here
             last = f"checkpoint-{saved_at} is the last good one" if saved_at > 0 else "no checkpoint was written"
             fail(f"pretrain: update {at}: the loss is {m['loss']} (not finite), so the model is lost ({last}); the "
                  "segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
-        m.update(update=at, lr=lr_at(at - 1, opts))
+        m.update(update=at)
         window.append(m)
         seg_window += segments
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=pos[0])
         if at % opts.log_every == 0 or (opts.max_updates and at == opts.max_updates) or m["stop"]:
             now = time.monotonic()
             last_metrics = _log_line(window, at, pos, prep, queued - t_window, seg_window, now - t_start, ctx)
@@ -546,7 +743,13 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
                 append_jsonl(run / "log.jsonl", last_metrics)
                 if bar is None:
                     info(_summary_line(last_metrics))
+                else:  # above the bar, which stays at the bottom
+                    bar.write(_summary_line(last_metrics), file=sys.stderr)
             window, t_window, seg_window = [], queued, 0
+        if bar is not None:
+            bar.update(1)
+            rate = last_metrics.get("segments_per_s")
+            bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=pos[0], **({"seg/s": f"{rate:.0f}"} if rate else {}))
         return m["stop"]
 
     pending = None  # (result, update, position, segments, queued at) of the update queued last, not yet read
@@ -562,11 +765,15 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
                 micro.append(b)
             if not micro:
                 break
-            out_of_time = opts.max_time is not None and time.monotonic() - t_start >= opts.max_time
-            result = train_update(model, net, optimizer, micro, ctx, lr_at(update, opts), opts.clip_norm,
-                                  opts.dtype, stop=out_of_time)
+            now = run_clock()
+            out_of_time = opts.max_time is not None and now >= opts.max_time
+            progress = schedule.progress(update, clock)
+            model.set_num_updates(update, progress)
+            result = train_update(model, net, optimizer, micro, ctx, lr_at(update, opts, schedule, clock),
+                                  opts.clip_norm, opts.dtype, stop=out_of_time, clock=now)
+            result.progress = progress
             update += 1
-            model.set_num_updates(update)
+            model.set_num_updates(update, schedule.progress(update, clock))
             last = micro[-1]
             position = (int(last["epoch"]), int(last["batch"]) * lcfg.workers + int(last["worker"]) + 1)
             # read the previous update's metrics only now, with this one queued behind it
@@ -575,7 +782,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
             if opts.save_every and update % opts.save_every == 0:
                 stop = record(*pending) or stop  # the log holds every update up to a checkpoint
                 pending = None
-                save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
+                save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position, clock)
                 saved_at = update
         if pending is not None:
             record(*pending)
@@ -586,7 +793,7 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
                 append_jsonl(run / "log.jsonl", last_metrics)
         final = None
         if update != saved_at and update > 0:
-            final = save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position)
+            final = save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position, clock)
         elif ctx.is_main and update > 0:
             final = run / f"checkpoint-{update}"
     finally:
@@ -611,7 +818,7 @@ def _log_line(window: list[dict], update: int, position: tuple[int, int], prep: 
             "code_perplexity", "grad_norm")
     out = {"update": update, "epoch": round(position[0] + position[1] / max(prep.batches_per_epoch, 1), 4)}
     out.update({k: float(np.mean([w[k] for w in window])) for k in keys})
-    out.update(temperature=window[-1]["temperature"], lr=window[-1]["lr"],
+    out.update(temperature=window[-1]["temperature"], lr=window[-1]["lr"], progress=round(window[-1]["progress"], 4),
                segments_per_s=round(segments / max(dt, 1e-9), 2), max_memory_mb=round(_max_memory_mb(ctx.device), 1),
                elapsed_s=round(elapsed, 3), stop=bool(window[-1]["stop"]))
     return out

@@ -1,0 +1,92 @@
+# Shared by the experiment scripts (docs/experiments.md): paths, data preparation, and "probe an encoder".
+# Source it; every variable can be overridden from the environment:
+#   DATA     ../shared/data (the project's real ECG files)
+#   OUT      experiments-out/ (everything is written here; re-runs reuse the prepared data)
+#   ECGFM    .venv/bin/ecgfm      PY  .venv/bin/python      THREADS  torch threads for embed (default 2)
+#   FORCE    set: probe an encoder again even if its evaluation is there
+#   PRETRAIN_ARGS  extra `ecgfm pretrain` options for every run (e.g. "--threads 1" on a loaded machine)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+DATA=${DATA:-$ROOT/../shared/data}
+OUT=${OUT:-$ROOT/experiments-out}
+ECGFM=${ECGFM:-$ROOT/.venv/bin/ecgfm}
+PY=${PY:-$ROOT/.venv/bin/python}
+THREADS=${THREADS:-2}
+#: the labelled evaluation cohort (12-lead, SNOMED codes -> the 26 Challenge-2021 labels); never pretrained on
+EVAL_SETS=${EVAL_SETS:-physionet_challenge_2020_2021}
+#: left out of pretraining too: the evaluation cohort, cpsc2018 (the same recordings as its A* records) and
+#: cpsc2021 (2-lead AF recordings, used by cmsc_pairs.sh)
+HELD_OUT=${HELD_OUT:-"$EVAL_SETS cpsc2018 cpsc2021"}
+SEG=$OUT/data/pretrain-segments
+EVAL_SEG=$OUT/data/eval-segments
+EVAL_LABELS=$OUT/data/eval-records/labels-s00000of00001.parquet
+EVAL_DEMO=$OUT/data/eval-demographics.csv
+
+step() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)" >&2; }
+
+link_sets() {  # link_sets DIR NAME... : a folder of links to the named ../shared/data sets
+    local dir=$1; shift
+    mkdir -p "$dir"
+    for name in "$@"; do ln -sfn "$DATA/$name" "$dir/$name"; done
+}
+
+prepare_data() {
+    # Pretraining segments from every set of $DATA except $HELD_OUT; evaluation segments from $EVAL_SETS.
+    [ -f "$SEG/_done-s00000of00001.json" ] && [ -f "$EVAL_SEG/_done-s00000of00001.json" ] && return 0
+    step "prepare data: $DATA -> $OUT/data"
+    rm -rf "$OUT/data"
+    local keep=()
+    for d in "$DATA"/*/; do
+        d=$(basename "$d")
+        case " $HELD_OUT " in *" $d "*) ;; *) keep+=("$d") ;; esac
+    done
+    link_sets "$OUT/data/in-pretrain" "${keep[@]}"
+    # shellcheck disable=SC2086
+    link_sets "$OUT/data/in-eval" $EVAL_SETS
+    # --fs/--gain: the header-less CinC 2011 CSV files (500 Hz, about 200 units per mV)
+    "$ECGFM" ingest "$OUT"/data/in-pretrain/* -o "$OUT/data/pretrain-records" --fs 500 --gain 200 --workers 2
+    "$ECGFM" segment "$OUT/data/pretrain-records" -o "$SEG" --workers 2
+    "$ECGFM" ingest "$OUT"/data/in-eval/* -o "$OUT/data/eval-records" --workers 2
+    "$ECGFM" segment "$OUT/data/eval-records" -o "$EVAL_SEG" --workers 2
+    demographics
+}
+
+demographics() {  # a second, balanced target: sex (male 0/1) and age (continuous) of the evaluation records
+    "$PY" - "$EVAL_SEG" "$EVAL_DEMO" <<'PYEOF'
+import sys
+from pathlib import Path
+import pyarrow.parquet as pq
+cols = ["record_id", "patient_id", "age", "sex"]
+t = pq.read_table(sorted(Path(sys.argv[1]).glob("segments-*.parquet"))[0], columns=cols).to_pandas()
+t = t.drop_duplicates("record_id")
+t["male"] = t["sex"].map({"M": 1, "F": 0})
+t[["record_id", "patient_id", "male", "age"]].to_csv(sys.argv[2], index=False)
+PYEOF
+}
+
+probe_encoder() {
+    # probe_encoder NAME [embed options...]: record-level (mean-pooled) embeddings of the evaluation cohort,
+    # 5-fold out-of-fold logistic probes for its Challenge-2021 labels, and their metrics in $OUT/eval/NAME.json.
+    # NAME is also the row name; the embed options say which encoder (--model CKPT, or --random-init --preset P).
+    local name=$1; shift
+    mkdir -p "$OUT/emb" "$OUT/probe" "$OUT/eval"
+    if [ -z "${FORCE:-}" ] && [ -f "$OUT/eval/$name.json" ] && [ -f "$OUT/eval/$name.demo.json" ]; then
+        return 0  # probed before (FORCE=1 probes again)
+    fi
+    "$ECGFM" embed "$EVAL_SEG" "$@" --pool record --threads "$THREADS" -o "$OUT/emb/$name.parquet"
+    "$ECGFM" probe "$OUT/emb/$name.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 \
+        -o "$OUT/probe/$name.parquet" 2> "$OUT/probe/$name.log"
+    "$ECGFM" evaluate "$OUT/probe/$name.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 --bootstrap 0 \
+        -o "$OUT/eval/$name.json" > /dev/null 2>> "$OUT/probe/$name.log"
+    [ -f "$EVAL_DEMO" ] || demographics
+    "$ECGFM" probe "$OUT/emb/$name.parquet" --labels "$EVAL_DEMO" --folds 5 -o "$OUT/probe/$name.demo.parquet" \
+        2>> "$OUT/probe/$name.log"
+    "$ECGFM" evaluate "$OUT/probe/$name.demo.parquet" --labels "$EVAL_DEMO" --bootstrap 0 \
+        -o "$OUT/eval/$name.demo.json" > /dev/null 2>> "$OUT/probe/$name.log"
+}
+
+table() {  # table NAME...: one Markdown row per evaluated encoder (AF, macro of the common labels, sex, age)
+    local reports=()
+    for name in "$@"; do reports+=("$OUT/eval/$name.json"); done
+    "$PY" "$ROOT/scripts/experiments/summarize.py" "${reports[@]}"
+}
