@@ -313,8 +313,8 @@ def run_probe(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict[str, 
 # --------------------------------------------------------------------------------------------- out-of-fold
 def stratification_label(labels: LabelTable, record_ids: np.ndarray) -> tuple[str | None, np.ndarray]:
     """The label the folds are stratified on: the binary label with the fewest records of its rarer class among
-    ``record_ids`` (ties: table order), and its per-record classes (0, 1, or 2 = unknown); (None, zeros) when
-    no label is binary."""
+    ``record_ids`` (ties: table order; a label with one class among them is passed over), and its per-record
+    classes (0, 1, or 2 = unknown); (None, zeros) when no label has both classes."""
     lidx = labels.index()
     rows = np.array([lidx[r] for r in record_ids], dtype=np.int64)
     best: tuple[int, str] | None = None
@@ -323,6 +323,8 @@ def stratification_label(labels: LabelTable, record_ids: np.ndarray) -> tuple[st
             continue
         v = labels.values[rows, j]
         rare = int(min((v == 1).sum(), (v == 0).sum()))
+        if rare == 0:  # one class only: stratifying on it would leave the labels that matter to chance
+            continue
         if best is None or rare < best[0]:
             best = (rare, lab)
     if best is None:

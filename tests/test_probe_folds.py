@@ -207,3 +207,17 @@ def test_cli_probe_says_which_labels_are_continuous_and_refuses_12(tmp_path):
     assert "continuous targets" in res.output and "AF (1 to 2" in res.output and "LVEF (" in res.output
     meta = pq.read_schema(tmp_path / "p.parquet").metadata
     assert json.loads(meta[b"ecgfm.label_kinds"]) == {"AF": "continuous", "LVEF": "continuous"}
+
+
+def test_folds_are_not_stratified_on_a_label_without_positives():
+    """A label with no positive record (BBB here) has the fewest records of its rarer class (0): stratifying on it
+    left a fold of a real cohort without any AF record. The folds stratify on the rarest label with both classes."""
+    from ecgfm_cli.labels import LabelTable
+
+    n = 40
+    af = np.zeros(n)
+    af[:5] = 1
+    table = LabelTable(record_ids=np.array([f"r{i}" for i in range(n)], dtype=object), labels=["BBB", "AF"],
+                       values=np.column_stack([np.zeros(n), af]), kinds={"BBB": "binary", "AF": "binary"})
+    name, y = probe_mod.stratification_label(table, table.record_ids)
+    assert name == "AF" and int(y.sum()) == 5
