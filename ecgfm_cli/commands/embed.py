@@ -18,7 +18,7 @@ def embed_command(
     random_init: Annotated[bool, typer.Option("--random-init", help="Embed with a randomly initialised encoder "
                                               "(--preset, --seed) instead of --model: the baseline a probe "
                                               "should beat.")] = False,
-    preset: Annotated[str, typer.Option(help="Encoder size for --random-init: base, large or tiny.")] = "base",
+    preset: Annotated[str, typer.Option(help="Encoder size for --random-init: base, large, small or tiny.")] = "base",
     seed: Annotated[int, typer.Option(help="Seed of the --random-init weights.")] = 0,
     pool: Annotated[str, typer.Option(help="segment: one embedding per segment; record: also average each "
                                       "record's segments (one row per record, segment_index -1).")] = "segment",

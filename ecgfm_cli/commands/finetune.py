@@ -39,7 +39,7 @@ def finetune_command(
                                              rich_help_panel=_DATA)] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Baseline: a randomly initialised encoder of "
                                               "--preset instead of --init.", rich_help_panel=_DATA)] = False,
-    preset: Annotated[str, typer.Option(help="Model size with --random-init: base, large, tiny.",
+    preset: Annotated[str, typer.Option(help="Model size with --random-init: base, large, small, tiny.",
                                         rich_help_panel=_DATA)] = "base",
     label_map: Annotated[str | None, typer.Option("--label-map", help="code,label CSV turning the 'codes' column into "
                                                   "named labels, or a packaged map: challenge2021.",
