@@ -25,6 +25,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CI machine can make OpenMP threads spin-wait."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_main(capsys, *args) -> tuple[int, str]:
     """Run the real ``ecgfm`` entry point in-process: (exit status, stderr)."""
     import sys

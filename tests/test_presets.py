@@ -43,12 +43,7 @@ REFERENCE_TRAIN = {"lr": 5e-5, "lr_schedule": "fixed", "warmup_updates": 0, "war
                    "weight_decay": 0.01, "adam_betas": (0.9, 0.98), "adam_eps": 1e-6, "clip_norm": 0.0, "dropout": None}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args) -> str:

@@ -22,15 +22,7 @@ runner = CliRunner()
 TINY = ("--preset", "tiny", "--batch-size", "8", "--log-every", "1", "--num-negatives", "20")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CI machine can make OpenMP threads spin-wait."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args) -> None:
