@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ecgfm_cli.console import UsageError
+from ecgfm_cli.errors import EcgfmError
 
 app = typer.Typer(
     name="ecgfm",
@@ -89,7 +89,7 @@ def main() -> None:
     prog = "ecgfm " + (sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in commands else "")
     try:
         rc = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
-    except UsageError as e:
+    except EcgfmError as e:
         message = str(e)
         sub = prog.split()[-1] + ": "
         if message.startswith(sub):  # library messages name their command; the prefix here already does

@@ -1,20 +1,12 @@
-"""Talking to the user: one-line errors, summaries and progress bars, all on stderr."""
+"""Talking to the user: summaries and progress bars, all on stderr (errors: :mod:`ecgfm_cli.errors`)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
-
-
-class UsageError(Exception):
-    """A bad input or option: printed as one line, exit status 2, no traceback."""
-
-
-def fail(message: str) -> NoReturn:
-    raise UsageError(message)
 
 
 def info(message: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from ecgfm_cli.errors import EcgfmError
+
 #: The lead order of ECG-FM's input rows (fairseq-signals ``LEAD_ORDER``).
 STANDARD_LEADS: tuple[str, ...] = (
     "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
@@ -95,7 +97,7 @@ def contract_differences(data: Contract, model: Contract) -> list[str]:
     return out
 
 
-class ContractMismatch(ValueError):
+class ContractMismatch(EcgfmError, ValueError):
     pass
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ecgfm_cli.contract import Contract, canonical_lead
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.model.config import EncoderConfig
 from ecgfm_cli.model.encoder import EcgEncoder
 from ecgfm_cli.model.inference import prepare_for_inference
@@ -42,7 +43,7 @@ INPUT_COLUMNS = ["record_id", "patient_id", "segment_index", "signal", "lead_pre
 SHOW = 5
 
 
-class EmbedError(ValueError):
+class EmbedError(EcgfmError, ValueError):
     """Input that cannot be embedded; the message is one line for the user."""
 
 
@@ -494,9 +495,7 @@ PARTS_PER_PROCESS = 1000
 
 def _worker(rank: int, job: _Job) -> None:
     """One process of a fanned-out run: embeds ``job.ranges[rank]`` into shard ``rank`` of ``shard_dir``."""
-    from ecgfm_cli.console import UsageError
     from ecgfm_cli.io.artifacts import ArtifactWriter, Output, atomic_path, write_done_marker
-    from ecgfm_cli.model.checkpoint import CheckpointError
 
     n = len(job.ranges)
     shard = job.shard or (rank, n)
@@ -531,7 +530,7 @@ def _worker(rank: int, job: _Job) -> None:
                                                            "rows": summary.rows, "segments": summary.segments})
         summary.files = [str(f) for f in writer.files]
         result = {"ok": True, **asdict(summary)}
-    except (EmbedError, UsageError, CheckpointError) as e:
+    except EcgfmError as e:
         if writer is not None:
             writer.abort()
         result = {"ok": False, "error": str(e)}

@@ -17,6 +17,7 @@ import numpy as np
 
 from ecgfm_cli import metrics as M
 from ecgfm_cli.console import plural, progress
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.labels import RESERVED_COLUMNS, LabelTable, read_table, string_column, table_metadata
 from ecgfm_cli.splits import check_patient_disjoint, patient_keys
 from ecgfm_cli.stats import bc_interval
@@ -27,7 +28,7 @@ REGRESSION_METRICS = ("mae", "rmse", "r2", "pearson_r")
 REPORT_VERSION = 1
 
 
-class EvaluateError(ValueError):
+class EvaluateError(EcgfmError, ValueError):
     """Inputs that cannot be evaluated; the message says what and how to fix it."""
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ecgfm_cli.errors import EcgfmError
+
 #: The standard 12-lead paper layout: rows of leads, each column 2.5 s of the same (simultaneous) time.
 PAPER_ROWS: tuple[tuple[str, ...], ...] = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"),
                                            ("III", "aVF", "V3", "V6"))
@@ -39,7 +41,7 @@ TRACE_COLOR = "black"
 FORMATS = ("png", "svg", "pdf")
 
 
-class ExplainError(ValueError):
+class ExplainError(EcgfmError, ValueError):
     """Input ``explain`` cannot draw; the message is one line for the user."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ecgfm_cli.errors import EcgfmError
+
 #: Raw feature names, in embedding order (then one ``<name>_missing`` 0/1 column each).
 FEATURES: tuple[str, ...] = ("heart_rate_bpm", "rr_cv", "rmssd_rel", "pnn50", "qrs_ms", "pr_ms", "qt_ms")
 
@@ -43,7 +45,7 @@ INTERVAL_RANGE_MS: dict[str, tuple[float, float]] = {"qrs_ms": (40.0, 250.0), "p
 INSTALL_HINT = "pip install 'ecgfm-cli[features]' (or pip install neurokit2)"
 
 
-class FeaturesError(ValueError):
+class FeaturesError(EcgfmError, ValueError):
     """Input the features embedder cannot use; the message is one line for the user."""
 
 

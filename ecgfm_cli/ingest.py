@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ecgfm_cli.console import count_summary, fail, info, plural, progress
+from ecgfm_cli.console import count_summary, info, plural, progress
 from ecgfm_cli.deid import Deidentifier, DeidPolicy
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import (
     ArtifactWriter,
     Output,
@@ -69,9 +70,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(p) for p in text.split("/"))
     except ValueError:
-        fail(f"--shard {text!r}: expected I/N, e.g. 0/8 (shards are numbered 0..N-1)")
+        raise EcgfmError(f"--shard {text!r}: expected I/N, e.g. 0/8 (shards are numbered 0..N-1)") from None
     if not (n >= 1 and 0 <= i < n):
-        fail(f"--shard {text!r}: need 0 <= I < N")
+        raise EcgfmError(f"--shard {text!r}: need 0 <= I < N")
     return i, n
 
 
@@ -85,7 +86,7 @@ def parse_max_samples(text: str) -> int | None:
     except ValueError:
         n = -1
     if n < 0:
-        fail(f"--max-samples {text!r}: expected a number of samples per lead (0 or none: no bound)")
+        raise EcgfmError(f"--max-samples {text!r}: expected a number of samples per lead (0 or none: no bound)")
     return n
 
 
@@ -139,7 +140,7 @@ def run_ingest(paths: Sequence[Path], output: Output, opts: IngestOptions) -> In
     """Read every record under ``paths`` into ``output``; see docs/commands/ingest.md."""
     for p in paths:
         if not p.exists():
-            fail(f"ingest: {p} does not exist")
+            raise EcgfmError(f"ingest: {p} does not exist")
     summary = IngestSummary()
     if not start_shard(output, opts.shard, "ingest", "records"):
         summary.skipped_shard = True
@@ -289,8 +290,8 @@ def check_user_labels(csv_path: Path) -> tuple[pa.Table, str]:
     user = read_user_table(csv_path)
     key = next((k for k in ("record_id", "study_id", "exam_id") if k in user.column_names), None)
     if key is None:
-        fail(f"--labels {csv_path}: needs a record_id (or study_id / exam_id) column; it has "
-             f"{', '.join(user.column_names[:10])}")
+        raise EcgfmError(f"--labels {csv_path}: needs a record_id (or study_id / exam_id) column; it has "
+                         f"{', '.join(user.column_names[:10])}")
     return user, key
 
 
@@ -378,12 +379,9 @@ def align_label_keys(user: pa.Table, key: str, record_ids: Sequence[str], csv_pa
 
 def read_user_table(path: Path) -> pa.Table:
     """A user's CSV (gzip allowed) or Parquet table (one clear error when it cannot be read)."""
-    from ecgfm_cli.labels import LabelError, read_table
+    from ecgfm_cli.labels import read_table
 
-    try:
-        return read_table(path)
-    except LabelError as e:
-        fail(str(e))
+    return read_table(path)
 
 
 def report(summary: IngestSummary, output: Output, rejects_path: Path | None = None) -> str:

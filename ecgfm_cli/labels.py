@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.splits import SPLITS
 
 #: Columns of a labels table that are never labels.
@@ -34,7 +35,7 @@ PACKAGED_LABEL_MAPS = {"challenge2021": "challenge2021_scored.csv"}
 SCHEMA_VERSION = 1
 
 
-class LabelError(ValueError):
+class LabelError(EcgfmError, ValueError):
     """A labels table or label map that cannot be used; the message says what and how to fix it."""
 
 

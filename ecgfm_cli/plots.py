@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from ecgfm_cli.errors import EcgfmError
+
 PLOTS_HINT = "pip install ecgfm-cli[plots]"
 
 
-class PlotsUnavailable(RuntimeError):
+class PlotsUnavailable(EcgfmError, RuntimeError):
     """matplotlib is not installed."""
 
 
@@ -31,21 +33,20 @@ def require_matplotlib() -> None:
 def check_plots_dir(path: Path) -> None:
     """Fail (one line) unless ``path`` may be replaced whole by a plots directory: it does not exist, is an empty
     directory, or holds only an earlier evaluation's plots (``provenance.json`` and ``<level>/<label>.png``)."""
-    from ecgfm_cli.console import fail
     from ecgfm_cli.io.artifacts import check_writable_dir
 
     check_writable_dir(path.parent, f"--plots {path}")
     if not path.exists():
         return
     if not path.is_dir():
-        fail(f"--plots {path}: exists and is not a directory")
+        raise EcgfmError(f"--plots {path}: exists and is not a directory")
     entries = [p for p in path.rglob("*") if not p.is_dir()]
     plots_only = (path / "provenance.json").is_file() and all(
         p.name == "provenance.json" and p.parent == path or p.suffix == ".png" and p.parent.parent == path
         for p in entries)
     if entries and not plots_only:
-        fail(f"--plots {path}: the directory holds files that are not an earlier `ecgfm evaluate --plots` output, "
-             "and it is replaced whole; choose a new or empty directory")
+        raise EcgfmError(f"--plots {path}: the directory holds files that are not an earlier `ecgfm evaluate "
+                         "--plots` output, and it is replaced whole; choose a new or empty directory")
 
 
 def safe_name(label: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.labels import LabelError, LabelTable, read_table, string_column, table_metadata
 from ecgfm_cli.splits import (
     SPLITS,
@@ -42,7 +43,7 @@ DEFAULT_C_GRID = tuple(10.0**k for k in range(-4, 3))
 DEFAULT_ALPHA_GRID = tuple(10.0**k for k in range(-3, 5))
 
 
-class ProbeError(ValueError):
+class ProbeError(EcgfmError, ValueError):
     """Inputs that cannot be probed; the message says what and how to fix it."""
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ecgfm_cli.console import count_summary, fail, plural, progress
+from ecgfm_cli.console import count_summary, plural, progress
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.ingest import label_codes, widen_stdout_pipe
 from ecgfm_cli.io.artifacts import (
     ArtifactReader,
@@ -232,7 +233,7 @@ def input_labels(path: str) -> pa.Table | None:
     try:
         table = read_table(where, kinds=("labels",))
     except LabelError as e:
-        fail(f"segment: the labels table beside the records cannot be read: {e}")
+        raise EcgfmError(f"segment: the labels table beside the records cannot be read: {e}") from e
     return table if "record_id" in table.column_names else None
 
 

@@ -287,7 +287,7 @@ def test_stream_of_another_shape_is_one_line(tmp_path):
 def test_unsafe_trainer_state_is_one_line(tmp_path):
     import torch
 
-    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.train.pretrain import STATE_FILE, load_trainer_state
 
     class Evil:
@@ -295,14 +295,14 @@ def test_unsafe_trainer_state_is_one_line(tmp_path):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
     torch.save({"update": 1, "evil": Evil()}, tmp_path / STATE_FILE)
-    with pytest.raises(UsageError, match=r"is not a safe trainer state.*unsupported GLOBAL \S*system"):
+    with pytest.raises(EcgfmError, match=r"is not a safe trainer state.*unsupported GLOBAL \S*system"):
         load_trainer_state(tmp_path)
     assert not (tmp_path / "ran").exists()
     (tmp_path / STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(UsageError, match="is not a readable trainer state"):
+    with pytest.raises(EcgfmError, match="is not a readable trainer state"):
         load_trainer_state(tmp_path)
     torch.save({"update": 1}, tmp_path / STATE_FILE)
-    with pytest.raises(UsageError, match="lacks data, optimizer, rng"):
+    with pytest.raises(EcgfmError, match="lacks data, optimizer, rng"):
         load_trainer_state(tmp_path)
 
 
@@ -310,20 +310,20 @@ def test_label_tables_of_an_incomplete_directory_or_a_cut_stream_are_refused(sam
     """`probe`/`finetune --labels DIR` and `--labels -` read through labels.read_table: the same refusals."""
     import io
 
-    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.labels import read_table
 
     rec = tmp_path / "rec"
     assert run_cli("ingest", sample_data / "challenge2021", "-o", rec).returncode == 0
     assert read_table(rec, kinds=("labels",)).num_rows == n_records(sample_data / "challenge2021")
     (rec / "_done-s00000of00001.json").unlink()
-    with pytest.raises(UsageError, match="is incomplete: shard 0/1 was interrupted"):
+    with pytest.raises(EcgfmError, match="is incomplete: shard 0/1 was interrupted"):
         read_table(rec, kinds=("labels",))
     sink = io.BytesIO()
     writer = pa.ipc.new_stream(sink, pa.schema([("record_id", pa.string())]))
     writer.write_table(pa.table({"record_id": ["a"]}))  # no close(): no end-of-stream marker
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(sink.getvalue()))))
-    with pytest.raises(UsageError, match="without its end-of-stream marker"):
+    with pytest.raises(EcgfmError, match="without its end-of-stream marker"):
         read_table("-")
 
 

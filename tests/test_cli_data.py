@@ -285,7 +285,7 @@ def test_interrupted_stream_fails_downstream(tmp_path, monkeypatch):
     taking the rows so far for the whole input."""
     import io
 
-    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.io.artifacts import ArtifactWriter, Output
     from ecgfm_cli.io.schema import REJECTS
 
@@ -297,7 +297,7 @@ def test_interrupted_stream_fails_downstream(tmp_path, monkeypatch):
     w.abort()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(buf.getvalue()))))
     reader = open_artifact("-", "rejects", "test")
-    with pytest.raises(UsageError, match="stops mid-way"):
+    with pytest.raises(EcgfmError, match="stops mid-way"):
         reader.read_all()
 
 

@@ -143,7 +143,7 @@ def test_cli_with_two_processes(tmp_path: Path, sample_data: Path) -> None:
 
 def test_device_options_resolve_the_same_for_every_training_command(monkeypatch) -> None:
     """--device / --gpus / --procs: one rule for pretrain and finetune, each impossible combination one line."""
-    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.train.distributed import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -152,16 +152,16 @@ def test_device_options_resolve_the_same_for_every_training_command(monkeypatch)
     no_cuda = "CUDA is not available"
     for args, message in [(("auto", 1, 2), "not both"), (("cpu", 2, None), "use --procs"),
                           (("cuda", None, None), no_cuda), (("auto", 1, None), no_cuda)]:
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(EcgfmError, match=message):
             resolve_device(*args)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto", None, None) == ("cuda", 1)
     assert resolve_device("auto", 2, None) == ("cuda", 2)
     assert resolve_device("auto", None, 2) == ("cpu", 2)  # --procs: CPU processes even with a GPU
-    with pytest.raises(UsageError, match="only 2 GPU"):
+    with pytest.raises(EcgfmError, match="only 2 GPU"):
         resolve_device("auto", 4, None)
-    with pytest.raises(UsageError, match="--procs runs CPU processes"):
+    with pytest.raises(EcgfmError, match="--procs runs CPU processes"):
         resolve_device("cuda", None, 2)
 
 
@@ -307,7 +307,7 @@ def test_torchrun_two_nodes_equal_one_node_and_resume(node_segments, one_node_lo
 
 
 def test_a_lost_peer_is_one_line_and_the_timeout_is_settable(monkeypatch) -> None:
-    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.train import distributed
 
     monkeypatch.delenv("ECGFM_DIST_TIMEOUT", raising=False)
@@ -316,7 +316,7 @@ def test_a_lost_peer_is_one_line_and_the_timeout_is_settable(monkeypatch) -> Non
     assert distributed.dist_timeout() == 42.5
     for bad in ("0", "-3", "soon"):
         monkeypatch.setenv("ECGFM_DIST_TIMEOUT", bad)
-        with pytest.raises(UsageError, match="ECGFM_DIST_TIMEOUT"):
+        with pytest.raises(EcgfmError, match="ECGFM_DIST_TIMEOUT"):
             distributed.dist_timeout()
     monkeypatch.setenv("ECGFM_DIST_TIMEOUT", "30")
     monkeypatch.setenv("RANK", "3")
@@ -330,7 +330,7 @@ def test_a_lost_peer_is_one_line_and_the_timeout_is_settable(monkeypatch) -> Non
     def dies() -> None:
         raise closed
 
-    with pytest.raises(UsageError, match="rank 3 of 8 lost"):
+    with pytest.raises(EcgfmError, match="rank 3 of 8 lost"):
         distributed._guarded(dies, ())
     assert distributed.peer_failure(RuntimeError("shape mismatch")) is None  # a bug keeps its traceback
     with pytest.raises(RuntimeError, match="shape mismatch"):
@@ -345,10 +345,10 @@ def _killed_rank(seconds: float) -> None:
 
 
 def test_a_killed_local_rank_is_one_line() -> None:
-    from ecgfm_cli.console import UsageError
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.train.distributed import launch
 
     t0 = time.monotonic()
-    with pytest.raises(UsageError, match="rank 1 of 2 was killed by SIGKILL") as e:
+    with pytest.raises(EcgfmError, match="rank 1 of 2 was killed by SIGKILL") as e:
         launch(_killed_rank, (60.0,), nprocs=2)
     assert "\n" not in str(e.value) and time.monotonic() - t0 < 50  # the other rank was stopped, not waited for

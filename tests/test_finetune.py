@@ -15,8 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
-from ecgfm_cli.console import UsageError
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.model.checkpoint import build_classifier, load_checkpoint, make_config, save_checkpoint
 from ecgfm_cli.model.config import preset
 from ecgfm_cli.model.encoder import EcgEncoder
@@ -132,7 +132,7 @@ def test_continuous_target_leads_and_overwrite(data: dict[str, Path], tmp_path: 
     run = tmp_path / "run"
     run.mkdir()
     (run / "old.txt").write_text("an earlier run")
-    with pytest.raises(UsageError, match="not empty"):
+    with pytest.raises(EcgfmError, match="not empty"):
         runner.invoke(app, ["finetune", str(data["segments"]), "-l", str(tmp_path / "age.csv"), "--random-init",
                             "--preset", "tiny", "-o", str(run)], catch_exceptions=False)
     invoke("finetune", data["segments"], "-l", tmp_path / "age.csv", "--random-init", "--preset", "tiny",
@@ -179,9 +179,9 @@ def test_bad_inputs_refused_before_training(data: dict[str, Path], tmp_path: Pat
         ([], "--init CHECKPOINT"),
     ]
     for extra, pattern in cases:
-        with pytest.raises(UsageError, match=pattern):
+        with pytest.raises(EcgfmError, match=pattern):
             runner.invoke(app, [*base, *extra, "-o", str(tmp_path / "run")], catch_exceptions=False)
-    with pytest.raises(UsageError, match="segments"):
+    with pytest.raises(EcgfmError, match="segments"):
         runner.invoke(app, ["finetune", str(data["records"]), "-l", str(data["segments"]), "--label-map",
                             str(data["map"]), "--random-init", "--preset", "tiny", "-o", str(tmp_path / "run")],
                       catch_exceptions=False)

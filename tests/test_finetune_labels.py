@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
-from ecgfm_cli.console import UsageError
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.train.finetune import FinetuneOptions, prepare
 
 
@@ -40,7 +40,7 @@ def _opts(segments: Path, labels: Path, out: Path, **kw) -> FinetuneOptions:
 
 def test_two_valued_label_refused_then_continuous_on_request(segments, tmp_path):
     labels = _labels(segments, tmp_path / "l.csv", (1, 2))
-    with pytest.raises(UsageError, match=r"'sex' \(1/2\).*--continuous sex"):
+    with pytest.raises(EcgfmError, match=r"'sex' \(1/2\).*--continuous sex"):
         prepare(_opts(segments, labels, tmp_path / "run"))
     prep = prepare(_opts(segments, labels, tmp_path / "run", continuous=("sex",)))
     assert prep.kinds == {"sex": "continuous", "age": "continuous"}

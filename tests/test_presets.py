@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
-from ecgfm_cli.console import UsageError
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig
 from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer
 from ecgfm_cli.model.quantizer import GumbelVectorQuantizer
@@ -186,9 +186,9 @@ def test_small_preset_from_the_cli(segments: Path, tmp_path: Path) -> None:
     assert info["recipe"] == "small" and info["encoder"]["embed_dim"] == 128 and info["encoder"]["dropout"] == 0.0
     assert info["options"]["lr"] == 3e-4 and info["options"]["lr_schedule"] == "cosine"
     assert info["options"]["pretrain"]["latent_vars"] == 64 and info["schedule"]["by"] == "updates"
-    with pytest.raises(UsageError, match="--latent-temp '2,0.5,soon'"):
+    with pytest.raises(EcgfmError, match="--latent-temp '2,0.5,soon'"):
         runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", tmp_path / "r2", *TINY,
                                               "--latent-temp", "2,0.5,soon")], catch_exceptions=False)
-    with pytest.raises(UsageError, match="give one"):
+    with pytest.raises(EcgfmError, match="give one"):
         runner.invoke(app, [str(a) for a in ("pretrain", segments, "-o", tmp_path / "r3", *TINY, "--warmup-updates",
                                               "3", "--warmup-fraction", "0.1")], catch_exceptions=False)

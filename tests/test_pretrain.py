@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
-from ecgfm_cli.console import UsageError
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.train.pretrain import lr_at
 from ecgfm_cli.train.runs import read_log
 
@@ -224,7 +224,7 @@ def test_non_finite_loss_stops_with_one_line(segments: Path, tmp_path: Path, cap
 
 def test_bad_input_fails_before_training(segments: Path, tmp_path: Path, sample_data: Path) -> None:
     def fails(*args, match: str) -> None:
-        with pytest.raises(UsageError, match=match):
+        with pytest.raises(EcgfmError, match=match):
             runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     empty = tmp_path / "empty"

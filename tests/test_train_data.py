@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ecgfm_cli.console import UsageError
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import ArtifactWriter, Output, write_done_marker
 from ecgfm_cli.io.schema import segments_schema
 from ecgfm_cli.train.data import (
@@ -201,22 +201,22 @@ def test_float16_segments_become_float32(tmp_path: Path) -> None:
 def test_refuses_contract_mismatch_and_non_segments(tmp_path: Path, sample_data: Path) -> None:
     path = make_segments(tmp_path / "seg", [2, 2], contract=Contract(sample_rate=250, window=1250, stride=1250),
                          window=1250)
-    with pytest.raises(UsageError, match="sample_rate.*250.*500") as e:
+    with pytest.raises(EcgfmError, match="sample_rate.*250.*500") as e:
         open_segments(path, Contract())
     assert "window" in str(e.value)
     rec = tmp_path / "records.parquet"
     from ecgfm_cli.io.artifacts import write_table
 
     write_table(pa.table({"record_id": ["a"]}), rec, "records")
-    with pytest.raises(UsageError, match="holds records, not segments"):
+    with pytest.raises(EcgfmError, match="holds records, not segments"):
         open_segments(rec)
     empty = make_segments(tmp_path / "empty", [])
-    with pytest.raises(UsageError, match="no segments"):
+    with pytest.raises(EcgfmError, match="no segments"):
         open_segments(empty)
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(UsageError, match="no segments files"):
+    with pytest.raises(EcgfmError, match="no segments files"):
         open_segments(tmp_path / "nothing")
-    with pytest.raises(UsageError, match="stdin"):
+    with pytest.raises(EcgfmError, match="stdin"):
         open_segments("-")
 
 
@@ -256,7 +256,7 @@ def test_unreadable_shard_and_null_signals_are_refused(tmp_path: Path) -> None:
 
     bad = shard.with_name(shard.name.replace("p00000", "p00001"))
     bad.write_bytes(b"PAR1 not a parquet file")
-    with pytest.raises(UsageError, match=f"cannot read {bad}"):
+    with pytest.raises(EcgfmError, match=f"cannot read {bad}"):
         open_segments(path)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ecgfm_cli.console import fail, info, plural
+from ecgfm_cli.console import info, plural
+from ecgfm_cli.errors import EcgfmError
 
 
 def embed_features(out, output: str, input: str, kind: str, model: str | None, random_init: bool, pool: str,
@@ -12,7 +13,6 @@ def embed_features(out, output: str, input: str, kind: str, model: str | None, r
     """Check the options of a features run, compute the features and say what was written."""
     from ecgfm_cli.contract import STANDARD_LEADS, canonical_lead
     from ecgfm_cli.features import (
-        FeaturesError,
         embedding_names,
         features_meta,
         lead_order,
@@ -24,30 +24,27 @@ def embed_features(out, output: str, input: str, kind: str, model: str | None, r
     from ecgfm_cli.provenance import build_provenance
 
     if kind != "rhythm":
-        fail(f"--features {kind!r}: expected rhythm")
+        raise EcgfmError(f"--features {kind!r}: expected rhythm")
     if model is not None or random_init:
-        fail("--features computes features without a model: leave out --model/--random-init")
+        raise EcgfmError("--features computes features without a model: leave out --model/--random-init")
     if gpus:
-        fail("--features runs on CPU: use --procs N for several processes, not --gpus")
+        raise EcgfmError("--features runs on CPU: use --procs N for several processes, not --gpus")
     if pool not in ("segment", "record"):
-        fail(f"--pool {pool!r}: expected segment or record")
+        raise EcgfmError(f"--pool {pool!r}: expected segment or record")
     if nan not in ("refuse", "skip"):
-        fail(f"--nan {nan!r}: expected refuse or skip")
+        raise EcgfmError(f"--nan {nan!r}: expected refuse or skip")
     if input == "-" and procs > 1:
-        fail("--procs needs a file or directory input, not stdin")
-    try:
-        version = require_neurokit()
-    except FeaturesError as e:
-        fail(str(e))
+        raise EcgfmError("--procs needs a file or directory input, not stdin")
+    version = require_neurokit()
     reader = open_artifact(input, "segments", "embed")
     missing = [c for c in ("record_id", "patient_id", "segment_index", "signal", "lead_present")
                if c not in reader.schema.names]
     if missing:
-        fail(f"{input}: not a segments artifact: no column(s) {', '.join(missing)}")
+        raise EcgfmError(f"{input}: not a segments artifact: no column(s) {', '.join(missing)}")
     try:
         contract = segments_contract(reader.metadata)
     except (ValueError, TypeError) as e:
-        fail(f"{input}: unreadable ecgfm.contract metadata ({e})")
+        raise EcgfmError(f"{input}: unreadable ecgfm.contract metadata ({e})") from e
     n_leads = reader.schema.field("lead_present").type.list_size
     if contract is not None:
         names, fs = list(contract.leads), float(contract.sample_rate)
@@ -56,22 +53,23 @@ def embed_features(out, output: str, input: str, kind: str, model: str | None, r
         info("embed: warning: the segments carry no ecgfm.contract metadata; assuming the standard 12-lead order "
              "at 500 Hz")
     else:
-        fail(f"{input}: no ecgfm.contract metadata and {n_leads} leads: the lead order and sampling rate are unknown")
+        raise EcgfmError(f"{input}: no ecgfm.contract metadata and {n_leads} leads: the lead order and sampling rate "
+                         "are unknown")
     if len(names) != n_leads:
-        fail(f"{input}: the contract names {len(names)} leads but the segments hold {n_leads}")
+        raise EcgfmError(f"{input}: the contract names {len(names)} leads but the segments hold {n_leads}")
     preferred = None
     if leads is not None:
         preferred = []
         for item in (s.strip() for s in leads.split(",")):
             lead = canonical_lead(item) if item else None
             if item and (lead is None or lead not in names):
-                fail(f"--leads: {item!r} is not one of the segments' leads ({', '.join(names)})")
+                raise EcgfmError(f"--leads: {item!r} is not one of the segments' leads ({', '.join(names)})")
             if lead:
                 preferred.append(lead)
         if not preferred:
-            fail("--leads: give at least one lead, e.g. --leads II")
+            raise EcgfmError("--leads: give at least one lead, e.g. --leads II")
     if reader.num_rows() == 0:
-        fail(f"{input}: the input holds no segments")
+        raise EcgfmError(f"{input}: the input holds no segments")
     tried = [names[c] for c in lead_order(names, preferred)]
     settings = {"features": kind, "pool": pool, "leads": preferred, "nan": nan, "procs": procs}
     meta = {
@@ -82,10 +80,7 @@ def embed_features(out, output: str, input: str, kind: str, model: str | None, r
         "pool": pool,
         "features": embedding_names(),
     }
-    try:
-        summary = run_features(reader, out, meta, names, fs, preferred=preferred, pool=pool, nan=nan, procs=procs)
-    except FeaturesError as e:
-        fail(str(e))
+    summary = run_features(reader, out, meta, names, fs, preferred=preferred, pool=pool, nan=nan, procs=procs)
     what = "records" if pool == "record" else "segments"
     rate = summary.segments / summary.seconds if summary.seconds > 0 else float("nan")
     msg = (f"embed: {summary.rows} {what} x {summary.dim} rhythm features -> {output} ({summary.segments} segments "

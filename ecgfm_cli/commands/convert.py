@@ -73,32 +73,31 @@ def convert_command(
 ) -> None:
     """Convert an official ECG-FM checkpoint into ecgfm's own format (safetensors + config.json with the
     encoder config, preprocessing contract, label names and the source file's sha256)."""
-    from ecgfm_cli.console import fail, info
+    from ecgfm_cli.console import info
+    from ecgfm_cli.errors import EcgfmError
 
     if not checkpoint.exists():
-        fail(f"{checkpoint}: no such file")
+        raise EcgfmError(f"{checkpoint}: no such file")
     if output.exists() and not output.is_dir():
-        fail(f"-o {output}: exists and is not a directory")
+        raise EcgfmError(f"-o {output}: exists and is not a directory")
     names = resolve_labels(labels) if labels is not None else None
     if labels is not None and not names:
-        fail(f"--labels {labels!r}: no label names found")
+        raise EcgfmError(f"--labels {labels!r}: no label names found")
 
-    from ecgfm_cli.model.checkpoint import CheckpointError, convert_fairseq, load_checkpoint
+    from ecgfm_cli.model.checkpoint import convert_fairseq, load_checkpoint
 
     try:
         if names is not None:
             probe = load_checkpoint(checkpoint, allow_pickle=unsafe_pickle)
             if probe.kind != "classifier":
-                fail(f"--labels: {checkpoint} is a {probe.kind} checkpoint, not a finetuned classifier")
+                raise EcgfmError(f"--labels: {checkpoint} is a {probe.kind} checkpoint, not a finetuned classifier")
             n = int(probe.state_dict["proj.weight"].shape[0])
             if n != len(names):
-                fail(f"--labels: {len(names)} names given, but the classifier has {n} outputs")
+                raise EcgfmError(f"--labels: {len(names)} names given, but the classifier has {n} outputs")
             del probe
         loaded = convert_fairseq(checkpoint, output, allow_pickle=unsafe_pickle, labels=names)
-    except CheckpointError as e:
-        fail(str(e))
     except FileExistsError as e:
-        fail(str(e))
+        raise EcgfmError(str(e)) from e
     cfg = loaded.encoder_config
     what = f"{loaded.kind}, {cfg.layers} layers x {cfg.embed_dim}"
     if loaded.kind == "classifier":

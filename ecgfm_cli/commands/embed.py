@@ -50,7 +50,7 @@ def embed_command(
 ) -> None:
     """One mean-pooled embedding (768-d for the base model) per 5 s segment, keyed by record_id,
     patient_id and segment_index, as ECG-FM's linear-probing features."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.io.artifacts import resolve_output
 
     out = resolve_output(output, ("dir", "parquet", "npz"), "embed")
@@ -59,10 +59,10 @@ def embed_command(
     shard_t = parse_shard(shard)
     if shard_t[1] > 1:
         if out.format != "dir" or input == "-":
-            fail("--shard splits a segments file or directory among jobs: give it as input (not stdin) and -o DIR "
-                 "(each shard writes its own files there)")
+            raise EcgfmError("--shard splits a segments file or directory among jobs: give it as input (not stdin) "
+                             "and -o DIR (each shard writes its own files there)")
         if features is not None:
-            fail("--shard with --features: rhythm features are computed in one job; leave --shard out")
+            raise EcgfmError("--shard with --features: rhythm features are computed in one job; leave --shard out")
         from ecgfm_cli.io.artifacts import done_marker
 
         marker = done_marker(out.path, shard_t)
@@ -78,50 +78,47 @@ def embed_command(
         embed_features(out, output, input, features, model, random_init, pool, leads, nan, procs, gpus)
         return
     if (model is None) == (not random_init):
-        fail("give exactly one of --model CKPT and --random-init")
+        raise EcgfmError("give exactly one of --model CKPT and --random-init")
     if pool not in ("segment", "record"):
-        fail(f"--pool {pool!r}: expected segment or record")
+        raise EcgfmError(f"--pool {pool!r}: expected segment or record")
     if nan not in ("refuse", "skip"):
-        fail(f"--nan {nan!r}: expected refuse or skip")
+        raise EcgfmError(f"--nan {nan!r}: expected refuse or skip")
     if dtype not in ("float32", "bfloat16"):
-        fail(f"--dtype {dtype!r}: expected float32 or bfloat16")
+        raise EcgfmError(f"--dtype {dtype!r}: expected float32 or bfloat16")
     if gpus and procs > 1:
-        fail("give --gpus or --procs, not both")
+        raise EcgfmError("give --gpus or --procs, not both")
     if input == "-" and (gpus > 1 or procs > 1):
-        fail("--gpus/--procs need a file or directory input, not stdin")
+        raise EcgfmError("--gpus/--procs need a file or directory input, not stdin")
 
     import torch
 
-    from ecgfm_cli.embed import EmbedError, EmbedOptions, ModelSpec, check_input, load_model, parse_leads, run_embed
+    from ecgfm_cli.embed import EmbedOptions, ModelSpec, check_input, load_model, parse_leads, run_embed
     from ecgfm_cli.io.artifacts import open_artifact
     from ecgfm_cli.model.checkpoint import CheckpointError
     from ecgfm_cli.model.config import PRESETS
     from ecgfm_cli.provenance import build_provenance
 
     if random_init and preset not in PRESETS:
-        fail(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        raise EcgfmError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     if procs > 1 and device is not None and device.startswith("cuda"):
-        fail("--procs runs CPU processes; use --gpus N for several GPUs")
+        raise EcgfmError("--procs runs CPU processes; use --gpus N for several GPUs")
     device = device or ("cuda" if gpus or (procs <= 1 and torch.cuda.is_available()) else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        fail(f"--device {device!r}: expected cpu or cuda")
+        raise EcgfmError(f"--device {device!r}: expected cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA GPU is available (use --device cpu)")
+        raise EcgfmError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
     if gpus and gpus > torch.cuda.device_count():
-        fail(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+        raise EcgfmError(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible")
 
     spec = ModelSpec(checkpoint=model, allow_pickle=unsafe_pickle, preset=preset if random_init else None,
                      seed=seed)
     try:
         loaded = load_model(spec)
     except CheckpointError as e:
-        fail(f"--model: {e}")
+        raise EcgfmError(f"--model: {e}") from e
     reader = open_artifact(input, "segments", "embed")
-    try:
-        warnings = check_input(reader.schema, reader.metadata, loaded)
-        lead_names, _ = parse_leads(leads, loaded.contract)
-    except EmbedError as e:
-        fail(str(e))
+    warnings = check_input(reader.schema, reader.metadata, loaded)
+    lead_names, _ = parse_leads(leads, loaded.contract)
     from ecgfm_cli.console import info
 
     trained_on = (loaded.meta.get("source") or {}).get("input_leads")
@@ -131,7 +128,7 @@ def embed_command(
     for w in warnings:
         info(f"embed: warning: {w}")
     if reader.num_rows() == 0:
-        fail(f"{input}: the input holds no segments")
+        raise EcgfmError(f"{input}: the input holds no segments")
 
     opts = EmbedOptions(batch_size=batch_size, device=device, dtype=dtype, pool=pool, leads=leads, nan=nan,
                         threads=threads)
@@ -155,18 +152,14 @@ def embed_command(
         from ecgfm_cli.io.artifacts import check_output_kind, start_shard
 
         check_output_kind(out.path, "embeddings", "embed")
-        try:  # before the shard is locked: a refused job leaves nothing behind
-            check_sibling_shards(out.path, shard_t, reader.num_rows() or 0, meta,
-                                 batch_size if pool == "segment" else None)
-        except EmbedError as e:
-            fail(str(e))
+        # before the shard is locked: a refused job leaves nothing behind
+        check_sibling_shards(out.path, shard_t, reader.num_rows() or 0, meta,
+                             batch_size if pool == "segment" else None)
         if not start_shard(out, shard_t, "embed", "embeddings"):
             return
-    try:  # a shard run holds its shard's lock since start_shard; one run of the whole output locks all of it
-        with output_lock(out, shard_t if shard_t[1] > 1 else None, "embed", "embeddings"):
-            summary = run_embed(input, reader, out, spec, loaded, opts, meta, gpus=gpus, procs=procs, shard=shard_t)
-    except EmbedError as e:
-        fail(str(e))
+    # a shard run holds its shard's lock since start_shard; one run of the whole output locks all of it
+    with output_lock(out, shard_t if shard_t[1] > 1 else None, "embed", "embeddings"):
+        summary = run_embed(input, reader, out, spec, loaded, opts, meta, gpus=gpus, procs=procs, shard=shard_t)
     what = "records" if pool == "record" else "segments"
     part = f" (shard {shard_t[0]}/{shard_t[1]})" if shard_t[1] > 1 else ""
     msg = f"embed: {summary.rows} {what} x {summary.dim} -> {output}{part}"

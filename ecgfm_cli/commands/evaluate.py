@@ -85,10 +85,9 @@ def evaluate_command(
     """Evaluate predictions against labels on the test split: AUROC, AUPRC, sensitivity, specificity, PPV, F1,
     calibration (and MAE/RMSE/R²/r for continuous targets) with patient-level bootstrap CIs; paired comparison
     with a baseline, subgroups, decision curves and operating points."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.evaluate import (
         EvalConfig,
-        EvaluateError,
         build_report,
         compare,
         evaluate,
@@ -98,14 +97,14 @@ def evaluate_command(
         subgroup_columns,
     )
     from ecgfm_cli.io.artifacts import atomic_path, atomic_write_text, check_writable_dir
-    from ecgfm_cli.labels import LabelError, load_aggregate_rules, load_labels, resolve_aggregation
+    from ecgfm_cli.labels import load_aggregate_rules, load_labels, resolve_aggregation
     from ecgfm_cli.metrics import ECE_BINS
     from ecgfm_cli.provenance import build_provenance
 
     if output is not None and output.suffix.lower() not in (".json", ".md", ".csv"):
-        fail(f"-o {output}: the report format comes from the extension; use .json, .md or .csv")
+        raise EcgfmError(f"-o {output}: the report format comes from the extension; use .json, .md or .csv")
     if report is not None and report.suffix.lower() not in (".html", ".htm", ".md"):
-        fail(f"--report {report}: use .html (self-contained, plots embedded) or .md")
+        raise EcgfmError(f"--report {report}: use .html (self-contained, plots embedded) or .md")
     if bootstrap < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--bootstrap")
     for value, name in ((min_positives, "--min-positives"), (min_subgroup, "--min-subgroup")):
@@ -134,11 +133,11 @@ def evaluate_command(
         try:
             require_matplotlib()
         except PlotsUnavailable as e:
-            fail(str(e) if plots is not None else str(e).replace("--plots", "--report .html"))
+            raise EcgfmError(str(e) if plots is not None else str(e).replace("--plots", "--report .html")) from e
     for p, what in ((predictions, "PREDICTIONS"), (labels, "--labels"), (baseline, "--baseline"),
                     (aggregate_rules, "--aggregate-rules"), *((r, "--records") for r in records or [])):
         if p is not None and not p.exists():
-            fail(f"{what} {p}: no such file or directory")
+            raise EcgfmError(f"{what} {p}: no such file or directory")
     for path, what in ((output, "-o"), (report, "--report")):
         if path is not None:
             check_writable_dir(path.parent, f"{what} {path}")
@@ -149,30 +148,27 @@ def evaluate_command(
         typer.echo(f"ecgfm evaluate: {msg}", err=True)
 
     base_body, base_curves, bpreds, comparison, sources = None, None, None, None, None
-    try:
-        table = load_labels(labels, label_map)
-        preds = load_predictions(predictions)
-        rules = load_aggregate_rules(aggregate_rules) if aggregate_rules else None
-        methods = (resolve_aggregation(preds.labels, aggregate.value, rules, table.label_map)
-                   if aggregate is not None else {})
-        cfg = EvalConfig(eval_split=eval_split, threshold_method=threshold.value, n_boot=bootstrap, seed=seed,
-                         calibrate=calibrate, aggregate=aggregate.value if aggregate else None,
-                         aggregate_methods=methods, min_positives=min_positives,
-                         at_specificity=targets["--at-specificity"], at_sensitivity=targets["--at-sensitivity"],
-                         min_subgroup=min_subgroup, age_bands=targets["--age-bands"])
-        groups = None
-        if subgroup_names:
-            groups, sources = subgroup_columns(subgroup_names, predictions, preds, list(records or []),
-                                               cfg.age_bands)
-            for name, where in sources.items():
-                log(f"subgroup {name!r} from {where}")
-        body, curves = evaluate(preds, table, cfg, log=log, subgroups=groups)
-        if baseline is not None:
-            bpreds = load_predictions(baseline)
-            base_body, base_curves = evaluate(bpreds, table, cfg, log=lambda m: log(f"baseline: {m}"))
-            comparison = compare(preds, bpreds, table, cfg, log=log)
-    except (LabelError, EvaluateError) as e:
-        fail(str(e))
+    table = load_labels(labels, label_map)
+    preds = load_predictions(predictions)
+    rules = load_aggregate_rules(aggregate_rules) if aggregate_rules else None
+    methods = (resolve_aggregation(preds.labels, aggregate.value, rules, table.label_map)
+               if aggregate is not None else {})
+    cfg = EvalConfig(eval_split=eval_split, threshold_method=threshold.value, n_boot=bootstrap, seed=seed,
+                     calibrate=calibrate, aggregate=aggregate.value if aggregate else None,
+                     aggregate_methods=methods, min_positives=min_positives,
+                     at_specificity=targets["--at-specificity"], at_sensitivity=targets["--at-sensitivity"],
+                     min_subgroup=min_subgroup, age_bands=targets["--age-bands"])
+    groups = None
+    if subgroup_names:
+        groups, sources = subgroup_columns(subgroup_names, predictions, preds, list(records or []),
+                                           cfg.age_bands)
+        for name, where in sources.items():
+            log(f"subgroup {name!r} from {where}")
+    body, curves = evaluate(preds, table, cfg, log=log, subgroups=groups)
+    if baseline is not None:
+        bpreds = load_predictions(baseline)
+        base_body, base_curves = evaluate(bpreds, table, cfg, log=lambda m: log(f"baseline: {m}"))
+        comparison = compare(preds, bpreds, table, cfg, log=log)
 
     lm_input = label_map if label_map and Path(label_map).is_file() else None
     settings = {"aggregate": cfg.aggregate, "aggregate_methods": methods or None, "bootstrap": bootstrap,

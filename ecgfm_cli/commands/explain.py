@@ -36,59 +36,57 @@ def explain_command(
     3 x 4 panels of 2.5 s (I, aVR, V1, V4 / II, aVL, V2, V5 / III, aVF, V3, V6) and a 10 s lead II rhythm strip,
     25 mm/s, 10 mm/mV, on a 1 mm / 5 mm grid; with --model, the saliency for --label as a heat overlay aligned in
     time with the trace."""
-    from ecgfm_cli.console import fail, info
-    from ecgfm_cli.explain import FORMATS, RHYTHM_S, ExplainError, normalise
+    from ecgfm_cli.console import info
+    from ecgfm_cli.errors import EcgfmError
+    from ecgfm_cli.explain import FORMATS, RHYTHM_S, normalise
 
     fmt = Path(output).suffix.lower().lstrip(".")
     if fmt not in FORMATS:
-        fail(f"-o {output}: the extension decides the format: .png, .svg or .pdf")
+        raise EcgfmError(f"-o {output}: the extension decides the format: .png, .svg or .pdf")
     if saliency not in ("attention", "gradxinput"):
-        fail(f"--saliency {saliency!r}: expected attention or gradxinput")
+        raise EcgfmError(f"--saliency {saliency!r}: expected attention or gradxinput")
     if attention not in ("received", "seed"):
-        fail(f"--attention {attention!r}: expected received or seed")
+        raise EcgfmError(f"--attention {attention!r}: expected received or seed")
     if model is None and label is not None:
-        fail("--label needs --model (the classifier whose output to explain)")
+        raise EcgfmError("--label needs --model (the classifier whose output to explain)")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        fail("explain needs matplotlib, which is not installed: pip install ecgfm-cli[plots]")
+        raise EcgfmError("explain needs matplotlib, which is not installed: pip install ecgfm-cli[plots]") from None
     from ecgfm_cli.io.artifacts import check_writable_dir
 
     check_writable_dir(Path(output).resolve().parent, f"-o {output}")
     kind = _artifact_kind(input)
     if kind not in ("records", "segments"):
-        fail(f"{input}: expected a records or segments artifact, found {kind or 'neither'}")
+        raise EcgfmError(f"{input}: expected a records or segments artifact, found {kind or 'neither'}")
     if model is not None and kind != "segments":
-        fail("saliency needs the model's input: pass the segments artifact (`ecgfm segment`) of the record")
+        raise EcgfmError("saliency needs the model's input: pass the segments artifact (`ecgfm segment`) of the record")
     if kind == "records" and segment_index is not None:
-        fail("--segment-index needs a segments artifact")
+        raise EcgfmError("--segment-index needs a segments artifact")
     if start and segment_index is not None:
-        fail("give --start (a 10 s window of the record) or --segment-index (one segment), not both")
-    try:
-        if kind == "records":
-            signal, leads, fs, what = _record_signal(input, record_id)
-            amplitude, overlay, overlay_label = "mV", None, ""
-            a = int(round(start * fs))
-            if a >= signal.shape[1]:
-                fail(f"--start {start:g}: record {record_id!r} is {signal.shape[1] / fs:g} s long")
-            signal = signal[:, a:a + int(round(RHYTHM_S * fs))]
-        else:
-            signal, leads, fs, what, seg = _segment_signal(input, record_id, segment_index, start)
-            amplitude, overlay, overlay_label = "z", None, ""
-            c0, c1 = seg["crop"]
-            signal = signal[:, c0:c1]
-            if model is not None:
-                values, overlay_label = _saliency(model, unsafe_pickle, label, saliency, attention, smooth_ms, seg)
-                overlay = normalise(values[..., c0:c1])  # scaled over what is drawn
-        if start:
-            what += f", drawn from {start:g} s"
-        from ecgfm_cli.explain import draw_paper, save_figure
+        raise EcgfmError("give --start (a 10 s window of the record) or --segment-index (one segment), not both")
+    if kind == "records":
+        signal, leads, fs, what = _record_signal(input, record_id)
+        amplitude, overlay, overlay_label = "mV", None, ""
+        a = int(round(start * fs))
+        if a >= signal.shape[1]:
+            raise EcgfmError(f"--start {start:g}: record {record_id!r} is {signal.shape[1] / fs:g} s long")
+        signal = signal[:, a:a + int(round(RHYTHM_S * fs))]
+    else:
+        signal, leads, fs, what, seg = _segment_signal(input, record_id, segment_index, start)
+        amplitude, overlay, overlay_label = "z", None, ""
+        c0, c1 = seg["crop"]
+        signal = signal[:, c0:c1]
+        if model is not None:
+            values, overlay_label = _saliency(model, unsafe_pickle, label, saliency, attention, smooth_ms, seg)
+            overlay = normalise(values[..., c0:c1])  # scaled over what is drawn
+    if start:
+        what += f", drawn from {start:g} s"
+    from ecgfm_cli.explain import draw_paper, save_figure
 
-        fig = draw_paper(signal, leads, fs, title=what + (f" - {overlay_label}" if overlay_label else ""),
-                         amplitude=amplitude, saliency=overlay, saliency_label=overlay_label)
-        save_figure(fig, output)
-    except ExplainError as e:
-        fail(str(e))
+    fig = draw_paper(signal, leads, fs, title=what + (f" - {overlay_label}" if overlay_label else ""),
+                     amplitude=amplitude, saliency=overlay, saliency_label=overlay_label)
+    save_figure(fig, output)
     info(f"explain: {what} -> {output}")
 
 
@@ -96,11 +94,11 @@ def _artifact_kind(path: str) -> str | None:
     """The ``ecgfm.kind`` of a Parquet/Arrow file or of a shard directory's files (None if not found)."""
     import pyarrow.parquet as pq
 
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
 
     p = Path(path)
     if not p.exists():
-        fail(f"{path}: no such file or directory")
+        raise EcgfmError(f"{path}: no such file or directory")
     files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
     for f in files:
         if f.name.startswith(("labels-", "rejects-")):
@@ -113,7 +111,7 @@ def _artifact_kind(path: str) -> str | None:
             else:
                 schema = pq.read_schema(str(f))
         except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing line
-            fail(f"{f}: not a readable Parquet/Arrow file ({type(e).__name__}: {e})")
+            raise EcgfmError(f"{f}: not a readable Parquet/Arrow file ({type(e).__name__}: {e})") from e
         kind = (schema.metadata or {}).get(b"ecgfm.kind")
         if kind:
             return kind.decode()
@@ -134,9 +132,9 @@ def _rows_of(input: str, kind: str, record_id: str, columns: list[str]):
         if pc.any(m).as_py():
             parts.append(b.filter(m))
     if not parts:
-        from ecgfm_cli.console import fail
+        from ecgfm_cli.errors import EcgfmError
 
-        fail(f"{input}: no record with record_id {record_id!r}")
+        raise EcgfmError(f"{input}: no record with record_id {record_id!r}")
     return reader, pa.Table.from_batches(parts)
 
 
@@ -179,8 +177,8 @@ def _segment_signal(input: str, record_id: str, segment_index: int | None, start
     the sample range of the returned signal to draw."""
     import numpy as np
 
-    from ecgfm_cli.console import fail
     from ecgfm_cli.contract import STANDARD_LEADS
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.explain import RHYTHM_S, concat_segments
     from ecgfm_cli.io.schema import segment_signals, segments_contract
 
@@ -193,12 +191,13 @@ def _segment_signal(input: str, record_id: str, segment_index: int | None, start
     if segment_index is not None:
         keep = np.flatnonzero(seg_idx == segment_index)
         if not len(keep):
-            fail(f"record {record_id!r} has no segment {segment_index} (it has {', '.join(map(str, seg_idx[:10]))})")
+            raise EcgfmError(f"record {record_id!r} has no segment {segment_index} (it has "
+                             f"{', '.join(map(str, seg_idx[:10]))})")
         table = table.take(keep)
     table = table.combine_chunks()
     x = np.asarray(segment_signals(table), dtype=np.float32)
     if x.shape[1] != len(leads):
-        fail(f"{input}: segments hold {x.shape[1]} leads, the contract names {len(leads)}")
+        raise EcgfmError(f"{input}: segments hold {x.shape[1]} leads, the contract names {len(leads)}")
     present = np.stack(table.column("lead_present").to_numpy(zero_copy_only=False)).astype(bool)
     starts = (table.column("start_sample").to_numpy().astype(np.int64) if "start_sample" in table.column_names
               else np.arange(len(x)) * x.shape[2])
@@ -208,8 +207,8 @@ def _segment_signal(input: str, record_id: str, segment_index: int | None, start
     if segment_index is None:
         keep = (starts < a + width) & (starts + x.shape[2] > a)
         if not keep.any():
-            fail(f"--start {start:g}: record {record_id!r} has segments up to "
-                 f"{(starts.max() + x.shape[2]) / fs:g} s")
+            raise EcgfmError(f"--start {start:g}: record {record_id!r} has segments up to "
+                             f"{(starts.max() + x.shape[2]) / fs:g} s")
         x, present, starts = x[keep], present[keep], starts[keep]
     a -= int(starts[0])
     starts = starts - starts[0]
@@ -230,8 +229,8 @@ def _saliency(model: str, unsafe_pickle: bool, label: str | None, method: str, r
     import numpy as np
     import torch
 
-    from ecgfm_cli.console import fail
-    from ecgfm_cli.contract import ContractMismatch, check_compatible
+    from ecgfm_cli.contract import check_compatible
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.explain import (
         attention_saliency,
         concat_segments,
@@ -244,26 +243,25 @@ def _saliency(model: str, unsafe_pickle: bool, label: str | None, method: str, r
     try:
         loaded = load_checkpoint(model, allow_pickle=unsafe_pickle)
     except CheckpointError as e:
-        fail(f"--model: {e}")
+        raise EcgfmError(f"--model: {e}") from e
     if loaded.kind != "classifier":
-        fail(f"--model: a {loaded.kind} checkpoint has no classifier head; saliency needs a finetuned classifier "
-             "(`ecgfm finetune` output)")
+        raise EcgfmError(f"--model: a {loaded.kind} checkpoint has no classifier head; saliency needs a finetuned "
+                         "classifier (`ecgfm finetune` output)")
     labels = list(loaded.labels or [f"output{i}" for i in range(int(loaded.state_dict["proj.bias"].shape[0]))])
     if label is None:
         if len(labels) != 1:
-            fail(f"--label: the classifier has {len(labels)} outputs; choose one of {', '.join(labels[:20])}")
+            raise EcgfmError(f"--label: the classifier has {len(labels)} outputs; choose one of "
+                             f"{', '.join(labels[:20])}")
         label = labels[0]
     if label not in labels:
-        fail(f"--label {label!r}: not an output of the classifier ({', '.join(labels[:20])})")
+        raise EcgfmError(f"--label {label!r}: not an output of the classifier ({', '.join(labels[:20])})")
     if seg["contract"] is not None:
-        try:
-            check_compatible(seg["contract"], loaded.contract)
-        except ContractMismatch as e:
-            fail(str(e))
+        check_compatible(seg["contract"], loaded.contract)
     cfg = loaded.encoder_config
     x = seg["x"]
     if x.shape[1:] != (cfg.in_channels, loaded.contract.window):
-        fail(f"segments are {x.shape[1]} x {x.shape[2]}, the model takes {cfg.in_channels} x {loaded.contract.window}")
+        raise EcgfmError(f"segments are {x.shape[1]} x {x.shape[2]}, the model takes {cfg.in_channels} x "
+                         f"{loaded.contract.window}")
     # gradients must reach the input: finetuned checkpoints freeze the conv stack (feature_grad_mult 0, no_grad)
     loaded = replace(loaded, encoder_config=replace(cfg.with_dropouts(0.0), feature_grad_mult=1.0))
     net = build_classifier(loaded).eval()

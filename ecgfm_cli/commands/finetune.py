@@ -19,9 +19,9 @@ def _names(text: str | None, option: str) -> tuple[str, ...] | None:
         return None
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
-        from ecgfm_cli.console import fail
+        from ecgfm_cli.errors import EcgfmError
 
-        fail(f"{option} {text!r}: give at least one name (leave the option out for all)")
+        raise EcgfmError(f"{option} {text!r}: give at least one name (leave the option out for all)")
     return names
 
 
@@ -87,30 +87,30 @@ def finetune_command(
     """Finetune an ECG-FM encoder with a linear head on labelled segments (ECG-FM's recipe): conv stack frozen,
     BCE with train pos_weight (MSE for continuous targets), Adam at a fixed LR, best epoch by valid macro AUPRC,
     early stopping. Writes RUN/checkpoint/ (classifier), RUN/predictions.parquet, RUN/log.jsonl."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.splits import parse_fractions
 
     if pos_weight not in ("records", "segments", "none"):
-        fail(f"--pos-weight {pos_weight!r}: expected records, segments or none")
+        raise EcgfmError(f"--pos-weight {pos_weight!r}: expected records, segments or none")
     if dtype not in ("auto", "float32", "bfloat16"):
-        fail(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
+        raise EcgfmError(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
     if device not in ("auto", "cpu", "cuda"):
-        fail(f"--device {device!r}: expected auto, cpu or cuda")
+        raise EcgfmError(f"--device {device!r}: expected auto, cpu or cuda")
     if random_init and init is not None:
-        fail("--init and --random-init exclude each other")
+        raise EcgfmError("--init and --random-init exclude each other")
     if not random_init and init is None:
-        fail("give --init CHECKPOINT (a pretrained encoder) or --random-init (baseline)")
+        raise EcgfmError("give --init CHECKPOINT (a pretrained encoder) or --random-init (baseline)")
     try:
         fractions = parse_fractions(split_fractions)
     except ValueError as e:
-        fail(f"--split-fractions: {e}")
+        raise EcgfmError(f"--split-fractions: {e}") from e
 
     from ecgfm_cli.train import distributed
     from ecgfm_cli.train.finetune import FinetuneOptions, finetune_worker, prepare
 
     dev, nprocs = distributed.resolve_device(device, gpus, procs)
     if dtype == "bfloat16" and dev == "cpu":
-        fail("--dtype bfloat16 is for GPUs; use float32 on CPU")
+        raise EcgfmError("--dtype bfloat16 is for GPUs; use float32 on CPU")
 
     opts = FinetuneOptions(
         segments=segments, labels=labels, output=output, init=init, random_init=random_init, preset=preset,

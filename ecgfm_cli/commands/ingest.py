@@ -43,7 +43,8 @@ def ingest_command(
 ) -> None:
     """Find ECG records under PATHS and write one row per record (signal, leads, rate, metadata,
     per-lead quality flags), a labels table from the headers, and a rejects table."""
-    from ecgfm_cli.console import fail, info
+    from ecgfm_cli.console import info
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.ingest import IngestOptions, check_user_labels, parse_max_samples, parse_shard, report, run_ingest
     from ecgfm_cli.io.artifacts import discard_empty_output, resolve_output
     from ecgfm_cli.io.readers import ReadOptions
@@ -51,24 +52,26 @@ def ingest_command(
     out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "ingest")
     shard_t = parse_shard(shard)
     if shard_t[1] > 1 and out.format != "dir":
-        fail("--shard needs -o DIR: each shard writes its own files into the directory")
+        raise EcgfmError("--shard needs -o DIR: each shard writes its own files into the directory")
     if labels is not None and not labels.is_file():
-        fail(f"--labels {labels}: no such file")
+        raise EcgfmError(f"--labels {labels}: no such file")
     if rejects is not None and shard_t[1] > 1:
-        fail("--rejects with --shard: every shard writes its own rejects table beside the output; leave --rejects out")
+        raise EcgfmError("--rejects with --shard: every shard writes its own rejects table beside the output; leave "
+                         "--rejects out")
     if gain is not None and not gain > 0:
-        fail(f"--gain {gain}: expected ADC units per mV, a positive number")
+        raise EcgfmError(f"--gain {gain}: expected ADC units per mV, a positive number")
     if fs is not None and not (0 < fs <= 20000):
-        fail(f"--fs {fs}: expected a sampling rate in Hz (0 < fs <= 20000)")
+        raise EcgfmError(f"--fs {fs}: expected a sampling rate in Hz (0 < fs <= 20000)")
     lead_list = [s.strip() for s in leads.split(",")] if leads else None
     from ecgfm_cli.deid import DeidPolicy, read_id_key
 
     if id_key is not None and keep_identifiers:
-        fail("--id-key with --keep-identifiers: the one pseudonymises patient ids, the other keeps them; choose one")
+        raise EcgfmError("--id-key with --keep-identifiers: the one pseudonymises patient ids, the other keeps them; "
+                         "choose one")
     try:
         key = read_id_key(id_key) if id_key is not None else None
     except (OSError, ValueError) as e:
-        fail(str(e) if isinstance(e, ValueError) else f"--id-key {id_key}: {e.strerror or e}")
+        raise EcgfmError(str(e) if isinstance(e, ValueError) else f"--id-key {id_key}: {e.strerror or e}") from e
     if keep_identifiers:
         info("ingest: WARNING --keep-identifiers: hospital files' patient names, MRNs, birth dates, staff names and "
              "free text go into the outputs un-redacted")
@@ -87,8 +90,8 @@ def ingest_command(
         return
     if summary.records == 0:
         discard_empty_output(out, shard_t)
-        fail("no record was read" + (f": every file was rejected, e.g. {summary.reject_example} (all reasons in "
-                                     "the rejects table)" if summary.rejected
-                                     else f" under {', '.join(map(str, paths))}: no ECG files found"))
+        raise EcgfmError("no record was read" + (f": every file was rejected, e.g. {summary.reject_example} (all "
+                                                 "reasons in the rejects table)" if summary.rejected
+                                                 else f" under {', '.join(map(str, paths))}: no ECG files found"))
     if strict and summary.rejected:
         raise typer.Exit(1)

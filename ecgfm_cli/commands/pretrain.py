@@ -24,33 +24,33 @@ def _opt(help: str, panel: str, *names: str, **kw) -> typer.models.OptionInfo:
 
 def parse_duration(text: str) -> float:
     """``"3600"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"`` -> seconds."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
 
     t = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", t):
         return float(t)
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
     if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", t).strip():
-        fail(f"--max-time {text!r}: expected seconds or a duration such as 90m, 2h, 1h30m")
+        raise EcgfmError(f"--max-time {text!r}: expected seconds or a duration such as 90m, 2h, 1h30m")
     return sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts)
 
 
 def _floats(text: str, n: int, option: str) -> tuple[float, ...]:
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
 
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
     if len(values) != n:
-        fail(f"{option} {text!r}: expected {n} comma-separated numbers")
+        raise EcgfmError(f"{option} {text!r}: expected {n} comma-separated numbers")
     return values
 
 
 def _latent_temp(text: str) -> dict:
     """``"2,0.5,0.999995"`` (start, floor, decay per update) or ``"2,0.5,run"`` (start -> end across the run)
     -> the PretrainConfig fields."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
 
     parts = [p.strip() for p in text.split(",")]
     if len(parts) == 3 and parts[2].lower() == "run":
@@ -61,7 +61,7 @@ def _latent_temp(text: str) -> dict:
         out = {"latent_temp_max": start, "latent_temp_min": end, "latent_temp_decay": decay,
                "latent_temp_schedule": "decay"}
     if min(start, end) <= 0:
-        fail(f"--latent-temp {text!r}: temperatures must be > 0")
+        raise EcgfmError(f"--latent-temp {text!r}: temperatures must be > 0")
     return out
 
 
@@ -165,12 +165,12 @@ def pretrain_command(
 
     `ecgfm pretrain SEGMENTS -o RUN/ [--gpus 8]` writes RUN/checkpoint-<update>/; --resume continues a run exactly.
     Several nodes, launchers and every option: docs/commands/pretrain.md."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
 
     if no_w2v and no_cmsc:
-        fail("--no-w2v with --no-cmsc leaves no objective")
+        raise EcgfmError("--no-w2v with --no-cmsc leaves no objective")
     if node_rank >= nnodes:
-        fail(f"--node-rank {node_rank}: must be below --nnodes {nnodes}")
+        raise EcgfmError(f"--node-rank {node_rank}: must be below --nnodes {nnodes}")
     betas = _floats(adam_betas, 2, "--adam-betas")
     temp = _latent_temp(latent_temp) if latent_temp is not None else {}
     seconds = parse_duration(max_time) if max_time is not None else None

@@ -60,20 +60,20 @@ def probe_command(
 ) -> None:
     """Fit a linear probe per label on frozen embeddings (patient-grouped train/valid/test split, or
     --folds K out-of-fold) and write predictions for every record."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.io.artifacts import check_writable_dir
-    from ecgfm_cli.labels import LabelError, load_labels, settle_label_kinds
-    from ecgfm_cli.probe import ProbeError, baseline_path, probe_files
+    from ecgfm_cli.labels import load_labels, settle_label_kinds
+    from ecgfm_cli.probe import baseline_path, probe_files
     from ecgfm_cli.provenance import build_provenance
     from ecgfm_cli.splits import parse_fractions
 
     if output.suffix.lower() != ".parquet":
-        fail(f"-o {output}: predictions are written as one Parquet file; use a name ending in .parquet")
+        raise EcgfmError(f"-o {output}: predictions are written as one Parquet file; use a name ending in .parquet")
     if baseline is not None and (baseline_output or baseline_path(output)).resolve() == output.resolve():
-        fail("--baseline-output must differ from -o")
+        raise EcgfmError("--baseline-output must differ from -o")
     if baseline_output is not None and baseline_output.suffix.lower() != ".parquet":
-        fail(f"--baseline-output {baseline_output}: predictions are written as one Parquet file; use a name "
-             "ending in .parquet")
+        raise EcgfmError(f"--baseline-output {baseline_output}: predictions are written as one Parquet file; use a "
+                         "name ending in .parquet")
     for path, what in ((output, "-o"), (baseline_output, "--baseline-output")):
         if path is not None:
             check_writable_dir(path.parent, f"{what} {path}")
@@ -84,7 +84,7 @@ def probe_command(
     cs, alphas = _grid(c_grid, "--c-grid"), _grid(alpha_grid, "--alpha-grid")
     for p, what in ((embeddings, "EMBEDDINGS"), (labels, "--labels"), (baseline, "--baseline")):
         if p is not None and not p.exists():
-            fail(f"{what} {p}: no such file or directory")
+            raise EcgfmError(f"{what} {p}: no such file or directory")
 
     def log(msg: str) -> None:
         typer.echo(f"ecgfm probe: {msg}", err=True)
@@ -95,18 +95,15 @@ def probe_command(
         return tqdm(total=total, desc=f"probe {desc}", unit="fold" if folds else "label",
                     disable=not sys.stderr.isatty())
 
-    try:
-        table = load_labels(labels, label_map)
-        table.notes += settle_label_kinds(table, table.labels, _names(continuous))
-        lm_input = label_map if label_map and Path(label_map).is_file() else None
-        prov = build_provenance(
-            {"embeddings": embeddings, "labels": labels, "label_map": lm_input, "baseline": baseline},
-            seed=seed,
-            extra={"split_fractions": fractions, "c_grid": cs, "alpha_grid": alphas, "max_iter": max_iter,
-                   "label_map": label_map, "folds": folds, "continuous": _names(continuous)},
-        )
-        probe_files(embeddings, table, output, prov, baseline=baseline, baseline_out=baseline_output,
-                    fractions=fractions, seed=seed, c_grid=cs, alpha_grid=alphas, max_iter=max_iter, log=log,
-                    progress_factory=bar, folds=folds)
-    except (LabelError, ProbeError) as e:
-        fail(str(e))
+    table = load_labels(labels, label_map)
+    table.notes += settle_label_kinds(table, table.labels, _names(continuous))
+    lm_input = label_map if label_map and Path(label_map).is_file() else None
+    prov = build_provenance(
+        {"embeddings": embeddings, "labels": labels, "label_map": lm_input, "baseline": baseline},
+        seed=seed,
+        extra={"split_fractions": fractions, "c_grid": cs, "alpha_grid": alphas, "max_iter": max_iter,
+               "label_map": label_map, "folds": folds, "continuous": _names(continuous)},
+    )
+    probe_files(embeddings, table, output, prov, baseline=baseline, baseline_out=baseline_output,
+                fractions=fractions, seed=seed, c_grid=cs, alpha_grid=alphas, max_iter=max_iter, log=log,
+                progress_factory=bar, folds=folds)

@@ -38,8 +38,9 @@ def segment_command(
 ) -> None:
     """Reorder leads by name to I..V6 (absent leads zero-filled and flagged), resample linearly to
     500 Hz, z-score each lead over the whole record, cut non-overlapping 5 s windows."""
-    from ecgfm_cli.console import fail, info
+    from ecgfm_cli.console import info
     from ecgfm_cli.contract import STANDARD_LEADS
+    from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.ingest import parse_shard
     from ecgfm_cli.io.artifacts import discard_empty_output, open_artifact, resolve_output
     from ecgfm_cli.preprocess import SegmentOptions
@@ -47,25 +48,26 @@ def segment_command(
 
     out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "segment")
     if nan not in ("zero", "drop"):
-        fail(f"--nan {nan!r}: expected zero or drop")
+        raise EcgfmError(f"--nan {nan!r}: expected zero or drop")
     if dtype not in ("float32", "float16"):
-        fail(f"--dtype {dtype!r}: expected float32 or float16")
+        raise EcgfmError(f"--dtype {dtype!r}: expected float32 or float16")
     pairs = []
     for item in lead_map or []:
         name, sep, lead = item.partition("=")
         if not sep or not name or lead.strip().upper() not in {x.upper() for x in STANDARD_LEADS}:
-            fail(f"--lead-map {item!r}: expected NAME=LEAD with LEAD one of {', '.join(STANDARD_LEADS)}")
+            raise EcgfmError(f"--lead-map {item!r}: expected NAME=LEAD with LEAD one of {', '.join(STANDARD_LEADS)}")
         pairs.append((name, lead))
     window = round(seconds * sample_rate)
     step = round((stride if stride is not None else seconds) * sample_rate)
     if step < 1:
-        fail(f"--stride {stride}: must be at least one sample")
+        raise EcgfmError(f"--stride {stride}: must be at least one sample")
     shard_t = parse_shard(shard)
     if shard_t[1] > 1 and (out.format != "dir" or input == "-" or not Path(input).is_dir()):
-        fail("--shard splits a directory of record shards among runs: give a records directory as input and "
-             "-o DIR (each shard writes its own files there)")
+        raise EcgfmError("--shard splits a directory of record shards among runs: give a records directory as input "
+                         "and -o DIR (each shard writes its own files there)")
     if rejects is not None and shard_t[1] > 1:
-        fail("--rejects with --shard: every shard writes its own rejects table beside the output; leave --rejects out")
+        raise EcgfmError("--rejects with --shard: every shard writes its own rejects table beside the output; leave "
+                         "--rejects out")
     reader = open_artifact(input, "records", "segment")
     opts = SegmentOptions(sample_rate=sample_rate, window=window, stride=step, lead_map=tuple(pairs), nan=nan,
                           pad=pad)
@@ -75,6 +77,6 @@ def segment_command(
     info(report(summary, out))
     if summary.segments == 0:
         discard_empty_output(out, shard_t)
-        fail("no segment was written" + (f": every record was rejected, e.g. {summary.reject_example} (all "
-                                         "reasons in the rejects table)" if summary.rejects
-                                         else ": the input holds no records"))
+        raise EcgfmError("no segment was written" + (f": every record was rejected, e.g. {summary.reject_example} (all "
+                                                     "reasons in the rejects table)" if summary.rejects
+                                                     else ": the input holds no records"))

@@ -29,7 +29,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from ecgfm_cli import __version__
-from ecgfm_cli.console import fail, info, plural
+from ecgfm_cli.console import info, plural
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.schema import REQUIRED_COLUMNS
 
 try:
@@ -60,22 +61,22 @@ def resolve_output(path: str | None, allowed: tuple[str, ...], command: str) -> 
     """
     if path is None or path == "-":
         if "stream" not in allowed:
-            fail(f"{command} needs -o OUT ({', '.join(_describe(a) for a in allowed)})")
+            raise EcgfmError(f"{command} needs -o OUT ({', '.join(_describe(a) for a in allowed)})")
         if sys.stdout.isatty():
-            fail(f"{command} writes binary Arrow data to stdout, and stdout is a terminal: "
-                 f"pipe it (`ecgfm {command} ... | ecgfm segment -o segments/`) or pass -o DIR")
+            raise EcgfmError(f"{command} writes binary Arrow data to stdout, and stdout is a terminal: "
+                             f"pipe it (`ecgfm {command} ... | ecgfm segment -o segments/`) or pass -o DIR")
         return Output("stream", None)
     p = Path(path)
     suffix = p.suffix.lower()
     fmt = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".npz": "npz"}.get(suffix)
     if fmt is None:
         if suffix and not p.is_dir():
-            fail(f"cannot write {path!r}: unknown extension {suffix!r}; {command} writes "
-                 + ", ".join(_describe(a) for a in allowed))
+            raise EcgfmError(f"cannot write {path!r}: unknown extension {suffix!r}; {command} writes "
+                             + ", ".join(_describe(a) for a in allowed))
         fmt = "dir"
     if fmt not in allowed:
-        fail(f"cannot write {path!r}: {command} does not write {_describe(fmt)}; it writes "
-             + ", ".join(_describe(a) for a in allowed))
+        raise EcgfmError(f"cannot write {path!r}: {command} does not write {_describe(fmt)}; it writes "
+                         + ", ".join(_describe(a) for a in allowed))
     check_writable_dir(p if fmt == "dir" else p.parent, repr(path))
     return Output(fmt, p)
 
@@ -87,11 +88,11 @@ def check_writable_dir(directory: Path, target: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        fail(f"cannot write {target}: {probe} is a file, not a writable directory")
+        raise EcgfmError(f"cannot write {target}: {probe} is a file, not a writable directory")
     try:  # os.access says yes to root and knows nothing of /proc, /sys or read-only mounts: try it
         os.rmdir(tempfile.mkdtemp(prefix=".ecgfm-write-check-", dir=probe))
     except OSError as e:
-        fail(f"cannot write {target}: {probe} is not a writable directory ({e.strerror})")
+        raise EcgfmError(f"cannot write {target}: {probe} is not a writable directory ({e.strerror})") from e
 
 
 def _describe(fmt: str) -> str:
@@ -251,8 +252,8 @@ def lock_output(output: Output, shard: tuple[int, int] | None, command: str) -> 
             os.close(fd)
             sharded = output.format == "dir" and shard is not None and shard[1] > 1
             what = f"shard {shard[0]}/{shard[1]} of {output.path}" if sharded else str(output.path)
-            fail(f"{command}: {what} is being written by another run ({_describe_run(other)}); wait for it to "
-                 "finish or write elsewhere")
+            raise EcgfmError(f"{command}: {what} is being written by another run ({_describe_run(other)}); wait for "
+                             "it to finish or write elsewhere") from None
         except OSError as e:  # a filesystem without locks (some network mounts): go on, unguarded
             info(f"{command}: warning: cannot lock {path} ({e.strerror}): two runs writing there at once "
                  "would mix their outputs")
@@ -499,14 +500,14 @@ def check_output_kind(directory: Path, kind: str, command: str) -> None:
         except (OSError, ValueError, AttributeError):
             other = None
         if other != kind:
-            fail(f"{command}: {directory} already holds {other or 'another artifact'} ({marker.name}); write the "
-                 f"{kind} to another directory")
+            raise EcgfmError(f"{command}: {directory} already holds {other or 'another artifact'} ({marker.name}); "
+                             f"write the {kind} to another directory")
     own = (f"{kind}-", "labels-", "rejects-", "_done-", ".")
     foreign = sorted(p.name for p in directory.iterdir() if not p.name.startswith(own))
     if foreign:
         more = ", ..." if len(foreign) > 3 else ""
-        fail(f"{command}: {directory} holds other files ({', '.join(foreign[:3])}{more}); write the {kind} to a "
-             "new or empty directory")
+        raise EcgfmError(f"{command}: {directory} holds other files ({', '.join(foreign[:3])}{more}); write the "
+                         f"{kind} to a new or empty directory")
 
 
 def start_shard(output: Output, shard: tuple[int, int], command: str, kind: str) -> bool:
@@ -784,7 +785,7 @@ def check_complete(directory: Path, command: str, allow_partial: bool | None = N
     writer = next((w for k, w in _WRITER_OF.items() if any(Path(directory).glob(f"{k}-*.parquet"))), None)
     how = f"complete it with {rerun}" if rerun else (
         f"rerun the `ecgfm {writer}` that writes it" if writer else "rerun the command that writes it")
-    fail(f"{prefix}{what}; {how}, or pass --allow-partial to read only what is there")
+    raise EcgfmError(f"{prefix}{what}; {how}, or pass --allow-partial to read only what is there")
 
 
 @dataclass
@@ -824,11 +825,12 @@ class ArtifactReader:
                     rows += batch.num_rows
                     yield batch.select(columns) if columns else batch
             except (OSError, pa.ArrowInvalid) as e:
-                fail(f"stdin: the Arrow stream stops mid-way ({e}): the command before the pipe failed or was "
-                     "interrupted")
+                raise EcgfmError(f"stdin: the Arrow stream stops mid-way ({e}): the command before the pipe failed "
+                                 "or was interrupted") from e
             if self._input is not None and not self._input.ended_cleanly:
-                fail(f"stdin: the Arrow stream stops after {plural(rows, 'row')} without its end-of-stream marker: "
-                     "the command before the pipe was killed or failed, so this is not the whole input")
+                raise EcgfmError(f"stdin: the Arrow stream stops after {plural(rows, 'row')} without its "
+                                 "end-of-stream marker: "
+                                 "the command before the pipe was killed or failed, so this is not the whole input")
             return
         for f in self.files:
             if f.suffix == ".parquet":
@@ -856,18 +858,18 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm",
     spath = str(path)
     if spath == "-":
         if sys.stdin.isatty():
-            fail(f"{command}: no input: give a path, or pipe `ecgfm ingest ... |` into it")
+            raise EcgfmError(f"{command}: no input: give a path, or pipe `ecgfm ingest ... |` into it")
         head = sys.stdin.buffer.peek(4)[:4] if hasattr(sys.stdin.buffer, "peek") else b"?"
         if not head:
-            fail(f"{command}: stdin is empty: the command before the pipe wrote nothing (did it fail?)")
+            raise EcgfmError(f"{command}: stdin is empty: the command before the pipe wrote nothing (did it fail?)")
         if head == b"PAR1":
-            fail(f"{command}: stdin holds a Parquet file: give its path as the input instead (stdin takes the "
-                 "Arrow stream that `-o -` writes)")
+            raise EcgfmError(f"{command}: stdin holds a Parquet file: give its path as the input instead (stdin "
+                             "takes the Arrow stream that `-o -` writes)")
         watched = _WatchedInput(sys.stdin.buffer)
         try:
             stream = ipc.open_stream(pa.PythonFile(watched, mode="r"))
         except (OSError, pa.ArrowInvalid) as e:
-            fail(f"{command}: stdin is not an Arrow stream from ecgfm ({e})")
+            raise EcgfmError(f"{command}: stdin is not an Arrow stream from ecgfm ({e})") from e
         reader = ArtifactReader(spath, kind, schema=stream.schema, _stream=stream, _input=watched)
         _check_columns(reader.schema, kind, "stdin", command)
     else:
@@ -877,17 +879,18 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm",
             if not files:
                 others = sorted({f.name.split("-")[0] for f in p.glob("*-*.parquet")})
                 hint = f" (it holds {', '.join(others)} artifacts)" if others else ""
-                fail(f"{command}: {p} holds no {kind} files ({kind}-*.parquet){hint}")
+                raise EcgfmError(f"{command}: {p} holds no {kind} files ({kind}-*.parquet){hint}")
         elif p.is_file():
             files = [p]
         else:
-            fail(f"{command}: {p} does not exist")
+            raise EcgfmError(f"{command}: {p} does not exist")
         reader = ArtifactReader(spath, kind, files=files)
         for f in files:  # every file: a truncated or foreign one in a directory fails here, not mid-run
             try:
                 schema = _read_schema(f)
             except (pa.ArrowInvalid, OSError) as e:
-                fail(f"{command}: cannot read {f}: not a Parquet or Arrow file, or a truncated one ({e})")
+                raise EcgfmError(f"{command}: cannot read {f}: not a Parquet or Arrow file, or a truncated one "
+                                 f"({e})") from e
             _check_columns(schema, kind, str(f), command)
             if reader.schema is None:
                 reader.schema = schema
@@ -896,11 +899,11 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm",
     meta = reader.metadata
     found = meta.get("ecgfm.kind")
     if found is not None and found != kind:
-        fail(f"{command}: {spath} holds {found}, not {kind}")
+        raise EcgfmError(f"{command}: {spath} holds {found}, not {kind}")
     version = int(meta.get("ecgfm.schema_version", SCHEMA_VERSION))
     if version > SCHEMA_VERSION:
-        fail(f"{command}: {spath} has schema version {version}; this ecgfm ({__version__}) reads up to "
-             f"{SCHEMA_VERSION}: upgrade ecgfm")
+        raise EcgfmError(f"{command}: {spath} has schema version {version}; this ecgfm ({__version__}) reads up to "
+                         f"{SCHEMA_VERSION}: upgrade ecgfm")
     return reader
 
 
@@ -911,7 +914,7 @@ def read_stdin_stream(command: str) -> pa.Table:
     try:
         stream = ipc.open_stream(pa.PythonFile(watched, mode="r"))
     except (OSError, pa.ArrowInvalid) as e:
-        fail(f"{command + ': ' if command else ''}stdin is not an Arrow stream from ecgfm ({e})")
+        raise EcgfmError(f"{command + ': ' if command else ''}stdin is not an Arrow stream from ecgfm ({e})") from e
     reader = ArtifactReader("-", None, schema=stream.schema, _stream=stream, _input=watched)
     return reader.read_all()
 
@@ -924,8 +927,8 @@ def _check_columns(schema: pa.Schema, kind: str, where: str, command: str) -> No
         return
     found = (schema.metadata or {}).get(b"ecgfm.kind", b"").decode()
     if found and found != kind:
-        fail(f"{command}: {where} holds {found}, not {kind}")
-    fail(f"{command}: {where} is not a {kind} artifact: it lacks the column(s) {', '.join(missing)}")
+        raise EcgfmError(f"{command}: {where} holds {found}, not {kind}")
+    raise EcgfmError(f"{command}: {where} is not a {kind} artifact: it lacks the column(s) {', '.join(missing)}")
 
 
 def _read_schema(path: Path) -> pa.Schema:

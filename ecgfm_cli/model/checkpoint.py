@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.model.config import EncoderConfig
 from ecgfm_cli.model.encoder import EcgClassifier, EcgEncoder
 
@@ -75,7 +76,7 @@ _HARMLESS_GLOBALS = {
 _HARMLESS_PATTERN = re.compile(r"numpy\.dtypes\.\w+DType")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EcgfmError, ValueError):
     """A file is not a usable ECG-FM checkpoint; the message says why and names offending keys."""
 
 

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from ecgfm_cli.console import fail
 from ecgfm_cli.contract import Contract, ContractMismatch, check_compatible
+from ecgfm_cli.errors import EcgfmError
 
 
 @dataclass
@@ -139,47 +139,48 @@ def open_segments(path: str | Path, model_contract: Contract | None = None, comm
                   what: str = "the model") -> SegmentIndex:
     """Index a segments artifact (shard directory or single ``.parquet``/``.arrow`` file) for training.
 
-    Refuses, with one clear :func:`~ecgfm_cli.console.fail` message: stdin, a missing path, another artifact
+    Refuses, with one clear :class:`~ecgfm_cli.errors.EcgfmError`: stdin, a missing path, another artifact
     kind, a file without a FixedSizeList ``signal`` column of ``n_leads * window`` values, a contract that
     differs from ``model_contract`` (fields named), and an artifact without rows.
     """
     from ecgfm_cli.io.artifacts import open_artifact
 
     if str(path) == "-":
-        fail(f"{command} reads its segments several times (epochs): give a directory or file, not stdin")
+        raise EcgfmError(f"{command} reads its segments several times (epochs): give a directory or file, not stdin")
     reader = open_artifact(path, "segments", command)
     meta = reader.metadata
     if meta.get("ecgfm.kind") != "segments":
-        fail(f"{command}: {path} is not a segments artifact from `ecgfm segment` (no ecgfm.kind=segments "
-             f"metadata)")
+        raise EcgfmError(f"{command}: {path} is not a segments artifact from `ecgfm segment` (no ecgfm.kind=segments "
+                         f"metadata)")
     if "ecgfm.contract" not in meta:
-        fail(f"{command}: {path} has no preprocessing contract (ecgfm.contract metadata); re-run `ecgfm segment`")
+        raise EcgfmError(f"{command}: {path} has no preprocessing contract (ecgfm.contract metadata); re-run `ecgfm "
+                         "segment`")
     contract = Contract.from_json(meta["ecgfm.contract"])
     if model_contract is not None:
         try:
             check_compatible(contract, model_contract)
         except ContractMismatch as e:
-            fail(f"{command}: {e}".replace("than the model", f"than {what}"))
+            raise EcgfmError(f"{command}: {e}".replace("than the model", f"than {what}")) from e
     n_leads, window = len(contract.leads), int(contract.window)
     files = list(reader.files)
     for f in files:
         try:
             schema = _file_schema(f)
         except (OSError, pa.ArrowInvalid) as e:
-            fail(f"{command}: cannot read {f}: {e}")
+            raise EcgfmError(f"{command}: cannot read {f}: {e}") from e
         if "signal" not in schema.names or "record_id" not in schema.names or "segment_index" not in schema.names:
-            fail(f"{command}: {f} lacks the signal/record_id/segment_index columns of a segments artifact")
+            raise EcgfmError(f"{command}: {f} lacks the signal/record_id/segment_index columns of a segments artifact")
         t = schema.field("signal").type
         if not pa.types.is_fixed_size_list(t) or t.list_size != n_leads * window:
-            fail(f"{command}: {f}: signal is {t}, expected fixed_size_list<float>[{n_leads * window}] "
-                 f"({n_leads} leads x {window} samples, as its contract says)")
+            raise EcgfmError(f"{command}: {f}: signal is {t}, expected fixed_size_list<float>[{n_leads * window}] "
+                             f"({n_leads} leads x {window} samples, as its contract says)")
         if json.loads((schema.metadata or {}).get(b"ecgfm.contract", b"null") or b"null") not in (None, json.loads(
                 meta["ecgfm.contract"])):
-            fail(f"{command}: {f} was written under another contract than {files[0].name}; "
-                 "segment every input with the same options")
+            raise EcgfmError(f"{command}: {f} was written under another contract than {files[0].name}; "
+                             "segment every input with the same options")
     index = _build_index(files, contract, n_leads, window)
     if index.n_rows == 0:
-        fail(f"{command}: {path} holds no segments")
+        raise EcgfmError(f"{command}: {path} holds no segments")
     return index
 
 

@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT_S = 600.0
 
 def dist_timeout() -> float:
     """The process-group timeout in seconds: ``ECGFM_DIST_TIMEOUT`` or :data:`DEFAULT_TIMEOUT_S`."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
 
     text = os.environ.get("ECGFM_DIST_TIMEOUT", "").strip()
     if not text:
@@ -44,7 +44,7 @@ def dist_timeout() -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        fail(f"ECGFM_DIST_TIMEOUT={text!r}: expected a number of seconds > 0")
+        raise EcgfmError(f"ECGFM_DIST_TIMEOUT={text!r}: expected a number of seconds > 0")
     return value
 
 
@@ -72,9 +72,9 @@ def _guarded(worker: Callable[..., None], args: tuple) -> None:
         line = peer_failure(e)
         if line is None:
             raise
-        from ecgfm_cli.console import fail
+        from ecgfm_cli.errors import EcgfmError
 
-        fail(line)
+        raise EcgfmError(line) from e
 
 
 @dataclass(frozen=True)
@@ -102,22 +102,22 @@ def resolve_device(device: str, gpus: int | None, procs: int | None) -> tuple[st
     """The ``--device`` / ``--gpus`` / ``--procs`` options of a training command -> (``cpu`` or ``cuda``,
     processes on this node). ``auto`` is CUDA when ``--gpus`` is given, or when a GPU is visible and ``--procs``
     (CPU processes) is not; every impossible combination fails with one line."""
-    from ecgfm_cli.console import fail
+    from ecgfm_cli.errors import EcgfmError
 
     if gpus is not None and procs is not None:
-        fail("give --gpus (one process per GPU) or --procs (CPU processes), not both")
+        raise EcgfmError("give --gpus (one process per GPU) or --procs (CPU processes), not both")
     if gpus is not None and device == "cpu":
-        fail("--gpus with --device cpu: use --procs for CPU processes")
+        raise EcgfmError("--gpus with --device cpu: use --procs for CPU processes")
     dev = device
     if dev == "auto":
         dev = "cuda" if gpus is not None or (procs is None and torch.cuda.is_available()) else "cpu"
     if dev == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda / --gpus: CUDA is not available here (torch " + torch.__version__ + ")")
+        raise EcgfmError("--device cuda / --gpus: CUDA is not available here (torch " + torch.__version__ + ")")
     if procs is not None and dev == "cuda":
-        fail("--procs runs CPU processes; use --gpus for GPUs")
+        raise EcgfmError("--procs runs CPU processes; use --gpus for GPUs")
     nprocs = gpus or procs or 1
     if dev == "cuda" and not under_launcher() and nprocs > torch.cuda.device_count():
-        fail(f"--gpus {nprocs}: only {torch.cuda.device_count()} GPU(s) visible")
+        raise EcgfmError(f"--gpus {nprocs}: only {torch.cuda.device_count()} GPU(s) visible")
     return dev, nprocs
 
 
@@ -134,21 +134,21 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
         torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port, init),
                                     nprocs=nprocs, join=True)
     except torch.multiprocessing.ProcessRaisedException as e:
-        # a rank's one-line error (console.fail) stays one line; anything else keeps its traceback
-        marker = "ecgfm_cli.console.UsageError: "
+        # a rank's one-line error (EcgfmError) stays one line; anything else keeps its traceback
+        marker = "ecgfm_cli.errors.EcgfmError: "
         text = str(e)
         if marker not in text:
             raise
-        from ecgfm_cli.console import fail
+        from ecgfm_cli.errors import EcgfmError
 
-        fail(text.rsplit(marker, 1)[1].strip())
+        raise EcgfmError(text.rsplit(marker, 1)[1].strip()) from e
     except torch.multiprocessing.ProcessExitedException as e:  # killed by a signal (the OOM killer, scancel)
-        from ecgfm_cli.console import fail
+        from ecgfm_cli.errors import EcgfmError
 
         how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
-        fail(f"rank {node_rank * nprocs + e.error_index} of {nprocs * nnodes} {how} (out of memory? see the system "
-             "log); the other processes of this node were stopped; rerun the same command (pretrain: with --resume, "
-             "to continue from the last checkpoint)")
+        raise EcgfmError(f"rank {node_rank * nprocs + e.error_index} of {nprocs * nnodes} {how} (out of memory? see "
+                         "the system log); the other processes of this node were stopped; rerun the same command "
+                         "(pretrain: with --resume, to continue from the last checkpoint)") from e
     finally:
         if rendezvous:
             shutil.rmtree(rendezvous, ignore_errors=True)
@@ -162,7 +162,14 @@ def _spawned(local_rank: int, worker: Callable[..., None], args: tuple, nprocs: 
     if init:
         os.environ["ECGFM_DIST_INIT"] = init
     os.environ["ECGFM_SPAWNED"] = "1"
-    _guarded(worker, args)
+    from ecgfm_cli.errors import EcgfmError
+
+    try:
+        _guarded(worker, args)
+    except EcgfmError as e:  # any of the family, under the one name launch() looks for in the rank's traceback
+        if type(e) is EcgfmError:
+            raise
+        raise EcgfmError(str(e)) from e
     # Leave without C++ teardown (see cleanup): the parent only needs the exit status, and every file is closed.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ecgfm_cli.console import fail, info, plural
+from ecgfm_cli.console import info, plural
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir
 from ecgfm_cli.model.config import EncoderConfig
 from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex, last_use, seeded_rng
@@ -132,14 +133,14 @@ def _check_output(run: Path, overwrite: bool) -> Path:
     """The directory the run writes into: ``run`` itself when absent or empty, else (``overwrite``) a sibling
     ``.NAME.partial`` that replaces ``run`` when the run ends. Refuses a non-empty ``run`` without overwrite."""
     if run.exists() and not run.is_dir():
-        fail(f"-o {run}: exists and is not a directory")
+        raise EcgfmError(f"-o {run}: exists and is not a directory")
     check_writable_dir(run, f"the run directory {run}")
     if run.is_dir() and any(run.iterdir()):
         if not overwrite:
-            fail(f"-o {run}: the directory is not empty (an earlier run?); pass --overwrite to replace it when "
-                 f"this run finishes, or choose another directory")
+            raise EcgfmError(f"-o {run}: the directory is not empty (an earlier run?); pass --overwrite to replace "
+                             "it when this run finishes, or choose another directory")
         if not os.access(run.parent, os.W_OK):
-            fail(f"--overwrite: {run.parent} is not writable, so {run} cannot be replaced")
+            raise EcgfmError(f"--overwrite: {run.parent} is not writable, so {run} cannot be replaced")
         return run.with_name(f".{run.name}.partial")
     return run
 
@@ -155,21 +156,21 @@ def _model_from_init(opts: FinetuneOptions, data: Contract) -> tuple[EncoderConf
         try:
             cfg = preset(opts.preset)
         except ValueError as e:
-            fail(str(e))
+            raise EcgfmError(str(e)) from e
         contract, kind = None, "random"
     else:
         assert opts.init is not None
         try:
             loaded = load_checkpoint(opts.init, allow_pickle=opts.unsafe_pickle)
         except CheckpointError as e:
-            fail(f"--init: {e}")
+            raise EcgfmError(f"--init: {e}") from e
         cfg, contract, kind = loaded.encoder_config, loaded.contract, loaded.kind
         try:
             check_compatible(data, contract)
         except ContractMismatch as e:
-            fail(str(e).replace("than the model", f"than the --init checkpoint {opts.init}"))
+            raise EcgfmError(str(e).replace("than the model", f"than the --init checkpoint {opts.init}")) from e
     if cfg.in_channels != len(data.leads):
-        fail(f"the model takes {cfg.in_channels} leads but the segments have {len(data.leads)}")
+        raise EcgfmError(f"the model takes {cfg.in_channels} leads but the segments have {len(data.leads)}")
     return replace(cfg, feature_grad_mult=0.0, **FINETUNE_DROPOUTS), contract, kind
 
 
@@ -242,8 +243,8 @@ def prepare(opts: FinetuneOptions) -> Prepared:
     """Every check that can fail, before any process group or model exists: output directory, init checkpoint,
     segments (kind, non-empty, contract vs the checkpoint's), labels (readable, targets known, joined to the
     segments), splits (patient-grouped or from the labels), leads. Fails with one clear message."""
-    from ecgfm_cli.labels import LabelError, load_labels, settle_label_kinds
-    from ecgfm_cli.probe import Embeddings, ProbeError, record_splits
+    from ecgfm_cli.labels import load_labels, settle_label_kinds
+    from ecgfm_cli.probe import Embeddings, record_splits
     from ecgfm_cli.provenance import build_provenance
     from ecgfm_cli.splits import group_counts, patient_keys, small_group_warnings, split_summary
     from ecgfm_cli.train.data import open_segments
@@ -251,7 +252,7 @@ def prepare(opts: FinetuneOptions) -> Prepared:
     run = Path(opts.output)
     work = _check_output(run, opts.overwrite)
     if opts.random_init == (opts.init is not None):
-        fail("give --init CHECKPOINT (pretrained encoder) or --random-init (baseline), exactly one")
+        raise EcgfmError("give --init CHECKPOINT (pretrained encoder) or --random-init (baseline), exactly one")
     index = open_segments(opts.segments, None, "finetune")
     enc_cfg, model_contract, init_kind = _model_from_init(opts, index.contract)
     contract = model_contract or index.contract
@@ -262,27 +263,21 @@ def prepare(opts: FinetuneOptions) -> Prepared:
         lower = {lead.lower(): lead for lead in leads}
         unknown = [lead for lead in opts.leads if lead.lower() not in lower]
         if unknown:
-            fail(f"--leads: unknown lead(s) {', '.join(unknown)}; the segments have {', '.join(leads)}")
+            raise EcgfmError(f"--leads: unknown lead(s) {', '.join(unknown)}; the segments have {', '.join(leads)}")
         keep = {lower[lead.lower()] for lead in opts.leads}
         scale = np.array([1.0 if lead in keep else 0.0 for lead in leads], dtype=np.float32)
         leads = [lead for lead in leads if lead in keep]
 
-    try:
-        table = load_labels(opts.labels, opts.label_map)
-    except LabelError as e:
-        fail(str(e))
+    table = load_labels(opts.labels, opts.label_map)
     notes = list(table.notes)
     labels = list(table.labels)
     if opts.targets:
         unknown = [t for t in opts.targets if t not in labels]
         if unknown:
-            fail(f"--targets: unknown label(s) {', '.join(repr(t) for t in unknown)}; the labels are "
-                 f"{', '.join(labels)}")
+            raise EcgfmError(f"--targets: unknown label(s) {', '.join(repr(t) for t in unknown)}; the labels are "
+                             f"{', '.join(labels)}")
         labels = list(dict.fromkeys(opts.targets))
-    try:
-        notes += settle_label_kinds(table, labels, opts.continuous)
-    except LabelError as e:
-        fail(str(e))
+    notes += settle_label_kinds(table, labels, opts.continuous)
     cols = [table.labels.index(lab) for lab in labels]
 
     rid, pid, seg = _segment_ids(index)
@@ -302,8 +297,8 @@ def prepare(opts: FinetuneOptions) -> Prepared:
     if n_no_value:
         notes.append(f"excluded {n_no_value} segments whose record has no known value for any target")
     if not used.any():
-        fail(f"no segment has labels: none of the segments' record_ids ({rid[0]!r}, ...) has a row with a known "
-             f"value in {opts.labels}; are these the labels of these segments?")
+        raise EcgfmError(f"no segment has labels: none of the segments' record_ids ({rid[0]!r}, ...) has a row with "
+                         f"a known value in {opts.labels}; are these the labels of these segments?")
     rows = np.flatnonzero(used).astype(np.int64)
     rid, pid, seg, Y = rid[used], pid[used], seg[used], Y_all[used]
     if table.patient_ids is not None:
@@ -311,14 +306,11 @@ def prepare(opts: FinetuneOptions) -> Prepared:
         pid = np.array([a if a not in (None, "") else b for a, b in zip(lp, pid, strict=True)], dtype=object)
 
     emb = Embeddings(rid, pid, seg, np.zeros((len(rid), 0), np.float32))
-    try:
-        split_of, split_notes, check = record_splits(table, emb, opts.split_fractions, opts.seed)
-    except ProbeError as e:
-        fail(str(e))
+    split_of, split_notes, check = record_splits(table, emb, opts.split_fractions, opts.seed)
     notes += split_notes
     split = np.array([split_of[r] for r in rid], dtype=object)
     if not (split == "train").any():
-        fail("no labelled segment is in the train split; check the split column or --split-fractions")
+        raise EcgfmError("no labelled segment is in the train split; check the split column or --split-fractions")
     if not (split == "valid").any():
         notes.append("WARNING: the valid split is empty: no model selection or early stopping (the last epoch's "
                      "model is kept)")
@@ -621,8 +613,9 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
             bar.close()
         tot, cnt = _reduce([float(loss_sum), loss_n], ctx)
         if cnt and not math.isfinite(tot):
-            fail(f"finetune: epoch {epoch}: the training loss is {tot / cnt} (not finite), so the model is lost; "
-                 "the segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
+            raise EcgfmError(f"finetune: epoch {epoch}: the training loss is {tot / cnt} (not finite), so the model "
+                             "is lost; "
+                             "the segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
         entry: dict[str, Any] = {"epoch": epoch, "train_loss": tot / cnt if cnt else None, "lr": opts.lr,
                                  "train_batches": len(batches)}
         if len(valid_pos):

@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ecgfm_cli.console import fail, info, plural
+from ecgfm_cli.console import info, plural
 from ecgfm_cli.contract import Contract
+from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, replace_dir
 from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, preset
 from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, cmsc_loss, total_loss
@@ -183,12 +184,14 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
     if opts.resume:
         ck = latest_checkpoint(run) if run.is_dir() else None
         if ck is None:
-            fail(f"--resume: {run} holds no complete checkpoint (checkpoint-*/{STATE_FILE})")
+            raise EcgfmError(f"--resume: {run} holds no complete checkpoint (checkpoint-*/{STATE_FILE})")
         resume_from = str(ck)
     elif run.is_dir() and (checkpoints(run) or (run / "log.jsonl").exists()):
         if checkpoints(run):
-            fail(f"{run} already holds a pretraining run: pass --resume to continue it, or choose another -o")
-        fail(f"{run} already holds another run (a finetuning run?), not a pretraining run; choose another -o")
+            raise EcgfmError(f"{run} already holds a pretraining run: pass --resume to continue it, or choose "
+                             "another -o")
+        raise EcgfmError(f"{run} already holds another run (a finetuning run?), not a pretraining run; choose "
+                         "another -o")
 
     pcfg = opts.pretrain
     enc_cfg: EncoderConfig
@@ -213,8 +216,8 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             opts = replace(opts, batch_size=int(source["batch_size"]))
         at = int(source.get("update", 0))
         if opts.max_updates is not None and at >= opts.max_updates:
-            fail(f"--resume: {resume_from} is at update {at}, already at --max-updates {opts.max_updates}; "
-                 "raise --max-updates to continue")
+            raise EcgfmError(f"--resume: {resume_from} is at update {at}, already at --max-updates {opts.max_updates}; "
+                             "raise --max-updates to continue")
         ignored = []
         if source.get("pretrain"):
             saved = PretrainConfig(**{**source["pretrain"], "cmsc_gather": pcfg.cmsc_gather})
@@ -233,7 +236,7 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         try:
             loaded = load_checkpoint(opts.init, allow_pickle=opts.unsafe_pickle)
         except CheckpointError as e:
-            fail(f"--init {opts.init}: {e}")
+            raise EcgfmError(f"--init {opts.init}: {e}") from e
         enc_cfg, model_contract, init_kind = loaded.encoder_config, loaded.contract, loaded.kind
         if loaded.kind != "pretraining":  # an encoder/classifier carries finetuning (or no) dropouts
             ref = EncoderConfig()
@@ -250,7 +253,7 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         try:
             enc_cfg = preset(opts.preset)
         except ValueError as e:
-            fail(str(e))
+            raise EcgfmError(str(e)) from e
     if opts.dropout is not None:  # the activation dropout keeps its own value (reference 0.0)
         enc_cfg = replace(enc_cfg, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
     if (opts.max_updates, opts.max_epochs, opts.max_time) == (None, None, None):
@@ -268,26 +271,26 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
              + ("" if got == update_segments else f" (the reference's is {update_segments})")
              + "; --update-freq sets another")
     if pcfg.cmsc and opts.batch_size % 2:
-        fail(f"--batch-size {opts.batch_size}: must be even with CMSC (pairs of segments)")
+        raise EcgfmError(f"--batch-size {opts.batch_size}: must be even with CMSC (pairs of segments)")
     if pcfg.final_dim % pcfg.latent_groups:
-        fail(f"--final-dim {pcfg.final_dim} must be divisible by --latent-groups {pcfg.latent_groups} (each group "
-             "quantizes an equal slice)")
+        raise EcgfmError(f"--final-dim {pcfg.final_dim} must be divisible by --latent-groups {pcfg.latent_groups} "
+                         "(each group quantizes an equal slice)")
 
     what = f"the checkpoint {opts.init}" if opts.init and resume_from is None else "the model"
     index = open_segments(opts.segments, model_contract, "pretrain", what=what)
     frames = enc_cfg.num_frames(index.contract.window)
     if pcfg.w2v and frames <= pcfg.mask_length + 1:
-        fail(f"segments of {index.contract.window} samples give {frames} encoder frames: too few for "
-             f"--mask-length {pcfg.mask_length}")
+        raise EcgfmError(f"segments of {index.contract.window} samples give {frames} encoder frames: too few for "
+                         f"--mask-length {pcfg.mask_length}")
     lcfg = loader_config(opts, pcfg, world_size)
     n = batches_per_epoch(index, lcfg)
     if n == 0:
         items = index.stats.pairs if pcfg.cmsc else index.stats.segments
-        fail(f"not enough data for one batch of {opts.batch_size} segments on each of {world_size} rank(s) x "
-             f"{lcfg.workers} loader worker(s): {index.stats.describe(pcfg.cmsc)} ({items} usable "
-             f"{'pairs' if pcfg.cmsc else 'segments'}); lower --batch-size/--workers/--procs")
+        raise EcgfmError(f"not enough data for one batch of {opts.batch_size} segments on each of {world_size} "
+                         f"rank(s) x {lcfg.workers} loader worker(s): {index.stats.describe(pcfg.cmsc)} ({items} "
+                         f"usable {'pairs' if pcfg.cmsc else 'segments'}); lower --batch-size/--workers/--procs")
     if opts.warmup_updates and opts.warmup_fraction:
-        fail("--warmup-updates and --warmup-fraction both set the warm-up: give one")
+        raise EcgfmError("--warmup-updates and --warmup-fraction both set the warm-up: give one")
     schedule = make_schedule(opts, n)
     incomplete = incomplete_segments(index.files)
     if incomplete:
@@ -590,14 +593,14 @@ def load_trainer_state(ckpt: Path) -> dict:
     except pickle.UnpicklingError as e:  # weights_only refused what the pickle asks for: it would run code
         found = re.search(r"Unsupported (?:global: GLOBAL \S+|operand \S+)|unsupported GLOBAL \S+", str(e))
         why = f" ({found.group(0)})" if found else ""
-        fail(f"--resume: {path} is not a safe trainer state: it holds pickled objects beyond tensors and plain "
-             f"data{why}, which ecgfm never writes; it was not loaded")
+        raise EcgfmError(f"--resume: {path} is not a safe trainer state: it holds pickled objects beyond tensors and "
+                         f"plain data{why}, which ecgfm never writes; it was not loaded") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"--resume: {path} is not a readable trainer state ({first})")
+        raise EcgfmError(f"--resume: {path} is not a readable trainer state ({first})") from e
     missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
     if missing:
-        fail(f"--resume: {path} is not an ecgfm trainer state (it lacks {', '.join(missing)})")
+        raise EcgfmError(f"--resume: {path} is not an ecgfm trainer state (it lacks {', '.join(missing)})")
     return state
 
 
@@ -731,8 +734,9 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         clock = m.pop("clock")
         if not math.isfinite(m["loss"]):  # every rank sees the same global loss, so all stop here
             last = f"checkpoint-{saved_at} is the last good one" if saved_at > 0 else "no checkpoint was written"
-            fail(f"pretrain: update {at}: the loss is {m['loss']} (not finite), so the model is lost ({last}); the "
-                 "segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
+            raise EcgfmError(f"pretrain: update {at}: the loss is {m['loss']} (not finite), so the model is lost "
+                             f"({last}); the "
+                             "segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
         m.update(update=at)
         window.append(m)
         seg_window += segments
