@@ -14,14 +14,13 @@ ranks (and accumulation steps) and divides the summed loss by that global count,
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecgfm_cli.model.config import EncoderConfig
+from ecgfm_cli.model.config import EncoderConfig, PretrainConfig
 from ecgfm_cli.model.encoder import EcgEncoder
 from ecgfm_cli.model.masking import compute_span_mask
 from ecgfm_cli.model.quantizer import GumbelVectorQuantizer
@@ -38,45 +37,6 @@ __all__ = [
     "sample_negative_indices",
     "total_loss",
 ]
-
-
-@dataclass
-class PretrainConfig:
-    """Every knob of the W2V + CMSC + RLM objective; defaults are the ECG-FM reference values (§2)."""
-
-    # which terms are on (ablations)
-    w2v: bool = True  # contrastive + diversity + feature penalty; False also disables time masking
-    cmsc: bool = True
-    rlm: bool = True  # applied by the data side (train.data.lead_keep); kept here for the run config
-    # time masking (compute_span_mask)
-    mask_prob: float = 0.65
-    mask_length: int = 10
-    min_masks: int = 2
-    # quantizer / contrastive head
-    latent_vars: int = 320
-    latent_groups: int = 2
-    final_dim: int = 256  # also vq_dim (latent_dim 0 in the reference)
-    latent_temp_max: float = 2.0
-    latent_temp_min: float = 0.5
-    latent_temp_decay: float = 0.999995
-    #: "decay": ``max(latent_temp_max * decay ** update, latent_temp_min)`` (reference); "run": annealed
-    #: geometrically from latent_temp_max to latent_temp_min across the run (progress 0 -> 1; the decay is unused)
-    latent_temp_schedule: str = "decay"
-    num_negatives: int = 100
-    logit_temp: float = 0.1
-    dropout_features: float = 0.1
-    feature_grad_mult: float = 0.1  # overrides EncoderConfig.feature_grad_mult in pretraining
-    # loss weights
-    diversity_weight: float = 0.1
-    features_pen_weight: float = 10.0
-    cmsc_weight: float = 1.0
-    # CMSC
-    cmsc_temp: float = 0.1
-    cmsc_eps: float = 1e-8
-    cmsc_gather: bool = False  # reference: local batch only
-    # RLM
-    rlm_prob: float = 0.5  # probability that a lead is zeroed
-    rlm_apply_prob: float = 1.0  # probability that a segment is perturbed at all
 
 
 # --------------------------------------------------------------------------------------------------

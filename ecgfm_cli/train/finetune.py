@@ -47,42 +47,12 @@ from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir
 from ecgfm_cli.model.config import EncoderConfig
 from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex, last_use, seeded_rng
 from ecgfm_cli.train.distributed import DistContext, cleanup, setup
+from ecgfm_cli.train.options import FinetuneOptions
 from ecgfm_cli.train.runs import append_jsonl, autocast, seed_everything
 
 #: ECG-FM's finetuning dropouts (reference 1: fairseq-signals diagnosis.yaml).
 FINETUNE_DROPOUTS = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.1, "dropout_input": 0.0}
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-@dataclass
-class FinetuneOptions:
-    """Everything ``ecgfm finetune`` takes (see docs/commands/finetune.md for the meaning and defaults)."""
-
-    segments: str
-    labels: str
-    output: str
-    init: str | None = None
-    random_init: bool = False
-    preset: str = "base"
-    label_map: str | None = None
-    targets: tuple[str, ...] | None = None
-    leads: tuple[str, ...] | None = None
-    epochs: int = 20
-    patience: int = 5
-    batch_size: int = 128
-    lr: float = 5e-5
-    adam_betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-8
-    seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    continuous: tuple[str, ...] = ()  # labels fitted as continuous targets (--continuous)
-    pos_weight: str = "records"
-    device: str = "cpu"
-    dtype: str = "float32"
-    shuffle_buffer: int = 4096
-    predict_train: bool = True
-    overwrite: bool = False
-    unsafe_pickle: bool = False
 
 
 @dataclass

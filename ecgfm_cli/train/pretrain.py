@@ -38,10 +38,11 @@ from ecgfm_cli.console import info, plural
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, replace_dir
-from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, preset
-from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, cmsc_loss, total_loss
+from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, PretrainConfig, preset
+from ecgfm_cli.model.pretraining import Wav2Vec2Pretrainer, cmsc_loss, total_loss
 from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
 from ecgfm_cli.train.distributed import DistContext, cleanup, setup
+from ecgfm_cli.train.options import RECIPE_OPTIONS, TrainOptions
 from ecgfm_cli.train.runs import append_jsonl, autocast, read_jsonl, seed_everything
 
 STATE_FILE = "trainer_state.pt"
@@ -51,59 +52,6 @@ _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
 #: optimisation. Stopping (--max-*), cadence (--save-every, --log-every), devices and the loader layout may change.
 RESUME_KEEPS = ("seed", "shuffle_buffer", "lr", "lr_schedule", "warmup_updates", "warmup_fraction", "weight_decay",
                 "adam_betas", "adam_eps", "clip_norm", "update_freq", "dropout")
-#: Options whose default is the preset's (:data:`~ecgfm_cli.model.config.RECIPES`) unless given: ``TrainOptions``
-#: fields, and ``PretrainConfig`` fields under ``pretrain.``. ``TrainOptions.given`` names those given.
-RECIPE_OPTIONS = ("batch_size", "update_freq", "lr", "lr_schedule", "warmup_fraction", "clip_norm", "dropout",
-                  "pretrain.latent_vars", "pretrain.final_dim", "pretrain.num_negatives", "pretrain.latent_temp_max",
-                  "pretrain.latent_temp_min", "pretrain.latent_temp_decay", "pretrain.latent_temp_schedule")
-
-
-@dataclass
-class TrainOptions:
-    """Everything ``ecgfm pretrain`` takes (CLI defaults = the ECG-FM reference, see docs/commands/pretrain.md).
-
-    batch_size: segments per rank per micro-batch (CMSC: 2 x pairs). max_time: seconds of training, summed over
-    resumes. workers: data partitions per rank, each read by a background thread (or a DataLoader process with
-    worker_processes). warmup_fraction: linear warm-up over this fraction of the schedule's horizon (the run's
-    length in updates, or in seconds with only ``max_time``); ``warmup_updates`` counts updates instead.
-    given: the :data:`RECIPE_OPTIONS` set explicitly; :func:`prepare` gives the others the preset's values.
-    """
-
-    segments: str
-    output: str
-    preset: str = "base"
-    init: str | None = None
-    unsafe_pickle: bool = False
-    resume: bool = False
-    device: str = "cpu"
-    dtype: str = "float32"
-    compile: bool = False
-    batch_size: int | None = None  # None: 128 (the reference), or with --resume the run's
-    update_freq: int = 1
-    lr: float = 5e-5
-    lr_schedule: str = "fixed"
-    warmup_updates: int = 0
-    warmup_fraction: float = 0.0
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-6
-    clip_norm: float = 0.0
-    max_updates: int | None = None
-    max_epochs: int | None = None
-    max_time: float | None = None
-    save_every: int = 5000
-    keep_last: int = 3
-    log_every: int = 10
-    seed: int = 1
-    workers: int = 2
-    threads: int | None = None  # torch CPU threads per process (None: the cores shared among the processes)
-    worker_processes: bool = False
-    shuffle_buffer: int = 1024
-    dropout: float | None = None
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    given: tuple[str, ...] = ()
-
-
 @dataclass(frozen=True)
 class Schedule:
     """What the learning-rate and Gumbel-temperature schedules follow: the run's length in updates (``by``
