@@ -42,6 +42,8 @@ class SegmentSummary:
     missing_leads: int = 0
     padded: int = 0
     skipped_shard: bool = False
+    found: int = 0  # records files of the input, in every shard
+    files: int = 0  # records files this shard read
 
 
 def contract_of(opts: SegmentOptions) -> Contract:
@@ -55,8 +57,10 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
     if not start_shard(output, shard, "segment", "segments"):
         summary.skipped_shard = True
         return summary
+    summary.found = len(reader.files)
     if shard[1] > 1:
         reader.files = reader.files[shard[0]::shard[1]]
+    summary.files = len(reader.files)
     schema = segments_schema(len(opts.leads), opts.window, dtype)
     contract = contract_of(opts)
     schema = schema.with_metadata({b"ecgfm.contract": contract.to_json().encode()})
@@ -86,7 +90,8 @@ def run_segment(reader: ArtifactReader, output: Output, opts: SegmentOptions, dt
     summary.reject_example = reject_example(rejects)
     write_sidecars(output, shard, "segment", _labels_table(labels, reader.path), table_from_rows(rejects, REJECTS),
                    rejects_path)
-    if output.format == "dir" and summary.segments:  # a shard that wrote nothing failed: a rerun redoes it
+    # a shard that wrote nothing failed (no marker: a rerun redoes it), unless it holds none of the input's files
+    if output.format == "dir" and (summary.segments or (summary.found and not summary.files)):
         write_done_marker(output.path, shard, {
             "kind": "segments", "shard": list(shard), "records": summary.records, "segments": summary.segments,
             "rejects": dict(summary.rejects), "contract": contract.to_json(), "parts": [f.name for f in writer.files]})

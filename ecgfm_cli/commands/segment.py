@@ -38,7 +38,7 @@ def segment_command(
 ) -> None:
     """Reorder leads by name to I..V6 (absent leads zero-filled and flagged), resample linearly to
     500 Hz, z-score each lead over the whole record, cut non-overlapping 5 s windows."""
-    from ecgfm_cli.console import info
+    from ecgfm_cli.console import info, plural
     from ecgfm_cli.contract import STANDARD_LEADS
     from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.ingest import parse_shard
@@ -73,6 +73,9 @@ def segment_command(
                           pad=pad)
     summary = run_segment(reader, out, opts, dtype=dtype, shard=shard_t, rejects_path=rejects, workers=workers)
     if summary.skipped_shard:
+        return
+    if summary.found and not summary.files:
+        info(f"segment: shard {shard} holds none of the {plural(summary.found, 'records file')}; nothing to do")
         return
     info(report(summary, out))
     if summary.segments == 0:
