@@ -114,7 +114,9 @@ def main() -> None:
             if type(e).__name__ == "NoArgsIsHelpError":  # a bare `ecgfm COMMAND`: its help
                 e.show()
             else:  # one line, like every other error
-                print(f"{prog.strip()}: error: {e.format_message()} (see `{prog.strip()} --help`)", file=sys.stderr)
+                # typer validates through pydantic, whose ValueError text starts "Value error, "
+                message = e.format_message().replace(": Value error, ", ": ")
+                print(f"{prog.strip()}: error: {message} (see `{prog.strip()} --help`)", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
     if rc == 130:

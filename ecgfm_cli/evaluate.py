@@ -8,6 +8,7 @@ labels (counting every excluded row) and runs the levels; the ``report_*`` funct
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1023,13 +1024,43 @@ def strip_private(o: Any) -> Any:
     return o
 
 
+def finite_or_none(o: Any) -> Any:
+    """``o`` with every NaN/inf float turned into None (and tuples into lists), so that its JSON is strict."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_or_none(v) for v in o]
+    return o
+
+
+def report_settings(cfg: EvalConfig, label_map: str | None, subgroups: list[str] | None) -> dict[str, Any]:
+    """The report's ``settings``: how the evaluation was run."""
+    return {"aggregate": cfg.aggregate, "aggregate_methods": cfg.aggregate_methods or None, "bootstrap": cfg.n_boot,
+            "seed": cfg.seed, "ci_level": cfg.ci_level, "threshold_method": cfg.threshold_method,
+            "calibrate": cfg.calibrate, "eval_split": cfg.eval_split, "ece_bins": M.ECE_BINS, "label_map": label_map,
+            "min_positives": cfg.min_positives, "at_specificity": list(cfg.at_specificity),
+            "at_sensitivity": list(cfg.at_sensitivity), "subgroups": subgroups or None,
+            "age_bands": list(cfg.age_bands), "min_subgroup": cfg.min_subgroup,
+            "bootstrap_strata": "patients by the rarest label they are positive for",
+            "ci_method": "bias-corrected percentile (BC)"}
+
+
+def report_text(report: dict[str, Any], suffix: str) -> str:
+    """The report as the ``-o`` file of that extension holds it: ``.json`` (everything), ``.md`` or ``.csv``."""
+    if suffix == ".json":
+        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    return report_markdown(report) if suffix == ".md" else report_csv(report)
+
+
 def build_report(body: dict[str, Any], preds: Predictions, predictions_path: str, labels_path: str,
                  settings: dict[str, Any], provenance: dict[str, Any], baseline_body: dict[str, Any] | None = None,
                  baseline_preds: Predictions | None = None, baseline_path: str | None = None,
                  comparison: dict[str, Any] | None = None, subgroup_sources: dict[str, str] | None = None,
                  ) -> dict[str, Any]:
     """The report (the ``-o OUT.json`` document) of one evaluation: the body of :func:`evaluate`, the settings,
-    what produced the predictions (and the baseline), the paired comparison and the provenance."""
+    what produced the predictions (and the baseline), the paired comparison and the provenance; NaN/inf as None."""
     report: dict[str, Any] = {
         "ecgfm_report_version": REPORT_VERSION,
         "kind": "evaluate",
@@ -1049,7 +1080,7 @@ def build_report(body: dict[str, Any], preds: Predictions, predictions_path: str
     if comparison is not None:
         report["comparison"] = comparison
     report["provenance"] = provenance
-    return strip_private(report)
+    return finite_or_none(strip_private(report))
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -23,16 +23,10 @@ def embed_features(out, output: str, input: str, kind: str, model: str | None, r
     from ecgfm_cli.io.schema import segments_contract
     from ecgfm_cli.provenance import build_provenance
 
-    if kind != "rhythm":
-        raise EcgfmError(f"--features {kind!r}: expected rhythm")
     if model is not None or random_init:
         raise EcgfmError("--features computes features without a model: leave out --model/--random-init")
     if gpus:
         raise EcgfmError("--features runs on CPU: use --procs N for several processes, not --gpus")
-    if pool not in ("segment", "record"):
-        raise EcgfmError(f"--pool {pool!r}: expected segment or record")
-    if nan not in ("refuse", "skip"):
-        raise EcgfmError(f"--nan {nan!r}: expected refuse or skip")
     if input == "-" and procs > 1:
         raise EcgfmError("--procs needs a file or directory input, not stdin")
     version = require_neurokit()

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ecgfm_cli.commands.options import UnsafePickle
+
 #: The 17 MIMIC-IV-ECG labels of ``mimic_iv_ecg_finetuned.pt``, in its logit order (ECG-FM's label_def.csv).
 MIMIC_IV_ECG_LABELS: tuple[str, ...] = (
     "Poor data quality",
@@ -68,8 +70,7 @@ def convert_command(
                                                "labels of mimic_iv_ecg_finetuned.pt), challenge2021 (the 26 "
                                                "scored classes, for physionet_finetuned.pt), a file with one "
                                                "name per line, or NAME,NAME,...")] = None,
-    unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in the "
-                                                ".pt (runs code from the file: trusted files only).")] = False,
+    unsafe_pickle: UnsafePickle = False,
 ) -> None:
     """Convert an official ECG-FM checkpoint into ecgfm's own format (safetensors + config.json with the
     encoder config, preprocessing contract, label names and the source file's sha256)."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from ecgfm_cli.commands.options import AllowPartial
+from ecgfm_cli.commands.options import AllowPartial, Device, Gpus, PresetName, Procs, Threads, UnsafePickle
 
 
 def embed_command(
@@ -18,34 +18,31 @@ def embed_command(
     random_init: Annotated[bool, typer.Option("--random-init", help="Embed with a randomly initialised encoder "
                                               "(--preset, --seed) instead of --model: the baseline a probe "
                                               "should beat.")] = False,
-    preset: Annotated[str, typer.Option(help="Encoder size for --random-init: base, large, small or tiny.")] = "base",
+    preset: Annotated[PresetName, typer.Option(help="Encoder size for --random-init: base, large, small or "
+                                               "tiny.", metavar="NAME")] = "base",
     seed: Annotated[int, typer.Option(help="Seed of the --random-init weights.")] = 0,
-    pool: Annotated[str, typer.Option(help="segment: one embedding per segment; record: also average each "
-                                      "record's segments (one row per record, segment_index -1).")] = "segment",
+    pool: Annotated[Literal["segment", "record"], typer.Option(
+        help="segment: one embedding per segment; record: also average each record's segments (one row per record, "
+        "segment_index -1).")] = "segment",
     leads: Annotated[str | None, typer.Option(help="Keep only these leads, e.g. I,II (every other lead is "
                                               "zeroed; recorded in the output metadata).")] = None,
-    nan: Annotated[str, typer.Option(help="Segments holding NaN/Inf: refuse (error naming them) or skip "
-                                     "(leave them out, counted).")] = "refuse",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available, else cpu).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 (torch.autocast: faster, cosine > 0.9999 "
-                                       "to float32).")] = "float32",
+    nan: Annotated[Literal["refuse", "skip"], typer.Option(
+        help="Segments holding NaN/Inf: refuse (error naming them) or skip (leave them out, counted).")] = "refuse",
+    device: Device = "auto",
+    dtype: Annotated[Literal["float32", "bfloat16"], typer.Option(
+        help="float32, or bfloat16 (torch.autocast: faster, cosine > 0.9999 to float32).")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Segments per forward pass.", min=1)] = 32,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process (default: torch's).",
-                                                min=1)] = None,
-    gpus: Annotated[int, typer.Option(help="Split the input over this many GPUs (one process each).",
-                                      min=0)] = 0,
-    procs: Annotated[int, typer.Option(help="Split the input over this many CPU processes (same code path as "
-                                       "--gpus; --threads is per process).", min=1)] = 1,
-    features: Annotated[str | None, typer.Option("--features", help="rhythm: classical features instead of a "
-                                                 "model (heart rate, R-R irregularity, QRS/PR/QT; neurokit2), "
-                                                 "the baseline a model should beat. --leads: the leads to try, "
-                                                 "in order (default II first).")] = None,
+    threads: Threads = None,
+    gpus: Gpus = None,
+    procs: Procs = None,
+    features: Annotated[Literal["rhythm"] | None, typer.Option(
+        "--features", help="rhythm: classical features instead of a model (heart rate, R-R irregularity, QRS/PR/QT; "
+        "neurokit2), the baseline a model should beat. --leads: the leads to try, in order (default II "
+        "first).")] = None,
     shard: Annotated[str, typer.Option(help="I/N: embed only part I of the input's N equal parts into -o DIR, "
                                        "e.g. $SLURM_ARRAY_TASK_ID/64; the N shard jobs, in any order, write the "
                                        "artifact one job would. A rerun skips finished shards.")] = "0/1",
-    unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a "
-                                                ".pt checkpoint (runs code from the file: trusted files only).")
-                             ] = False,
+    unsafe_pickle: UnsafePickle = False,
     allow_partial: AllowPartial = False,
 ) -> None:
     """One mean-pooled embedding (768-d for the base model) per 5 s segment, keyed by record_id,
@@ -75,40 +72,21 @@ def embed_command(
     if features is not None:
         from ecgfm_cli.commands._embed_features import embed_features
 
-        embed_features(out, output, input, features, model, random_init, pool, leads, nan, procs, gpus)
+        embed_features(out, output, input, features, model, random_init, pool, leads, nan, procs or 1, gpus or 0)
         return
     if (model is None) == (not random_init):
         raise EcgfmError("give exactly one of --model CKPT and --random-init")
-    if pool not in ("segment", "record"):
-        raise EcgfmError(f"--pool {pool!r}: expected segment or record")
-    if nan not in ("refuse", "skip"):
-        raise EcgfmError(f"--nan {nan!r}: expected refuse or skip")
-    if dtype not in ("float32", "bfloat16"):
-        raise EcgfmError(f"--dtype {dtype!r}: expected float32 or bfloat16")
-    if gpus and procs > 1:
-        raise EcgfmError("give --gpus or --procs, not both")
-    if input == "-" and (gpus > 1 or procs > 1):
+    if input == "-" and max(gpus or 0, procs or 0) > 1:
         raise EcgfmError("--gpus/--procs need a file or directory input, not stdin")
-
-    import torch
 
     from ecgfm_cli.embed import EmbedOptions, ModelSpec, check_input, load_model, parse_leads, run_embed
     from ecgfm_cli.io.artifacts import open_artifact
     from ecgfm_cli.model.checkpoint import CheckpointError
-    from ecgfm_cli.model.config import PRESETS
     from ecgfm_cli.provenance import build_provenance
+    from ecgfm_cli.train.distributed import resolve_device
 
-    if random_init and preset not in PRESETS:
-        raise EcgfmError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    if procs > 1 and device is not None and device.startswith("cuda"):
-        raise EcgfmError("--procs runs CPU processes; use --gpus N for several GPUs")
-    device = device or ("cuda" if gpus or (procs <= 1 and torch.cuda.is_available()) else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise EcgfmError(f"--device {device!r}: expected cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EcgfmError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
-    if gpus and gpus > torch.cuda.device_count():
-        raise EcgfmError(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    device, nproc = resolve_device(device, gpus, procs)  # the rule of pretrain and finetune
+    gpus, procs = (nproc if gpus is not None else 0), (nproc if device == "cpu" else 1)
 
     spec = ModelSpec(checkpoint=model, allow_pickle=unsafe_pickle, preset=preset if random_init else None,
                      seed=seed)

@@ -5,35 +5,10 @@ a self-contained HTML/Markdown report. The work is in ``ecgfm_cli.evaluate`` / `
 from __future__ import annotations
 
 import json
-import math
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Literal
 
 import typer
-
-
-class Aggregate(str, Enum):
-    max = "max"
-    mean = "mean"
-    min = "min"
-    label = "label"
-
-
-class ThresholdMethod(str, Enum):
-    f1 = "f1"
-    youden = "youden"
-
-
-def _clean(o: Any) -> Any:
-    """NaN/inf -> None so the JSON is strict."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
 
 
 def evaluate_command(
@@ -45,17 +20,17 @@ def evaluate_command(
                                                   "(challenge2021) for a long labels table.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Report file: .json (everything), .md or "
                                                 ".csv. The Markdown table is always printed on stdout.")] = None,
-    aggregate: Annotated[Aggregate | None, typer.Option(help="Also evaluate record-level predictions: segment "
-                                                        "probabilities grouped by record_id with max, mean, min, or "
-                                                        "`label` (ECG-FM's per-label rules).")] = None,
+    aggregate: Annotated[Literal["max", "mean", "min", "label"] | None, typer.Option(
+        help="Also evaluate record-level predictions: segment probabilities grouped by record_id with max, mean, min, "
+        "or `label` (ECG-FM's per-label rules).")] = None,
     aggregate_rules: Annotated[Path | None, typer.Option(help="JSON {label: max|mean|min} overriding the per-label "
                                                          "rules of --aggregate label.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Patient-level bootstrap resamples for 95% CIs (0 disables).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit one temperature per label on the valid split "
                                             "and report calibration after scaling.")] = False,
-    threshold: Annotated[ThresholdMethod, typer.Option(help="How the operating threshold is chosen on the valid "
-                                                       "split.")] = ThresholdMethod.f1,
+    threshold: Annotated[Literal["f1", "youden"], typer.Option(
+        help="How the operating threshold is chosen on the valid split.")] = "f1",
     eval_split: Annotated[str, typer.Option(help="Split to report (when there is a split column).")] = "test",
     plots: Annotated[Path | None, typer.Option(help="Directory for PNG plots (ROC, PR, reliability) per label; "
                                                "replaced as a whole. Needs matplotlib.")] = None,
@@ -92,13 +67,13 @@ def evaluate_command(
         compare,
         evaluate,
         load_predictions,
-        report_csv,
         report_markdown,
+        report_settings,
+        report_text,
         subgroup_columns,
     )
     from ecgfm_cli.io.artifacts import atomic_path, atomic_write_text, check_writable_dir
     from ecgfm_cli.labels import load_aggregate_rules, load_labels, resolve_aggregation
-    from ecgfm_cli.metrics import ECE_BINS
     from ecgfm_cli.provenance import build_provenance
 
     if output is not None and output.suffix.lower() not in (".json", ".md", ".csv"):
@@ -110,7 +85,7 @@ def evaluate_command(
     for value, name in ((min_positives, "--min-positives"), (min_subgroup, "--min-subgroup")):
         if value < 1:
             raise typer.BadParameter("must be >= 1", param_hint=name)
-    if aggregate_rules is not None and aggregate is not Aggregate.label:
+    if aggregate_rules is not None and aggregate != "label":
         raise typer.BadParameter("needs --aggregate label", param_hint="--aggregate-rules")
     targets = {}
     for name, text in (("--at-specificity", at_specificity), ("--at-sensitivity", at_sensitivity),
@@ -151,10 +126,10 @@ def evaluate_command(
     table = load_labels(labels, label_map)
     preds = load_predictions(predictions)
     rules = load_aggregate_rules(aggregate_rules) if aggregate_rules else None
-    methods = (resolve_aggregation(preds.labels, aggregate.value, rules, table.label_map)
+    methods = (resolve_aggregation(preds.labels, aggregate, rules, table.label_map)
                if aggregate is not None else {})
-    cfg = EvalConfig(eval_split=eval_split, threshold_method=threshold.value, n_boot=bootstrap, seed=seed,
-                     calibrate=calibrate, aggregate=aggregate.value if aggregate else None,
+    cfg = EvalConfig(eval_split=eval_split, threshold_method=threshold, n_boot=bootstrap, seed=seed,
+                     calibrate=calibrate, aggregate=aggregate,
                      aggregate_methods=methods, min_positives=min_positives,
                      at_specificity=targets["--at-specificity"], at_sensitivity=targets["--at-sensitivity"],
                      min_subgroup=min_subgroup, age_bands=targets["--age-bands"])
@@ -171,32 +146,18 @@ def evaluate_command(
         comparison = compare(preds, bpreds, table, cfg, log=log)
 
     lm_input = label_map if label_map and Path(label_map).is_file() else None
-    settings = {"aggregate": cfg.aggregate, "aggregate_methods": methods or None, "bootstrap": bootstrap,
-                "seed": seed, "ci_level": cfg.ci_level, "threshold_method": cfg.threshold_method,
-                "calibrate": calibrate, "eval_split": eval_split, "ece_bins": ECE_BINS, "label_map": label_map,
-                "min_positives": min_positives, "at_specificity": list(cfg.at_specificity),
-                "at_sensitivity": list(cfg.at_sensitivity), "subgroups": subgroup_names or None,
-                "age_bands": list(cfg.age_bands), "min_subgroup": min_subgroup,
-                "bootstrap_strata": "patients by the rarest label they are positive for",
-                "ci_method": "bias-corrected percentile (BC)"}
+    settings = report_settings(cfg, label_map, subgroup_names)
     inputs = {"predictions": predictions, "labels": labels, "label_map": lm_input, "baseline": baseline,
               "aggregate_rules": aggregate_rules}
     inputs.update({f"records_{i}": r for i, r in enumerate(records or [])})
     prov = build_provenance(inputs, seed=seed, extra=settings)
-    rep = _clean(build_report(body, preds, str(predictions), str(labels), settings, prov, base_body, bpreds,
-                              str(baseline) if baseline else None, comparison, sources))
+    rep = build_report(body, preds, str(predictions), str(labels), settings, prov, base_body, bpreds,
+                       str(baseline) if baseline else None, comparison, sources)
 
     md = report_markdown(rep)
     typer.echo(md)
     if output is not None:
-        suffix = output.suffix.lower()
-        if suffix == ".json":
-            text = json.dumps(rep, indent=2, allow_nan=False) + "\n"
-        elif suffix == ".md":
-            text = md
-        else:
-            text = report_csv(rep)
-        atomic_write_text(output, text)
+        atomic_write_text(output, report_text(rep, output.suffix.lower()))
         log(f"wrote {output}")
     if plots is not None:
         from ecgfm_cli.plots import write_plots

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+
+from ecgfm_cli.commands.options import UnsafePickle
 
 
 def explain_command(
@@ -21,15 +23,15 @@ def explain_command(
                                               "(`ecgfm finetune` output): draw its saliency for --label.")] = None,
     label: Annotated[str | None, typer.Option(help="The classifier output to explain (default: its only "
                                               "label).")] = None,
-    saliency: Annotated[str, typer.Option(help="attention: last-layer attention, averaged over heads; "
-                                          "gradxinput: gradient x input of the label's logit.")] = "attention",
-    attention: Annotated[str, typer.Option(help="How --saliency attention reduces the (query x key) map: "
-                                           "received (mean over queries: attention each time gets) or seed "
-                                           "(ECG-FM's script: max over keys per query).")] = "received",
+    saliency: Annotated[Literal["attention", "gradxinput"], typer.Option(
+        help="attention: last-layer attention, averaged over heads; gradxinput: gradient x input of the label's "
+        "logit.")] = "attention",
+    attention: Annotated[Literal["received", "seed"], typer.Option(
+        help="How --saliency attention reduces the (query x key) map: received (mean over queries: attention each "
+        "time gets) or seed (ECG-FM's script: max over keys per query).")] = "received",
     smooth_ms: Annotated[float, typer.Option("--smooth-ms", help="Moving average of gradient x input for display "
                                              "(ms; 0 = raw).", min=0)] = 40.0,
-    unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a "
-                                                ".pt checkpoint (trusted files only).")] = False,
+    unsafe_pickle: UnsafePickle = False,
 ) -> None:
     """Draw a record or segment on standard 12-lead ECG paper (PNG/SVG/PDF), optionally with a classifier's saliency.
 
@@ -43,10 +45,6 @@ def explain_command(
     fmt = Path(output).suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise EcgfmError(f"-o {output}: the extension decides the format: .png, .svg or .pdf")
-    if saliency not in ("attention", "gradxinput"):
-        raise EcgfmError(f"--saliency {saliency!r}: expected attention or gradxinput")
-    if attention not in ("received", "seed"):
-        raise EcgfmError(f"--attention {attention!r}: expected received or seed")
     if model is None and label is not None:
         raise EcgfmError("--label needs --model (the classifier whose output to explain)")
     try:

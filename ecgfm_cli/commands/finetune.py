@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import fields
+from typing import Annotated, Literal
 
 import typer
 
-from ecgfm_cli.commands.options import AllowPartial
+from ecgfm_cli.commands.options import (
+    AllowPartial,
+    Device,
+    Gpus,
+    PresetName,
+    Procs,
+    TrainDtype,
+    UnsafePickle,
+    in_panel,
+    train_dtype,
+)
+from ecgfm_cli.train.options import FinetuneOptions
 
 _DATA = "Data and model"
 _OPT = "Optimisation (defaults: see docs/commands/finetune.md for the reference values)"
@@ -25,6 +37,11 @@ def _names(text: str | None, option: str) -> tuple[str, ...] | None:
     return names
 
 
+_F = FinetuneOptions
+_UnsafePickle = in_panel(UnsafePickle, _DATA)
+_Dtype = in_panel(TrainDtype, _OPT)
+
+
 def finetune_command(
     segments: Annotated[str, typer.Argument(
         help="Segments from `ecgfm segment`: DIR of shards or FILE.parquet/.arrow.")],
@@ -36,66 +53,59 @@ def finetune_command(
                                         "log.jsonl, summary.json.", rich_help_panel=_DATA)],
     init: Annotated[str | None, typer.Option(help="Pretrained checkpoint: ours (a directory) or an official ECG-FM "
                                              ".pt. Its encoder is used; any head is replaced.",
-                                             rich_help_panel=_DATA)] = None,
+                                             rich_help_panel=_DATA)] = _F.init,
     random_init: Annotated[bool, typer.Option("--random-init", help="Baseline: a randomly initialised encoder of "
-                                              "--preset instead of --init.", rich_help_panel=_DATA)] = False,
-    preset: Annotated[str, typer.Option(help="Model size with --random-init: base, large, small, tiny.",
-                                        rich_help_panel=_DATA)] = "base",
+                                              "--preset instead of --init.", rich_help_panel=_DATA)] = _F.random_init,
+    preset: Annotated[PresetName, typer.Option(help="Model size with --random-init: base, large, small, tiny.",
+                                               metavar="NAME", rich_help_panel=_DATA)] = _F.preset,
     label_map: Annotated[str | None, typer.Option("--label-map", help="code,label CSV turning the 'codes' column into "
                                                   "named labels, or a packaged map: challenge2021.",
-                                                  rich_help_panel=_DATA)] = None,
+                                                  rich_help_panel=_DATA)] = _F.label_map,
     targets: Annotated[str | None, typer.Option(help="Only these labels, comma-separated (default: every label of "
                                                 "the table).", rich_help_panel=_DATA)] = None,
     leads: Annotated[str | None, typer.Option(help="Use only these leads, e.g. I,II: the others are zeroed in "
                                               "training and prediction.", rich_help_panel=_DATA)] = None,
     split_fractions: Annotated[str, typer.Option(help="train,valid,test fractions of the patient-grouped split "
                                                  "(when the labels have no split column).",
-                                                 rich_help_panel=_DATA)] = "0.8,0.1,0.1",
+                                                 rich_help_panel=_DATA)] = ",".join(map(str, _F.split_fractions)),
     continuous: Annotated[list[str] | None, typer.Option(
         "--continuous", help="Fit this label as a continuous target (MSE); needed for a two-valued label not coded "
         "0/1, e.g. 1/2 (repeatable, or comma-separated).", rich_help_panel=_DATA)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory (atomically, "
-                                            "when this run finishes).", rich_help_panel=_DATA)] = False,
-    unsafe_pickle: Annotated[bool, typer.Option("--unsafe-pickle", help="Allow arbitrary pickled objects in a .pt "
-                                                "--init (runs code: trusted files only).",
-                                                rich_help_panel=_DATA)] = False,
+                                            "when this run finishes).", rich_help_panel=_DATA)] = _F.overwrite,
+    unsafe_pickle: _UnsafePickle = _F.unsafe_pickle,
     epochs: Annotated[int, typer.Option(help="Maximum epochs (reference: 140).", min=1,
-                                        rich_help_panel=_OPT)] = 20,
+                                        rich_help_panel=_OPT)] = _F.epochs,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation score "
-                                          "(0 = never).", min=0, rich_help_panel=_OPT)] = 5,
+                                          "(0 = never).", min=0, rich_help_panel=_OPT)] = _F.patience,
     batch_size: Annotated[int, typer.Option(help="Segments per GPU/process per step (reference: 256 on 1 GPU).",
-                                            min=1, rich_help_panel=_OPT)] = 128,
+                                            min=1, rich_help_panel=_OPT)] = _F.batch_size,
     lr: Annotated[float, typer.Option(help="Fixed Adam learning rate (reference run: 1e-6 for 140 epochs on "
-                                      "~800k records).", min=0.0, rich_help_panel=_OPT)] = 5e-5,
-    pos_weight: Annotated[str, typer.Option(help="BCE pos_weight (1-p)/p from the train split's records "
-                                            "(reference), segments, or none.", rich_help_panel=_OPT)] = "records",
+                                      "~800k records).", min=0.0, rich_help_panel=_OPT)] = _F.lr,
+    pos_weight: Annotated[Literal["records", "segments", "none"], typer.Option(
+        help="BCE pos_weight (1-p)/p from the train split's records (reference), segments, or none.",
+        metavar="TEXT", rich_help_panel=_OPT)] = _F.pos_weight,
     seed: Annotated[int, typer.Option(help="Seed of the split, the head init and the data order.",
-                                      rich_help_panel=_OPT)] = 0,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 autocast on GPU, float32 on CPU), float32, bfloat16.",
-                                       rich_help_panel=_OPT)] = "auto",
+                                      rich_help_panel=_OPT)] = _F.seed,
+    dtype: _Dtype = "auto",
     shuffle_buffer: Annotated[int, typer.Option(help="Segments shuffled together (bounds memory).", min=1,
-                                                rich_help_panel=_OPT)] = 4096,
+                                                rich_help_panel=_OPT)] = _F.shuffle_buffer,
     predict_train: Annotated[bool, typer.Option("--predict-train/--no-predict-train", help="Also write "
-                                                "predictions for the train split.", rich_help_panel=_OPT)] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel=_DIST)] = "auto",
-    gpus: Annotated[int | None, typer.Option(help="GPUs on this node: one DDP process each (NCCL).", min=1,
-                                             rich_help_panel=_DIST)] = None,
-    procs: Annotated[int | None, typer.Option(help="CPU processes (DDP over gloo).", min=1,
-                                              rich_help_panel=_DIST)] = None,
+                                                "predictions for the train split.",
+                                                rich_help_panel=_OPT)] = _F.predict_train,
+    device: Device = "auto",
+    gpus: Gpus = None,
+    procs: Procs = None,
     allow_partial: AllowPartial = False,
 ) -> None:
     """Finetune an ECG-FM encoder with a linear head on labelled segments (ECG-FM's recipe): conv stack frozen,
     BCE with train pos_weight (MSE for continuous targets), Adam at a fixed LR, best epoch by valid macro AUPRC,
     early stopping. Writes RUN/checkpoint/ (classifier), RUN/predictions.parquet, RUN/log.jsonl."""
+    # the options by name: each one named as a FinetuneOptions field fills that field
+    args = {k: v for k, v in locals().items() if v is not None}
     from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.splits import parse_fractions
 
-    if pos_weight not in ("records", "segments", "none"):
-        raise EcgfmError(f"--pos-weight {pos_weight!r}: expected records, segments or none")
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise EcgfmError(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
-    if device not in ("auto", "cpu", "cuda"):
-        raise EcgfmError(f"--device {device!r}: expected auto, cpu or cuda")
     if random_init and init is not None:
         raise EcgfmError("--init and --random-init exclude each other")
     if not random_init and init is None:
@@ -106,21 +116,18 @@ def finetune_command(
         raise EcgfmError(f"--split-fractions: {e}") from e
 
     from ecgfm_cli.train import distributed
-    from ecgfm_cli.train.finetune import FinetuneOptions, finetune_worker, prepare
+    from ecgfm_cli.train.finetune import finetune_worker, prepare
 
     dev, nprocs = distributed.resolve_device(device, gpus, procs)
     if dtype == "bfloat16" and dev == "cpu":
         raise EcgfmError("--dtype bfloat16 is for GPUs; use float32 on CPU")
 
-    opts = FinetuneOptions(
-        segments=segments, labels=labels, output=output, init=init, random_init=random_init, preset=preset,
-        label_map=label_map, targets=_names(targets, "--targets"), leads=_names(leads, "--leads"), epochs=epochs,
-        patience=patience,
-        batch_size=batch_size, lr=lr, seed=seed, split_fractions=fractions, pos_weight=pos_weight, device=dev,
-        continuous=tuple(n.strip() for v in continuous or [] for n in v.split(",") if n.strip()),
-        dtype=("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype,
-        shuffle_buffer=shuffle_buffer, predict_train=predict_train, overwrite=overwrite,
-        unsafe_pickle=unsafe_pickle,
-    )
+    derived = {
+        "targets": _names(targets, "--targets"), "leads": _names(leads, "--leads"), "split_fractions": fractions,
+        "continuous": tuple(n.strip() for v in continuous or [] for n in v.split(",") if n.strip()),
+        "device": dev, "dtype": train_dtype(dtype, dev),
+    }
+    opts = FinetuneOptions(**{f.name: args[f.name] for f in fields(FinetuneOptions) if f.name in args}
+                           | derived)
     prep = prepare(opts)
     distributed.launch(finetune_worker, (opts, prep), nprocs=nprocs)

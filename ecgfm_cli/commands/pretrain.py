@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from typing import Annotated, Literal
 
 import typer
 
-from ecgfm_cli.commands.options import AllowPartial
+from ecgfm_cli.commands.options import (
+    AllowPartial,
+    Device,
+    Gpus,
+    PresetName,
+    Procs,
+    Threads,
+    TrainDtype,
+    UnsafePickle,
+    in_panel,
+    train_dtype,
+)
+from ecgfm_cli.model.config import PRESETS, RECIPES, REFERENCE_UPDATE_SEGMENTS, PretrainConfig
+from ecgfm_cli.train.options import DEFAULT_MAX_EPOCHS, RECIPE_OPTIONS, REFERENCE_BATCH_SIZE, TrainOptions
 
 _DATA = "Data and model"
 _RUN = "Run length, checkpoints, logs"
@@ -65,9 +79,23 @@ def _latent_temp(text: str) -> dict:
     return out
 
 
-def _set(**values) -> dict:
-    """The keyword arguments that were given (not None)."""
-    return {k: v for k, v in values.items() if v is not None}
+def _num(value: float) -> str:
+    """A default as the help text writes it: ``5e-05`` -> ``5e-5``, ``1.0`` -> ``1``."""
+    return f"{value:g}".replace("e-0", "e-")
+
+
+def _preset(base: object, small: object) -> str:
+    """``preset: BASE, small SMALL``: an option marked *preset* under the reference recipe and the laptop one."""
+    show = [_num(v) if isinstance(v, float) else str(v) for v in (base, small)]
+    return f"preset: {show[0]}, small {show[1]}"
+
+
+_T, _P, _SMALL = TrainOptions, PretrainConfig, RECIPES["small"]
+_SMALL_P = _SMALL["pretrain"]
+_REFERENCE_TEMP = f"{_P.latent_temp_max:g},{_P.latent_temp_min:g},{_P.latent_temp_decay:g}"
+_SMALL_TEMP = f"{_SMALL_P['latent_temp_max']:g},{_SMALL_P['latent_temp_min']:g},{_SMALL_P['latent_temp_schedule']}"
+_UnsafePickle = in_panel(UnsafePickle, _DATA)
+_Dtype = in_panel(TrainDtype, _OPT)
 
 
 def pretrain_command(
@@ -75,96 +103,109 @@ def pretrain_command(
         help="Segments from `ecgfm segment`: DIR of shards or FILE.parquet/.arrow.", show_default=False)],
     output: Annotated[str, _opt("Run directory: checkpoints, log.jsonl, run.json.", _DATA, "-o", "--output",
                                 metavar="DIR")],
-    preset: Annotated[str | None, _opt("base (ECG-FM; default), large, small (laptop recipe), tiny; sets "
-                                       "the options marked 'preset'.", _DATA,
-                                       metavar="TEXT")] = None,
+    preset: Annotated[PresetName | None, _opt("base (ECG-FM; default), large, small (laptop recipe), tiny; sets "
+                                              "the options marked 'preset'.", _DATA, metavar="NAME")] = None,
     init: Annotated[str | None, _opt("Continue pretraining from this checkpoint (ECG-FM .pt or ours); its "
-                                     "architecture replaces --preset.", _DATA, metavar="TEXT")] = None,
-    unsafe_pickle: Annotated[bool, _opt("Allow pickled objects in a .pt --init (runs code).", _DATA,
-                                        "--unsafe-pickle")] = False,
+                                     "architecture replaces --preset.", _DATA, metavar="TEXT")] = _T.init,
+    unsafe_pickle: _UnsafePickle = _T.unsafe_pickle,
     resume: Annotated[bool, _opt("Continue the run in -o exactly where its last checkpoint left off.", _DATA,
-                                 "--resume")] = False,
-    batch_size: Annotated[int | None, _opt("Segments per process per step (preset: 128, small 32; --resume: the "
-                                           "run's).", _OPT, min=1, metavar="N")] = None,
-    update_freq: Annotated[int | None, _opt("Steps per update (preset: 1024 segments for base/large, else 1).",
-                                            _OPT, min=1, metavar="N")] = None,
-    lr: Annotated[float | None, _opt("Peak learning rate (preset: 5e-5, small 1e-3).", _OPT, min=0.0,
+                                 "--resume")] = _T.resume,
+    batch_size: Annotated[int | None, _opt(
+        f"Segments per process per step ({_preset(REFERENCE_BATCH_SIZE, _SMALL['batch_size'])}; --resume: the run's).",
+        _OPT, min=1, metavar="N")] = None,
+    update_freq: Annotated[int | None, _opt(f"Steps per update (preset: {REFERENCE_UPDATE_SEGMENTS} segments for "
+                                            f"base/large, else {_T.update_freq}).", _OPT, min=1, metavar="N")] = None,
+    lr: Annotated[float | None, _opt(f"Peak learning rate ({_preset(_T.lr, _SMALL['lr'])}).", _OPT, min=0.0,
                                      metavar="X")] = None,
-    lr_schedule: Annotated[Literal["fixed", "cosine"] | None, _opt("cosine: to 0 at the run's end (preset: "
-                                                                   "fixed; small cosine).", _OPT)] = None,
-    warmup_updates: Annotated[int, _opt("Linear warm-up updates.", _OPT, min=0, metavar="N")] = 0,
-    warmup_fraction: Annotated[float | None, _opt("Warm-up fraction of the run (preset: 0; small 0.05).",
-                                                  _OPT, min=0.0, max=1.0, metavar="X")] = None,
-    weight_decay: Annotated[float, _opt("AdamW weight decay.", _OPT, min=0.0, metavar="X")] = 0.01,
-    adam_betas: Annotated[str, _opt("Adam beta1,beta2.", _OPT, metavar="TEXT")] = "0.9,0.98",
-    adam_eps: Annotated[float, _opt("Adam epsilon.", _OPT, metavar="X")] = 1e-6,
-    clip_norm: Annotated[float | None, _opt("Gradient-norm clip, 0 = off (preset: 0, small 1).", _OPT, min=0.0,
-                                            metavar="X")] = None,
-    dtype: Annotated[Literal["auto", "float32", "bfloat16"], _opt("auto (bfloat16 on GPU, float32 on CPU), float32, "
-                                                                  "bfloat16.", _OPT, metavar="TYPE")] = "auto",
+    lr_schedule: Annotated[Literal["fixed", "cosine"] | None, _opt(
+        f"cosine: to 0 at the run's end ({_preset(_T.lr_schedule, _SMALL['lr_schedule'])}).", _OPT)] = None,
+    warmup_updates: Annotated[int, _opt("Linear warm-up updates.", _OPT, min=0, metavar="N")] = _T.warmup_updates,
+    warmup_fraction: Annotated[float | None, _opt(
+        f"Warm-up fraction of the run ({_preset(_T.warmup_fraction, _SMALL['warmup_fraction'])}).", _OPT, min=0.0,
+        max=1.0, metavar="X")] = None,
+    weight_decay: Annotated[float, _opt("AdamW weight decay.", _OPT, min=0.0, metavar="X")] = _T.weight_decay,
+    adam_betas: Annotated[str, _opt("Adam beta1,beta2.", _OPT, metavar="TEXT")] = ",".join(map(str, _T.adam_betas)),
+    adam_eps: Annotated[float, _opt("Adam epsilon.", _OPT, metavar="X")] = _T.adam_eps,
+    clip_norm: Annotated[float | None, _opt(
+        f"Gradient-norm clip, 0 = off ({_preset(_T.clip_norm, _SMALL['clip_norm'])}).", _OPT, min=0.0,
+        metavar="X")] = None,
+    dtype: _Dtype = "auto",
     compile: Annotated[bool, _opt("torch.compile the transformer layers (GPU; a C++ compiler on CPU).", _OPT,
-                                  "--compile")] = False,
-    dropout: Annotated[float | None, _opt("Dropout, attention and input dropout (preset: 0.1, small 0).", _OPT,
+                                  "--compile")] = _T.compile,
+    dropout: Annotated[float | None, _opt(f"Dropout, attention and input dropout "
+                                          f"({_preset(PRESETS['base'].dropout, _SMALL['dropout'])}).", _OPT,
                                           min=0.0, max=1.0, metavar="X")] = None,
-    max_updates: Annotated[int | None, _opt("Stop after this many updates.", _RUN, min=1, metavar="N")] = None,
-    max_epochs: Annotated[int | None, _opt("Stop after this many epochs (200 if no limit is given).", _RUN,
-                                           min=1, metavar="N")] = None,
+    max_updates: Annotated[int | None, _opt("Stop after this many updates.", _RUN, min=1,
+                                            metavar="N")] = _T.max_updates,
+    max_epochs: Annotated[int | None, _opt(f"Stop after this many epochs ({DEFAULT_MAX_EPOCHS} if no limit is "
+                                           "given).", _RUN, min=1, metavar="N")] = _T.max_epochs,
     max_time: Annotated[str | None, _opt("Stop after this long: seconds, 90m, 2h, 1h30m.", _RUN,
                                          metavar="TIME")] = None,
-    save_every: Annotated[int, _opt("Checkpoint every N updates (and at the end).", _RUN, min=0, metavar="N")] = 5000,
-    keep_last: Annotated[int, _opt("Keep the last K checkpoints (0 = all).", _RUN, min=0, metavar="N")] = 3,
-    log_every: Annotated[int, _opt("One log.jsonl line per N updates.", _RUN, min=1, metavar="N")] = 10,
-    seed: Annotated[int, _opt("Seed of init, masks, data order.", _RUN, metavar="N")] = 1,
-    device: Annotated[Literal["auto", "cpu", "cuda"], _opt("", _DIST)] = "auto",
-    gpus: Annotated[int | None, _opt("GPUs on this node: one DDP process each.", _DIST, min=1, metavar="N")] = None,
-    procs: Annotated[int | None, _opt("CPU processes (DDP over gloo).", _DIST, min=1, metavar="N")] = None,
+    save_every: Annotated[int, _opt("Checkpoint every N updates (and at the end).", _RUN, min=0,
+                                    metavar="N")] = _T.save_every,
+    keep_last: Annotated[int, _opt("Keep the last K checkpoints (0 = all).", _RUN, min=0, metavar="N")] = _T.keep_last,
+    log_every: Annotated[int, _opt("One log.jsonl line per N updates.", _RUN, min=1, metavar="N")] = _T.log_every,
+    seed: Annotated[int, _opt("Seed of init, masks, data order.", _RUN, metavar="N")] = _T.seed,
+    device: Device = "auto",
+    gpus: Gpus = None,
+    procs: Procs = None,
     nnodes: Annotated[int, _opt("Nodes (same command on each).", _DIST, min=1, metavar="N")] = 1,
     node_rank: Annotated[int, _opt("This node's rank.", _DIST, min=0, metavar="N")] = 0,
     master_addr: Annotated[str, _opt("Address of node 0.", _DIST, metavar="TEXT")] = "127.0.0.1",
     master_port: Annotated[int | None, _opt("Port on node 0 (a free one; 29500 multi-node).", _DIST,
                                             metavar="N")] = None,
-    workers: Annotated[int, _opt("Loader threads per process.", _DIST, min=1, metavar="N")] = 2,
-    threads: Annotated[int | None, _opt("torch CPU threads per process (default: the cores shared among the "
-                                        "processes); 1 on a loaded machine.", _DIST, min=1, metavar="N")] = None,
+    workers: Annotated[int, _opt("Loader threads per process.", _DIST, min=1, metavar="N")] = _T.workers,
+    threads: Threads = _T.threads,
     worker_processes: Annotated[bool, _opt("Load in processes, not threads (same batches).", _DIST,
-                                           "--worker-processes")] = False,
+                                           "--worker-processes")] = _T.worker_processes,
     shuffle_buffer: Annotated[int, _opt("Pairs shuffled together per loader (~240 kB each).", _DIST,
-                                        min=1, metavar="N")] = 1024,
+                                        min=1, metavar="N")] = _T.shuffle_buffer,
     mask_prob: Annotated[float, _opt("Time-mask span-start probability x span.", _LOSS, min=0.0, max=1.0,
-                                     metavar="X")] = 0.65,
-    mask_length: Annotated[int, _opt("Time-mask span (frames).", _LOSS, min=1, metavar="N")] = 10,
-    min_masks: Annotated[int, _opt("Minimum spans per segment.", _LOSS, min=0, metavar="N")] = 2,
-    num_negatives: Annotated[int | None, _opt("Distractors per masked frame (preset: 100, small 20).", _LOSS, min=1,
-                                              metavar="N")] = None,
-    logit_temp: Annotated[float, _opt("Contrastive logit temperature.", _LOSS, min=1e-6, metavar="X")] = 0.1,
-    latent_vars: Annotated[int | None, _opt("Codebook entries per group (preset: 320, small 64).", _LOSS, min=1,
+                                     metavar="X")] = _P.mask_prob,
+    mask_length: Annotated[int, _opt("Time-mask span (frames).", _LOSS, min=1, metavar="N")] = _P.mask_length,
+    min_masks: Annotated[int, _opt("Minimum spans per segment.", _LOSS, min=0, metavar="N")] = _P.min_masks,
+    num_negatives: Annotated[int | None, _opt(f"Distractors per masked frame "
+                                              f"({_preset(_P.num_negatives, _SMALL_P['num_negatives'])}).", _LOSS,
+                                              min=1, metavar="N")] = None,
+    logit_temp: Annotated[float, _opt("Contrastive logit temperature.", _LOSS, min=1e-6,
+                                      metavar="X")] = _P.logit_temp,
+    latent_vars: Annotated[int | None, _opt(f"Codebook entries per group "
+                                            f"({_preset(_P.latent_vars, _SMALL_P['latent_vars'])}).", _LOSS, min=1,
                                             metavar="N")] = None,
-    latent_groups: Annotated[int, _opt("Codebook groups.", _LOSS, min=1, metavar="N")] = 2,
-    final_dim: Annotated[int | None, _opt("Projection / codeword size (preset: 256, small 64).", _LOSS, min=1,
+    latent_groups: Annotated[int, _opt("Codebook groups.", _LOSS, min=1, metavar="N")] = _P.latent_groups,
+    final_dim: Annotated[int | None, _opt(f"Projection / codeword size "
+                                          f"({_preset(_P.final_dim, _SMALL_P['final_dim'])}).", _LOSS, min=1,
                                           metavar="N")] = None,
     latent_temp: Annotated[str | None, _opt("Gumbel temperature start,end,decay per update, or start,end,run: "
-                                            "annealed across the run (preset: 2,0.5,0.999995; small 2,0.5,run).",
-                                            _LOSS, metavar="TEXT")] = None,
-    dropout_features: Annotated[float, _opt("Quantizer-input dropout.", _LOSS, min=0.0, max=1.0, metavar="X")] = 0.1,
-    feature_grad_mult: Annotated[float, _opt("Gradient scale into the conv stack.", _LOSS, min=0.0, metavar="X")] = 0.1,
-    diversity_weight: Annotated[float, _opt("Codebook diversity weight.", _LOSS, min=0.0, metavar="X")] = 0.1,
-    feature_penalty_weight: Annotated[float, _opt("Feature L2 penalty weight.", _LOSS, min=0.0, metavar="X")] = 10.0,
-    cmsc_weight: Annotated[float, _opt("CMSC loss weight.", _LOSS, min=0.0, metavar="X")] = 1.0,
-    cmsc_temp: Annotated[float, _opt("CMSC temperature.", _LOSS, min=1e-6, metavar="X")] = 0.1,
+                                            f"annealed across the run (preset: {_REFERENCE_TEMP}; small "
+                                            f"{_SMALL_TEMP}).", _LOSS, metavar="TEXT")] = None,
+    dropout_features: Annotated[float, _opt("Quantizer-input dropout.", _LOSS, min=0.0, max=1.0,
+                                            metavar="X")] = _P.dropout_features,
+    feature_grad_mult: Annotated[float, _opt("Gradient scale into the conv stack.", _LOSS, min=0.0,
+                                             metavar="X")] = _P.feature_grad_mult,
+    diversity_weight: Annotated[float, _opt("Codebook diversity weight.", _LOSS, min=0.0,
+                                            metavar="X")] = _P.diversity_weight,
+    feature_penalty_weight: Annotated[float, _opt("Feature L2 penalty weight.", _LOSS, min=0.0,
+                                                  metavar="X")] = _P.features_pen_weight,
+    cmsc_weight: Annotated[float, _opt("CMSC loss weight.", _LOSS, min=0.0, metavar="X")] = _P.cmsc_weight,
+    cmsc_temp: Annotated[float, _opt("CMSC temperature.", _LOSS, min=1e-6, metavar="X")] = _P.cmsc_temp,
     cmsc_gather: Annotated[bool, _opt("CMSC negatives from all ranks (reference: local).", _LOSS,
-                                      "--cmsc-gather")] = False,
-    rlm_prob: Annotated[float, _opt("Probability that RLM zeroes a lead.", _LOSS, min=0.0, max=1.0, metavar="X")] = 0.5,
+                                      "--cmsc-gather")] = _P.cmsc_gather,
+    rlm_prob: Annotated[float, _opt("Probability that RLM zeroes a lead.", _LOSS, min=0.0, max=1.0,
+                                    metavar="X")] = _P.rlm_prob,
     rlm_apply_prob: Annotated[float, _opt("Probability a segment gets RLM.", _LOSS, min=0.0, max=1.0,
-                                          metavar="X")] = 1.0,
-    no_cmsc: Annotated[bool, _opt("Ablation: no CMSC.", _LOSS, "--no-cmsc")] = False,
-    no_rlm: Annotated[bool, _opt("Ablation: no random lead masking.", _LOSS, "--no-rlm")] = False,
-    no_w2v: Annotated[bool, _opt("Ablation: no wav2vec 2.0 loss.", _LOSS, "--no-w2v")] = False,
+                                          metavar="X")] = _P.rlm_apply_prob,
+    no_cmsc: Annotated[bool, _opt("Ablation: no CMSC.", _LOSS, "--no-cmsc")] = not _P.cmsc,
+    no_rlm: Annotated[bool, _opt("Ablation: no random lead masking.", _LOSS, "--no-rlm")] = not _P.rlm,
+    no_w2v: Annotated[bool, _opt("Ablation: no wav2vec 2.0 loss.", _LOSS, "--no-w2v")] = not _P.w2v,
     allow_partial: AllowPartial = False,
 ) -> None:
     """Pretrain an ECG-FM encoder with ECG-FM's objective (wav2vec 2.0 + CMSC + random lead masking) from segments.
 
     `ecgfm pretrain SEGMENTS -o RUN/ [--gpus 8]` writes RUN/checkpoint-<update>/; --resume continues a run exactly.
     Several nodes, launchers and every option: docs/commands/pretrain.md."""
+    # the options by name: each one named as a TrainOptions / PretrainConfig field fills that field
+    args = {k: v for k, v in locals().items() if v is not None}
     from ecgfm_cli.errors import EcgfmError
 
     if no_w2v and no_cmsc:
@@ -172,39 +213,30 @@ def pretrain_command(
     if node_rank >= nnodes:
         raise EcgfmError(f"--node-rank {node_rank}: must be below --nnodes {nnodes}")
     betas = _floats(adam_betas, 2, "--adam-betas")
-    temp = _latent_temp(latent_temp) if latent_temp is not None else {}
+    args.update(_latent_temp(latent_temp) if latent_temp is not None else {})
     seconds = parse_duration(max_time) if max_time is not None else None
 
     import os
 
-    from ecgfm_cli.model.pretraining import PretrainConfig
     from ecgfm_cli.train import distributed
-    from ecgfm_cli.train.pretrain import TrainOptions, prepare, train_worker
+    from ecgfm_cli.train.pretrain import prepare, train_worker
 
     dev, nprocs = distributed.resolve_device(device, gpus, procs)
     world = int(os.environ["WORLD_SIZE"]) if distributed.under_launcher() else nprocs * nnodes
 
-    # options left out take their preset's value (train.pretrain.apply_recipe); `given` names those set here
-    objective = _set(latent_vars=latent_vars, final_dim=final_dim, num_negatives=num_negatives, **temp)
-    train = _set(preset=preset, batch_size=batch_size, update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
-                 warmup_fraction=warmup_fraction, clip_norm=clip_norm, dropout=dropout)
-    given = (*train, *(f"pretrain.{k}" for k in objective))
-    pcfg = PretrainConfig(
-        w2v=not no_w2v, cmsc=not no_cmsc, rlm=not no_rlm, mask_prob=mask_prob, mask_length=mask_length,
-        min_masks=min_masks, latent_groups=latent_groups, **objective, logit_temp=logit_temp,
-        dropout_features=dropout_features,
-        feature_grad_mult=feature_grad_mult, diversity_weight=diversity_weight,
-        features_pen_weight=feature_penalty_weight, cmsc_weight=cmsc_weight, cmsc_temp=cmsc_temp,
-        cmsc_gather=cmsc_gather, rlm_prob=rlm_prob, rlm_apply_prob=rlm_apply_prob,
-    )
-    opts = TrainOptions(
-        segments=segments, output=output, init=init, unsafe_pickle=unsafe_pickle, resume=resume, device=dev,
-        dtype=("bfloat16" if dev == "cuda" else "float32") if dtype == "auto" else dtype, compile=compile,
-        **train, warmup_updates=warmup_updates, weight_decay=weight_decay, adam_betas=(betas[0], betas[1]),
-        adam_eps=adam_eps, max_updates=max_updates, max_epochs=max_epochs, max_time=seconds,
-        save_every=save_every, keep_last=keep_last, log_every=log_every, seed=seed, workers=workers, threads=threads,
-        worker_processes=worker_processes, shuffle_buffer=shuffle_buffer, pretrain=pcfg, given=given,
-    )
+    # options left out (None) take their preset's value (train.pretrain.apply_recipe); `given` names those set here
+    given = tuple(k for k in ("preset", *RECIPE_OPTIONS) if k.removeprefix("pretrain.") in args)
+    pcfg = PretrainConfig(**_fields(PretrainConfig, args), w2v=not no_w2v, cmsc=not no_cmsc, rlm=not no_rlm,
+                          features_pen_weight=feature_penalty_weight)
+    opts = TrainOptions(**_fields(TrainOptions, args), device=dev, dtype=train_dtype(dtype, dev),
+                        adam_betas=(betas[0], betas[1]), max_time=seconds, pretrain=pcfg, given=given)
     opts, prep = prepare(opts, world)
     distributed.launch(train_worker, (opts, prep), nprocs=nprocs, nnodes=nnodes, node_rank=node_rank,
                        master_addr=master_addr, master_port=master_port)
+
+
+def _fields(cls: type, args: dict) -> dict:
+    """The entries of ``args`` named as fields of dataclass ``cls``, less the options the command turns into
+    another value (``auto`` resolved, text parsed)."""
+    derived = {"device", "dtype", "adam_betas", "max_time"}
+    return {f.name: args[f.name] for f in fields(cls) if f.name in args and f.name not in derived}

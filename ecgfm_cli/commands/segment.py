@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -23,11 +23,13 @@ def segment_command(
                                                  "overlapping inference windows.")] = None,
     lead_map: Annotated[list[str] | None, typer.Option("--lead-map", help="NAME=LEAD: treat stored lead NAME as "
                                                        "standard LEAD, e.g. --lead-map ECG=I (repeatable).")] = None,
-    nan: Annotated[str, typer.Option(help="A lead holding NaN: 'zero' (zero it, flag it in lead_present) or "
-                                     "'drop' (reject the record, as ECG-FM's training splits do).")] = "zero",
+    nan: Annotated[Literal["zero", "drop"], typer.Option(
+        help="A lead holding NaN: 'zero' (zero it, flag it in lead_present) or 'drop' (reject the record, as ECG-FM's "
+        "training splits do).")] = "zero",
     pad: Annotated[bool, typer.Option("--pad", help="Zero-pad records shorter than one window instead of "
                                       "rejecting them.")] = False,
-    dtype: Annotated[str, typer.Option(help="Sample type of the windows: float32 or float16.")] = "float32",
+    dtype: Annotated[Literal["float32", "float16"], typer.Option(
+        help="Sample type of the windows: float32 or float16.")] = "float32",
     shard: Annotated[str, typer.Option(help="I/N: process only every N-th input file starting at I.")] = "0/1",
     workers: Annotated[int, typer.Option(help="Worker processes (pays only with idle cores to spare; on 2 cores "
                                          "it is slower).",
@@ -47,10 +49,6 @@ def segment_command(
     from ecgfm_cli.segment import report, run_segment
 
     out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "segment")
-    if nan not in ("zero", "drop"):
-        raise EcgfmError(f"--nan {nan!r}: expected zero or drop")
-    if dtype not in ("float32", "float16"):
-        raise EcgfmError(f"--dtype {dtype!r}: expected float32 or float16")
     pairs = []
     for item in lead_map or []:
         name, sep, lead = item.partition("=")

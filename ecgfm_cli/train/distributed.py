@@ -99,7 +99,7 @@ def under_launcher() -> bool:
 
 
 def resolve_device(device: str, gpus: int | None, procs: int | None) -> tuple[str, int]:
-    """The ``--device`` / ``--gpus`` / ``--procs`` options of a training command -> (``cpu`` or ``cuda``,
+    """The ``--device`` / ``--gpus`` / ``--procs`` options of pretrain, finetune and embed -> (``cpu`` or ``cuda``,
     processes on this node). ``auto`` is CUDA when ``--gpus`` is given, or when a GPU is visible and ``--procs``
     (CPU processes) is not; every impossible combination fails with one line."""
     from ecgfm_cli.errors import EcgfmError

@@ -13,6 +13,12 @@ RECIPE_OPTIONS = ("batch_size", "update_freq", "lr", "lr_schedule", "warmup_frac
                   "pretrain.latent_vars", "pretrain.final_dim", "pretrain.num_negatives", "pretrain.latent_temp_max",
                   "pretrain.latent_temp_min", "pretrain.latent_temp_decay", "pretrain.latent_temp_schedule")
 
+#: Segments per rank per micro-batch when ``batch_size`` is None and no run is resumed (the reference's).
+REFERENCE_BATCH_SIZE = 128
+
+#: The run's length when none of ``max_updates``, ``max_epochs``, ``max_time`` is given (the reference's max_epoch).
+DEFAULT_MAX_EPOCHS = 200
+
 
 @dataclass
 class TrainOptions:
@@ -34,7 +40,7 @@ class TrainOptions:
     device: str = "cpu"
     dtype: str = "float32"
     compile: bool = False
-    batch_size: int | None = None  # None: 128 (the reference), or with --resume the run's
+    batch_size: int | None = None  # None: REFERENCE_BATCH_SIZE, or with --resume the run's
     update_freq: int = 1
     lr: float = 5e-5
     lr_schedule: str = "fixed"
