@@ -19,6 +19,7 @@ import numpy as np
 from ecgfm_cli import metrics as M
 from ecgfm_cli.console import plural, progress
 from ecgfm_cli.errors import EcgfmError
+from ecgfm_cli.eval_options import EvalConfig
 from ecgfm_cli.labels import RESERVED_COLUMNS, LabelTable, read_table, string_column, table_metadata
 from ecgfm_cli.splits import check_patient_disjoint, patient_keys
 from ecgfm_cli.stats import bc_interval
@@ -31,31 +32,6 @@ REPORT_VERSION = 1
 
 class EvaluateError(EcgfmError, ValueError):
     """Inputs that cannot be evaluated; the message says what and how to fix it."""
-
-
-@dataclass
-class EvalConfig:
-    """Settings of one evaluation (see ``ecgfm evaluate --help``)."""
-
-    eval_split: str = "test"
-    threshold_method: str = "f1"
-    n_boot: int = 1000
-    seed: int = 0
-    ci_level: float = 0.95
-    calibrate: bool = False
-    aggregate: str | None = None
-    aggregate_methods: dict[str, str] = field(default_factory=dict)
-    #: positive (and negative) patients a binary label needs for a reliable interval and a place in the macro
-    min_positives: int = 3
-    at_specificity: tuple[float, ...] = (0.9, 0.95)
-    at_sensitivity: tuple[float, ...] = (0.9, 0.95)
-    #: threshold probabilities of the decision curves
-    dca_thresholds: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 100))
-    #: a subgroup with fewer patients in the evaluated split is reported as too small
-    min_subgroup: int = 20
-    #: restrict the macro averages to these labels (subgroups: the labels reliable in every group); None = all
-    macro_only: tuple[str, ...] | None = None
-    age_bands: tuple[float, ...] = (40, 60, 80)
 
 
 # --------------------------------------------------------------------------------------------- predictions I/O

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import subprocess
+import sys
 import typing
 from typing import Any
 
@@ -12,10 +15,16 @@ import pytest
 from conftest import run_main
 
 from ecgfm_cli.cli import app
+from ecgfm_cli.eval_options import EvalConfig, ProbeOptions, csv_numbers
 from ecgfm_cli.model.config import PRESETS, RECIPES, PretrainConfig
-from ecgfm_cli.train.options import RECIPE_OPTIONS, FinetuneOptions, TrainOptions
+from ecgfm_cli.train.options import RECIPE_OPTIONS, FinetuneOptions, LaunchOptions, TrainOptions
 
 COMMANDS = {c.name: c.callback for c in app.registered_commands}
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
 
 #: CLI parameter -> (dataclass field, CLI default -> field default) where the name or the form differ.
 RENAMED: dict[str, tuple[str, Any]] = {
@@ -23,14 +32,30 @@ RENAMED: dict[str, tuple[str, Any]] = {
     "no_cmsc": ("cmsc", lambda v: not v),
     "no_rlm": ("rlm", lambda v: not v),
     "no_w2v": ("w2v", lambda v: not v),
-    "adam_betas": ("adam_betas", lambda v: tuple(float(x) for x in v.split(","))),
-    "split_fractions": ("split_fractions", lambda v: tuple(float(x) for x in v.split(","))),
+    "bootstrap": ("n_boot", lambda v: v),
+    "threshold": ("threshold_method", lambda v: v),
+    **{name: (name, _floats) for name in ("adam_betas", "split_fractions", "c_grid", "alpha_grid", "at_specificity",
+                                          "at_sensitivity", "age_bands")},
 }
 #: Options whose ``auto`` the command resolves into the dataclass field (the device it runs on).
 RESOLVED = {"device", "dtype"}
-#: Options with no field of their own: the launch, the reading of inputs, text parsed into other fields.
-CLI_ONLY = {"gpus", "procs", "nnodes", "node_rank", "master_addr", "master_port", "allow_partial", "latent_temp",
-            "max_time", "targets", "leads", "continuous"}
+#: Per command, the options with no field of their own: the processes, the inputs and outputs, text parsed into
+#: other fields.
+CLI_ONLY = {
+    "pretrain": {"gpus", "procs", "allow_partial", "latent_temp", "max_time"},
+    "finetune": {"gpus", "procs", "allow_partial", "targets", "leads", "continuous"},
+    "evaluate": {"predictions", "labels", "label_map", "output", "aggregate_rules", "plots", "baseline", "subgroups",
+                 "records", "report"},
+    "probe": {"embeddings", "labels", "output", "label_map", "baseline", "baseline_output", "continuous",
+              "allow_partial"},
+}
+#: Per command, the dataclasses its options fill, and how many defaults at least the walk compares.
+FILLS = {
+    "pretrain": ((TrainOptions, PretrainConfig, LaunchOptions), 34),
+    "finetune": ((FinetuneOptions,), 14),
+    "evaluate": ((EvalConfig,), 11),
+    "probe": ((ProbeOptions,), 6),
+}
 
 
 def _field_defaults(*classes: type) -> dict[str, Any]:
@@ -44,16 +69,17 @@ def _field_defaults(*classes: type) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize(("command", "classes"), [("pretrain", (TrainOptions, PretrainConfig)),
-                                                  ("finetune", (FinetuneOptions,))])
-def test_cli_defaults_are_the_dataclass_defaults(command, classes):
-    """Every option of pretrain/finetune that fills a dataclass field defaults to that field's default (or to
-    None when its preset decides, or ``auto`` resolved at run time); an option with no field is named here."""
+@pytest.mark.parametrize("command", sorted(FILLS))
+def test_cli_defaults_are_the_dataclass_defaults(command):
+    """Every option of pretrain/finetune/evaluate/probe that fills a dataclass field defaults to that field's
+    default (or to None when its preset decides, or ``auto`` resolved at run time); an option with no field is named
+    in CLI_ONLY."""
+    classes, at_least = FILLS[command]
     defaults = _field_defaults(*classes)
     preset_valued = {k.removeprefix("pretrain.") for k in RECIPE_OPTIONS} | {"preset"}
     checked = 0
     for p in inspect.signature(COMMANDS[command]).parameters.values():
-        if p.name in CLI_ONLY:
+        if p.name in CLI_ONLY[command]:
             continue
         field, convert = RENAMED.get(p.name, (p.name, lambda v: v))
         assert field in defaults, f"--{p.name} fills no field of {[c.__name__ for c in classes]}: add it to CLI_ONLY"
@@ -67,7 +93,63 @@ def test_cli_defaults_are_the_dataclass_defaults(command, classes):
             continue  # the preset's value (train.pretrain.apply_recipe)
         assert convert(p.default) == defaults[field], (p.name, p.default, defaults[field])
         checked += 1
-    assert checked > (30 if command == "pretrain" else 10)
+    assert checked >= at_least, checked
+
+
+def _signature_defaults(fn: Any) -> dict[str, Any]:
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_core_defaults_are_the_dataclass_defaults():
+    """The functions behind probe and pretrain's launch default to what the commands do: the dataclasses'."""
+    from ecgfm_cli import probe
+    from ecgfm_cli.train import distributed
+
+    launch = _signature_defaults(distributed.launch)
+    assert {k: launch[k] for k in ("nnodes", "node_rank", "master_addr", "master_port")} == \
+        dataclasses.asdict(LaunchOptions())
+    fields = dataclasses.asdict(ProbeOptions())
+    compared = 0
+    for fn in (probe.fit_label, probe.run_probe, probe.run_probe_folds, probe.probe_files):
+        for name, default in _signature_defaults(fn).items():
+            name = "split_fractions" if name == "fractions" else name
+            if name in fields:
+                assert default == fields[name], (fn.__name__, name)
+                compared += 1
+    assert compared == 3 + 3 + 4 + 6
+
+
+@pytest.mark.parametrize("values", [ProbeOptions.c_grid, ProbeOptions.alpha_grid, EvalConfig.age_bands,
+                                    (0.9, 0.95), (1e-5, 0.123456789, 2.5e-7, 1e16, 0.0)])
+def test_numbers_shown_as_defaults_read_back_as_the_same_floats(values):
+    text = csv_numbers(values)
+    assert _floats(text) == tuple(map(float, values)) and " " not in text
+
+
+def test_numbers_shown_as_defaults_take_the_shorter_form():
+    assert csv_numbers(ProbeOptions.c_grid) == "1e-4,1e-3,0.01,0.1,1,10,100"
+    assert csv_numbers(EvalConfig.age_bands) == "40,60,80"
+
+
+def test_help_imports_no_numerical_library():
+    """``ecgfm --help`` and every command's ``--help`` load neither torch nor numpy, scikit-learn, pyarrow: the
+    defaults they show come from the plain-data option modules."""
+    script = """
+import sys
+from ecgfm_cli.cli import app, main
+for argv in [['--help']] + [[c.name, '--help'] for c in app.registered_commands]:
+    sys.argv = ['ecgfm', *argv]
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+print(sorted(m for m in ('torch', 'numpy', 'sklearn', 'scipy', 'pyarrow', 'pandas') if m in sys.modules))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "120"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-500:] + res.stderr
 
 
 def _options(command: str) -> dict[str, tuple[Any, Any]]:

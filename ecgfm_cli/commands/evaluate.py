@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
+
+from ecgfm_cli.eval_options import Aggregate, EvalConfig, ThresholdMethod, csv_numbers
+
+_E = EvalConfig  # the defaults
 
 
 def evaluate_command(
@@ -20,18 +24,19 @@ def evaluate_command(
                                                   "(challenge2021) for a long labels table.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Report file: .json (everything), .md or "
                                                 ".csv. The Markdown table is always printed on stdout.")] = None,
-    aggregate: Annotated[Literal["max", "mean", "min", "label"] | None, typer.Option(
+    aggregate: Annotated[Aggregate | None, typer.Option(
         help="Also evaluate record-level predictions: segment probabilities grouped by record_id with max, mean, min, "
-        "or `label` (ECG-FM's per-label rules).")] = None,
+        "or `label` (ECG-FM's per-label rules).")] = _E.aggregate,
     aggregate_rules: Annotated[Path | None, typer.Option(help="JSON {label: max|mean|min} overriding the per-label "
                                                          "rules of --aggregate label.")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Patient-level bootstrap resamples for 95% CIs (0 disables).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    bootstrap: Annotated[int, typer.Option(help=f"Patient-level bootstrap resamples for {_E.ci_level:.0%} CIs (0 "
+                                           "disables).")] = _E.n_boot,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = _E.seed,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit one temperature per label on the valid split "
-                                            "and report calibration after scaling.")] = False,
-    threshold: Annotated[Literal["f1", "youden"], typer.Option(
-        help="How the operating threshold is chosen on the valid split.")] = "f1",
-    eval_split: Annotated[str, typer.Option(help="Split to report (when there is a split column).")] = "test",
+                                            "and report calibration after scaling.")] = _E.calibrate,
+    threshold: Annotated[ThresholdMethod, typer.Option(
+        help="How the operating threshold is chosen on the valid split.")] = _E.threshold_method,
+    eval_split: Annotated[str, typer.Option(help="Split to report (when there is a split column).")] = _E.eval_split,
     plots: Annotated[Path | None, typer.Option(help="Directory for PNG plots (ROC, PR, reliability) per label; "
                                                "replaced as a whole. Needs matplotlib.")] = None,
     baseline: Annotated[Path | None, typer.Option(help="Predictions of a baseline (e.g. `ecgfm probe --baseline` "
@@ -44,15 +49,16 @@ def evaluate_command(
                                                        "--subgroups: a segments or records artifact (age, sex, "
                                                        "source_path), ingest's labels table, any CSV/Parquet. "
                                                        "Repeatable.")] = None,
-    age_bands: Annotated[str, typer.Option(help="Upper-exclusive band edges for age (years).")] = "40,60,80",
+    age_bands: Annotated[str, typer.Option(help="Upper-exclusive band edges for age (years).")
+                         ] = csv_numbers(_E.age_bands),
     min_subgroup: Annotated[int, typer.Option(help="Patients a subgroup needs to be evaluated (smaller ones are "
-                                              "reported as too small).")] = 20,
+                                              "reported as too small).")] = _E.min_subgroup,
     min_positives: Annotated[int, typer.Option(help="Positive (and negative) patients a label needs for a reliable "
-                                               "interval and a place in the macro average.")] = 3,
+                                               "interval and a place in the macro average.")] = _E.min_positives,
     at_specificity: Annotated[str, typer.Option(help="Specificity targets for 'sensitivity at specificity' "
-                                                "(comma-separated; empty for none).")] = "0.9,0.95",
+                                                "(comma-separated; empty for none).")] = csv_numbers(_E.at_specificity),
     at_sensitivity: Annotated[str, typer.Option(help="Sensitivity targets for 'specificity at sensitivity'.")
-                              ] = "0.9,0.95",
+                              ] = csv_numbers(_E.at_sensitivity),
     report: Annotated[Path | None, typer.Option("--report", help="One self-contained file for a reviewer (.html "
                                                 "with embedded plots, or .md): data, splits, baselines, metrics, "
                                                 "calibration, subgroups, decision curves, provenance.")] = None,
@@ -62,7 +68,6 @@ def evaluate_command(
     with a baseline, subgroups, decision curves and operating points."""
     from ecgfm_cli.errors import EcgfmError
     from ecgfm_cli.evaluate import (
-        EvalConfig,
         build_report,
         compare,
         evaluate,

@@ -21,7 +21,14 @@ from ecgfm_cli.commands.options import (
     train_dtype,
 )
 from ecgfm_cli.model.config import PRESETS, RECIPES, REFERENCE_UPDATE_SEGMENTS, PretrainConfig
-from ecgfm_cli.train.options import DEFAULT_MAX_EPOCHS, RECIPE_OPTIONS, REFERENCE_BATCH_SIZE, TrainOptions
+from ecgfm_cli.train.options import (
+    DEFAULT_MAX_EPOCHS,
+    MULTI_NODE_PORT,
+    RECIPE_OPTIONS,
+    REFERENCE_BATCH_SIZE,
+    LaunchOptions,
+    TrainOptions,
+)
 
 _DATA = "Data and model"
 _RUN = "Run length, checkpoints, logs"
@@ -90,7 +97,7 @@ def _preset(base: object, small: object) -> str:
     return f"preset: {show[0]}, small {show[1]}"
 
 
-_T, _P, _SMALL = TrainOptions, PretrainConfig, RECIPES["small"]
+_T, _P, _L, _SMALL = TrainOptions, PretrainConfig, LaunchOptions, RECIPES["small"]
 _SMALL_P = _SMALL["pretrain"]
 _REFERENCE_TEMP = f"{_P.latent_temp_max:g},{_P.latent_temp_min:g},{_P.latent_temp_decay:g}"
 _SMALL_TEMP = f"{_SMALL_P['latent_temp_max']:g},{_SMALL_P['latent_temp_min']:g},{_SMALL_P['latent_temp_schedule']}"
@@ -149,11 +156,11 @@ def pretrain_command(
     device: Device = "auto",
     gpus: Gpus = None,
     procs: Procs = None,
-    nnodes: Annotated[int, _opt("Nodes (same command on each).", _DIST, min=1, metavar="N")] = 1,
-    node_rank: Annotated[int, _opt("This node's rank.", _DIST, min=0, metavar="N")] = 0,
-    master_addr: Annotated[str, _opt("Address of node 0.", _DIST, metavar="TEXT")] = "127.0.0.1",
-    master_port: Annotated[int | None, _opt("Port on node 0 (a free one; 29500 multi-node).", _DIST,
-                                            metavar="N")] = None,
+    nnodes: Annotated[int, _opt("Nodes (same command on each).", _DIST, min=1, metavar="N")] = _L.nnodes,
+    node_rank: Annotated[int, _opt("This node's rank.", _DIST, min=0, metavar="N")] = _L.node_rank,
+    master_addr: Annotated[str, _opt("Address of node 0.", _DIST, metavar="TEXT")] = _L.master_addr,
+    master_port: Annotated[int | None, _opt(f"Port on node 0 (a free one; {MULTI_NODE_PORT} multi-node).", _DIST,
+                                            metavar="N")] = _L.master_port,
     workers: Annotated[int, _opt("Loader threads per process.", _DIST, min=1, metavar="N")] = _T.workers,
     threads: Threads = _T.threads,
     worker_processes: Annotated[bool, _opt("Load in processes, not threads (same batches).", _DIST,

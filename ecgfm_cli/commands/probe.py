@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from ecgfm_cli.commands.options import AllowPartial
+from ecgfm_cli.eval_options import ProbeOptions, csv_numbers
+
+_P = ProbeOptions  # the defaults
 
 
 def _grid(text: str, name: str) -> tuple[float, ...]:
@@ -41,18 +44,19 @@ def probe_command(
     baseline_output: Annotated[Path | None, typer.Option(
         "--baseline-output", help="Where to write the baseline predictions (default: OUTPUT with "
         ".baseline.parquet).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the patient-grouped split (or of the folds).")] = 0,
-    split_fractions: Annotated[str, typer.Option(help="train,valid,test fractions of the patient-grouped split "
-                                                 "(used when the labels have no split column).")] = "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Seed of the patient-grouped split (or of the folds).")] = _P.seed,
+    split_fractions: Annotated[str, typer.Option(
+        help="train,valid,test fractions of the patient-grouped split (used when the labels have no split column)."
+    )] = csv_numbers(_P.split_fractions),
     c_grid: Annotated[str, typer.Option(help="Inverse regularisation strengths C tried for logistic regression; "
-                                        "the best valid average precision wins.")] = "1e-4,1e-3,1e-2,0.1,1,10,100",
+                                        "the best valid average precision wins.")] = csv_numbers(_P.c_grid),
     alpha_grid: Annotated[str, typer.Option(help="Ridge alphas tried for continuous targets; the lowest valid MSE "
-                                            "wins.")] = "1e-3,1e-2,0.1,1,10,100,1e3,1e4",
-    max_iter: Annotated[int, typer.Option(help="Iteration limit of each logistic regression fit.")] = 1000,
+                                            "wins.")] = csv_numbers(_P.alpha_grid),
+    max_iter: Annotated[int, typer.Option(help="Iteration limit of each logistic regression fit.")] = _P.max_iter,
     folds: Annotated[int | None, typer.Option("--folds", help="K-fold out-of-fold probing instead of one split: "
                                               "patient-grouped folds stratified on the rarest binary label; every "
                                               "record is scored once, by a probe fitted (C chosen on an inner "
-                                              "split) on the other folds. For small cohorts.", min=2)] = None,
+                                              "split) on the other folds. For small cohorts.", min=2)] = _P.folds,
     continuous: Annotated[list[str] | None, typer.Option(
         "--continuous", help="Fit this label as a continuous target (ridge); needed for a two-valued label not "
         "coded 0/1, e.g. 1/2 (repeatable, or comma-separated).")] = None,

@@ -26,6 +26,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ecgfm_cli.train.options import MULTI_NODE_PORT, LaunchOptions
+
+_LAUNCH = LaunchOptions()  # launch's defaults: ecgfm pretrain's
+
 #: Seconds a rank waits in a collective or at the rendezvous before it gives up on the others (``ECGFM_DIST_TIMEOUT``
 #: overrides). Longer than any step one rank takes alone (rank 0 writing a checkpoint), short enough that a dead
 #: node costs minutes, not a SLURM allocation.
@@ -121,15 +125,16 @@ def resolve_device(device: str, gpus: int | None, procs: int | None) -> tuple[st
     return dev, nprocs
 
 
-def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: int = 1, node_rank: int = 0,
-           master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: int = _LAUNCH.nnodes,
+           node_rank: int = _LAUNCH.node_rank, master_addr: str = _LAUNCH.master_addr,
+           master_port: int | None = _LAUNCH.master_port) -> None:
     """Run ``worker(*args)`` in every process of the job (see the module docstring)."""
     if under_launcher() or nprocs * nnodes == 1:
         _guarded(worker, args)
         return
     rendezvous = tempfile.mkdtemp(prefix="ecgfm-dist-") if nnodes == 1 and master_port is None else None
     init = f"file://{rendezvous}/store" if rendezvous else None
-    port = master_port or 29500  # unused by a single-node spawn, which meets through the file
+    port = master_port or MULTI_NODE_PORT  # unused by a single-node spawn, which meets through the file
     try:
         torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port, init),
                                     nprocs=nprocs, join=True)

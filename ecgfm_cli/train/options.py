@@ -19,6 +19,21 @@ REFERENCE_BATCH_SIZE = 128
 #: The run's length when none of ``max_updates``, ``max_epochs``, ``max_time`` is given (the reference's max_epoch).
 DEFAULT_MAX_EPOCHS = 200
 
+#: The rendezvous port of a multi-node run when ``--master-port`` is not given (torchrun's).
+MULTI_NODE_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Where the processes of ``ecgfm pretrain`` meet (its ``--nnodes``, ``--node-rank``, ``--master-addr``,
+    ``--master-port``; :func:`ecgfm_cli.train.distributed.launch` takes the same). master_port None: a single-node
+    run meets through a rendezvous file, a multi-node one on :data:`MULTI_NODE_PORT`."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+
 
 @dataclass
 class TrainOptions:
