@@ -46,7 +46,7 @@ def write_segments(path: Path, n_records: int, seed: int = 0) -> None:
     import pyarrow as pa
 
     from ecgfm_cli.contract import Contract
-    from ecgfm_cli.io.artifacts import ArtifactWriter, Output
+    from ecgfm_cli.io.artifacts import ArtifactWriter, Output, write_done_marker
     from ecgfm_cli.io.schema import segments_schema
 
     schema = segments_schema(LEADS, WINDOW).with_metadata(
@@ -67,6 +67,8 @@ def write_segments(path: Path, n_records: int, seed: int = 0) -> None:
         }
         writer.write(pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema))
     writer.close()
+    write_done_marker(path, (0, 1), {"kind": "segments", "segments": 2 * n_records,
+                                     "parts": [f.name for f in writer.files]})
 
 
 def write_mats(path: Path, n: int, seed: int = 1) -> list[Path]:

@@ -16,7 +16,6 @@ Shapes: B batch, C leads, L samples per segment, T tokens (L // 16), D embed_dim
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -27,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
 from ecgfm_cli.contract import Contract, canonical_lead
 from ecgfm_cli.errors import EcgfmError
+from ecgfm_cli.io.tables import open_table
 from ecgfm_cli.model.config import EncoderConfig
 from ecgfm_cli.model.encoder import EcgEncoder
 from ecgfm_cli.model.inference import prepare_for_inference
@@ -254,38 +253,9 @@ class EmbedSummary:
 
 def iter_rows(reader, start: int = 0, stop: int | None = None, columns: list[str] | None = None,
               batch_size: int = 256) -> Iterator[pa.RecordBatch]:
-    """Rows ``[start, stop)`` of an artifact, in order, as record batches of at most ``batch_size`` rows.
-    Parquet row groups outside the range are not read."""
-    columns = columns or INPUT_COLUMNS
-    if start == 0 and stop is None:
-        yield from reader.iter_batches(columns, batch_size=batch_size)
-        return
-    stop = math.inf if stop is None else stop
-    offset = 0
-    for f in reader.files:
-        if f.suffix == ".parquet":
-            pf = pq.ParquetFile(str(f))
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-            firsts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) + offset
-            groups = [g for g in range(len(sizes)) if firsts[g + 1] > start and firsts[g] < stop]
-            batches = pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns) if groups else []
-            pos = int(firsts[groups[0]]) if groups else 0
-            offset = int(firsts[-1])
-        else:
-            with pa.memory_map(str(f)) as src:
-                import pyarrow.ipc as ipc
-
-                r = ipc.open_file(src)
-                batches = [r.get_batch(i).select(columns) for i in range(r.num_record_batches)]
-            pos = offset
-            offset += sum(b.num_rows for b in batches)
-        for b in batches:
-            lo, hi = max(start - pos, 0), min(stop - pos, b.num_rows)
-            if hi > lo:
-                yield b.slice(lo, hi - lo)
-            pos += b.num_rows
-        if offset >= stop:
-            return
+    """Rows ``[start, stop)`` of an artifact (default columns: :data:`INPUT_COLUMNS`), in order, as record
+    batches of at most ``batch_size`` rows; row groups outside the range are not read."""
+    yield from reader.iter_rows(start, stop, columns or INPUT_COLUMNS, batch_size)
 
 
 def rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
@@ -630,8 +600,9 @@ def run_embed(input: str, reader, output, spec: ModelSpec, model: LoadedModel, o
             if output.format == "npz":
                 sink = NpzCollector()
                 for p in parts:
-                    for b in pq.ParquetFile(str(p)).iter_batches(batch_size=4096):
-                        sink.write(b)
+                    with open_table(p) as t:
+                        for b in t.iter_batches(batch_size=4096):
+                            sink.write(b)
                 sink.save(output.path, dim, meta)
             else:
                 merge_parquet(parts, Output("parquet", output.path), schema)
@@ -780,8 +751,9 @@ def merge_parquet(parts: list[Path], output, schema: pa.Schema) -> None:
     writer = ArtifactWriter(output, "embeddings", schema, row_group_rows=1024)
     try:
         for p in parts:
-            for b in pq.ParquetFile(str(p)).iter_batches(batch_size=4096):
-                writer.write(b)
+            with open_table(p) as t:
+                for b in t.iter_batches(batch_size=4096):
+                    writer.write(b)
         writer.close()
     except BaseException:
         writer.abort()

@@ -643,8 +643,8 @@ def derive_source(source_paths: list[str | None]) -> list[str | None]:
 
 def _read_columns(path: Path, wanted: set[str]) -> tuple[dict[str, list], list[str]]:
     """Columns ``wanted`` (those present) + record_id of a table/artifact, reading only those columns from
-    Parquet; also returns every column name (for the error message)."""
-    import pyarrow.parquet as pq
+    Parquet or Arrow files; also returns every column name (for the error message)."""
+    from ecgfm_cli.io.tables import read_columns, read_schema
 
     p = Path(path)
     files: list[Path] = []
@@ -656,14 +656,14 @@ def _read_columns(path: Path, wanted: set[str]) -> tuple[dict[str, list], list[s
         if not files:
             files = sorted(f for f in p.glob("*.parquet") if ".tmp-" not in f.name
                            and not f.name.startswith(("labels-", "rejects-")))
-    elif p.suffix.lower() == ".parquet":
+    elif p.is_file() and not p.name.lower().endswith((".csv", ".csv.gz")):
         files = [p]
     if files:
-        names = pq.read_schema(files[0]).names
+        names = read_schema(files[0]).names
         cols = ["record_id"] + sorted(wanted & set(names))
         if "record_id" not in names:
             raise EvaluateError(f"--records {path}: no record_id column")
-        tables = [pq.read_table(f, columns=cols) for f in files]
+        tables = [read_columns(f, cols) for f in files]
         data = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in cols}
         return data, names
     table = read_table(p)

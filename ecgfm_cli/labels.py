@@ -44,12 +44,14 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
     """Read an artifact or a small table into a ``pyarrow.Table``.
 
     Accepts a ``.parquet`` file, a directory of Parquet shards (``<kind>-*.parquet`` for the first of ``kinds``
-    present, else every ``*.parquet``, in sorted order), an Arrow IPC file (``.arrow``/``.feather``), ``-``
-    (Arrow IPC stream on stdin) or a ``.csv`` (gzip allowed; id columns read as strings).
+    present, else every ``*.parquet``, in sorted order), an Arrow IPC file (``.arrow``/``.feather``; a file is
+    read as what its first bytes say, :mod:`ecgfm_cli.io.tables`), ``-`` (Arrow IPC stream on stdin) or a ``.csv``
+    (gzip allowed; id columns read as strings).
     Refuses an ``ecgfm.schema_version`` newer than this module knows.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from ecgfm_cli.io.tables import TableFileError, read_columns
 
     s = str(path)
     p = Path(path)
@@ -70,12 +72,10 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
             files = sorted(f for f in p.glob("*.parquet") if ".tmp-" not in f.name)
         if not files:
             raise LabelError(f"{p}: directory holds no .parquet files")
-        tables = []
-        for f in files:
-            try:
-                tables.append(pq.read_table(f))
-            except (OSError, pa.ArrowInvalid) as e:
-                raise LabelError(f"{f}: cannot read as Parquet ({e})") from e
+        try:
+            tables = [read_columns(f) for f in files]
+        except TableFileError as e:
+            raise LabelError(str(e)) from e
         meta = tables[0].schema.metadata
         try:
             table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(meta)
@@ -92,20 +92,12 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
                 strings_can_be_null=True, column_types={k: pa.string() for k in ids}))
         except pa.ArrowInvalid as e:
             raise LabelError(f"{p}: not a readable CSV table ({e})") from e
-    elif p.suffix.lower() in (".arrow", ".feather", ".ipc"):
-        import pyarrow.feather as feather
-
-        try:
-            table = feather.read_table(p)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise LabelError(f"{p}: cannot read as an Arrow file ({e})") from e
     else:
         try:
-            table = pq.read_table(p)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise LabelError(
-                f"{p}: cannot read as Parquet ({e}); expected .parquet, .csv, .arrow or a directory"
-            ) from e
+            table = read_columns(p)
+        except TableFileError as e:
+            hint = "; a table is .parquet, .arrow, .csv or a directory of .parquet files" if e.kind == "foreign" else ""
+            raise LabelError(f"{e}{hint}") from e
     check_schema_version(table_metadata(table), str(p))
     return table
 

@@ -256,7 +256,7 @@ def test_unreadable_shard_and_null_signals_are_refused(tmp_path: Path) -> None:
 
     bad = shard.with_name(shard.name.replace("p00000", "p00001"))
     bad.write_bytes(b"PAR1 not a parquet file")
-    with pytest.raises(EcgfmError, match=f"cannot read {bad}"):
+    with pytest.raises(EcgfmError, match=f"{bad}: cannot read as Parquet: the file is cut short"):
         open_segments(path)
 
 

@@ -90,9 +90,8 @@ def explain_command(
 
 def _artifact_kind(path: str) -> str | None:
     """The ``ecgfm.kind`` of a Parquet/Arrow file or of a shard directory's files (None if not found)."""
-    import pyarrow.parquet as pq
-
     from ecgfm_cli.errors import EcgfmError
+    from ecgfm_cli.io.tables import read_schema
 
     p = Path(path)
     if not p.exists():
@@ -101,16 +100,7 @@ def _artifact_kind(path: str) -> str | None:
     for f in files:
         if f.name.startswith(("labels-", "rejects-")):
             continue
-        try:
-            if f.suffix in (".arrow", ".feather"):
-                import pyarrow.ipc as ipc
-
-                schema = ipc.open_file(str(f)).schema
-            else:
-                schema = pq.read_schema(str(f))
-        except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing line
-            raise EcgfmError(f"{f}: not a readable Parquet/Arrow file ({type(e).__name__}: {e})") from e
-        kind = (schema.metadata or {}).get(b"ecgfm.kind")
+        kind = (read_schema(f).metadata or {}).get(b"ecgfm.kind")
         if kind:
             return kind.decode()
     return None

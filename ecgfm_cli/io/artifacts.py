@@ -32,6 +32,7 @@ from ecgfm_cli import __version__
 from ecgfm_cli.console import info, plural
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.schema import REQUIRED_COLUMNS
+from ecgfm_cli.io.tables import open_table, read_schema
 
 try:
     import fcntl
@@ -805,15 +806,13 @@ class ArtifactReader:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def num_rows(self) -> int | None:
-        """Row count from Parquet footers (None for streams)."""
+        """Row count from the files' footers (None for a stream)."""
         if self._stream is not None:
             return None
         total = 0
         for f in self.files:
-            if f.suffix == ".parquet":
-                total += pq.ParquetFile(str(f)).metadata.num_rows
-            else:
-                return None
+            with open_table(f) as t:
+                total += t.num_rows
         return total
 
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
@@ -833,15 +832,29 @@ class ArtifactReader:
                                  "the command before the pipe was killed or failed, so this is not the whole input")
             return
         for f in self.files:
-            if f.suffix == ".parquet":
-                pf = pq.ParquetFile(str(f))
-                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
-            else:
-                with pa.memory_map(str(f)) as src:
-                    reader = ipc.open_file(src)
-                    for i in range(reader.num_record_batches):
-                        b = reader.get_batch(i)
-                        yield b.select(columns) if columns else b
+            with open_table(f) as t:
+                yield from t.iter_batches(columns or None, batch_size)
+
+    def iter_rows(self, start: int = 0, stop: int | None = None, columns: list[str] | None = None,
+                  batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """Rows ``[start, stop)`` of the files' concatenation (``stop`` None: to the end), in order, as record
+        batches of at most ``batch_size`` rows; files and groups outside the range are not read. A stream can
+        only be read whole (``start`` 0, ``stop`` None)."""
+        if self._stream is not None or (start == 0 and stop is None):
+            if start or stop is not None:
+                raise EcgfmError(f"{self.path}: a stream cannot be read from row {start}: give a file or directory")
+            yield from self.iter_batches(columns, batch_size)
+            return
+        offset = 0
+        for f in self.files:
+            if stop is not None and offset >= stop:
+                return
+            with open_table(f) as t:
+                n = t.num_rows
+                if offset + n > start:
+                    yield from t.iter_rows(max(start - offset, 0), None if stop is None else stop - offset,
+                                           columns or None, batch_size)
+            offset += n
 
     def read_all(self, columns: list[str] | None = None) -> pa.Table:
         batches = list(self.iter_batches(columns))
@@ -886,11 +899,7 @@ def open_artifact(path: str | Path, kind: str, command: str = "ecgfm",
             raise EcgfmError(f"{command}: {p} does not exist")
         reader = ArtifactReader(spath, kind, files=files)
         for f in files:  # every file: a truncated or foreign one in a directory fails here, not mid-run
-            try:
-                schema = _read_schema(f)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise EcgfmError(f"{command}: cannot read {f}: not a Parquet or Arrow file, or a truncated one "
-                                 f"({e})") from e
+            schema = read_schema(f)
             _check_columns(schema, kind, str(f), command)
             if reader.schema is None:
                 reader.schema = schema
@@ -929,10 +938,3 @@ def _check_columns(schema: pa.Schema, kind: str, where: str, command: str) -> No
     if found and found != kind:
         raise EcgfmError(f"{command}: {where} holds {found}, not {kind}")
     raise EcgfmError(f"{command}: {where} is not a {kind} artifact: it lacks the column(s) {', '.join(missing)}")
-
-
-def _read_schema(path: Path) -> pa.Schema:
-    if path.suffix in (".arrow", ".feather"):
-        with pa.memory_map(str(path)) as src:
-            return ipc.open_file(src).schema
-    return pq.read_schema(str(path))

@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from ecgfm_cli.contract import Contract, ContractMismatch, check_compatible
 from ecgfm_cli.errors import EcgfmError
+from ecgfm_cli.io.tables import TableFile, open_table, read_schema
 
 
 @dataclass
@@ -110,26 +109,10 @@ class SegmentIndex:
 # ------------------------------------------------------------------------------------------ opening
 
 
-def _file_schema(path: Path) -> pa.Schema:
-    if path.suffix in (".arrow", ".feather"):
-        with pa.memory_map(str(path)) as src:
-            return ipc.open_file(src).schema
-    return pq.read_schema(str(path))
-
-
 def _small_columns(path: Path) -> tuple[list[int], pa.Array, np.ndarray]:
     """(rows per row group / record batch, record_id, segment_index) of one file."""
-    cols = ["record_id", "segment_index"]
-    if path.suffix in (".arrow", ".feather"):
-        with pa.memory_map(str(path)) as src:
-            reader = ipc.open_file(src)
-            batches = [reader.get_batch(i).select(cols) for i in range(reader.num_record_batches)]
-        sizes = [b.num_rows for b in batches]
-        table = pa.Table.from_batches(batches, schema=pa.schema([reader.schema.field(c) for c in cols]))
-    else:
-        pf = pq.ParquetFile(str(path))
-        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-        table = pf.read(columns=cols)
+    with open_table(path) as t:
+        sizes, table = t.group_rows, t.read(["record_id", "segment_index"])
     rid = table.column("record_id").combine_chunks()
     seg = table.column("segment_index").to_numpy().astype(np.int64)
     return sizes, rid, seg
@@ -164,10 +147,7 @@ def open_segments(path: str | Path, model_contract: Contract | None = None, comm
     n_leads, window = len(contract.leads), int(contract.window)
     files = list(reader.files)
     for f in files:
-        try:
-            schema = _file_schema(f)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise EcgfmError(f"{command}: cannot read {f}: {e}") from e
+        schema = read_schema(f)
         if "signal" not in schema.names or "record_id" not in schema.names or "segment_index" not in schema.names:
             raise EcgfmError(f"{command}: {f} lacks the signal/record_id/segment_index columns of a segments artifact")
         t = schema.field("signal").type
@@ -351,18 +331,13 @@ class BatchReader:
 
     def __init__(self, index: SegmentIndex):
         self.index = index
-        self._files: dict[int, object] = {}
+        self._files: dict[int, TableFile] = {}
         self._cache: dict[int, np.ndarray] = {}
 
-    def _handle(self, fi: int):
+    def _handle(self, fi: int) -> TableFile:
         h = self._files.get(fi)
         if h is None:
-            path = self.index.files[fi]
-            if path.suffix in (".arrow", ".feather"):
-                h = ipc.open_file(pa.memory_map(str(path)))
-            else:
-                h = pq.ParquetFile(str(path), memory_map=True, pre_buffer=True)
-            self._files[fi] = h
+            h = self._files[fi] = open_table(self.index.files[fi], threads=False)
         return h
 
     def _read_rg(self, rg: int, upto: int) -> np.ndarray:
@@ -370,15 +345,9 @@ class BatchReader:
         idx = self.index
         h = self._handle(int(idx.rg_file[rg]))
         number, n = int(idx.rg_number[rg]), int(idx.rg_rows[rg])
-        if isinstance(h, pq.ParquetFile):
-            if upto * 4 <= n:  # a few leading rows: stream them instead of decoding the whole group
-                col = next(h.iter_batches(batch_size=upto, row_groups=[number], columns=["signal"],
-                                          use_threads=False)).column(0)
-            else:
-                col = h.read_row_group(number, columns=["signal"], use_threads=False).column(0)
-                col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-        else:
-            col = h.get_batch(number).column("signal")
+        # a few leading rows of a Parquet group: stream them instead of decoding the whole group
+        col = h.read_group(number, ["signal"], head=upto if upto * 4 <= n else None).column(0)
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         if col.null_count:  # flatten() would drop the null rows and shift every later one
             raise ValueError(f"{idx.files[int(idx.rg_file[rg])]}: row group {number} holds {col.null_count} null "
                              "signals; `ecgfm segment` writes none: re-segment the records")

@@ -146,22 +146,14 @@ def _model_from_init(opts: FinetuneOptions, data: Contract) -> tuple[EncoderConf
 
 def _segment_ids(index: SegmentIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(record_id, patient_id (None where missing), segment_index) of every row of ``index``, in row order."""
-    import pyarrow as pa
-    import pyarrow.feather as feather
-    import pyarrow.parquet as pq
-
+    from ecgfm_cli.io.tables import open_table
     from ecgfm_cli.labels import string_column
 
     rid, pid, seg = [], [], []
     for f in index.files:
-        arrow = f.suffix in (".arrow", ".feather")
-        if arrow:
-            with pa.memory_map(str(f)) as src:
-                names = pa.ipc.open_file(src).schema.names
-        else:
-            names = pq.read_schema(f).names
-        cols = ["record_id", "segment_index"] + (["patient_id"] if "patient_id" in names else [])
-        t = feather.read_table(f, columns=cols) if arrow else pq.read_table(f, columns=cols)
+        with open_table(f) as table:
+            names = table.schema.names
+            t = table.read(["record_id", "segment_index"] + (["patient_id"] if "patient_id" in names else []))
         rid.append(string_column(t, "record_id"))
         p = string_column(t, "patient_id")
         pid.append(p if p is not None else np.full(t.num_rows, None, dtype=object))

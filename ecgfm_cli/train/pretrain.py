@@ -253,13 +253,15 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
 def incomplete_segments(files: list[Path]) -> int:
     """Segments whose ``lead_present`` marks a lead as zero-filled (0 for files without the column)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from ecgfm_cli.io.tables import open_table
 
     n = 0
     for f in files:
-        if f.suffix != ".parquet" or "lead_present" not in pq.read_schema(str(f)).names:
-            continue
-        col = pq.read_table(str(f), columns=["lead_present"]).column("lead_present").combine_chunks()
+        with open_table(f) as t:
+            if "lead_present" not in t.schema.names:
+                continue
+            col = t.read(["lead_present"]).column("lead_present").combine_chunks()
         if len(col) == 0:
             continue
         per_row = col.type.list_size if hasattr(col.type, "list_size") else 0

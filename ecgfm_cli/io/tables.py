@@ -1,0 +1,238 @@
+"""One reader for the files an artifact is made of: a Parquet file or an Arrow IPC file, read the same way.
+
+:func:`open_table` opens either (told apart by their first bytes, not by the name), memory-mapped, and gives a
+:class:`TableFile`: schema and metadata, row count, the sizes of its *groups* (Parquet row groups, Arrow IPC
+record batches), and reads of chosen columns of the whole file, of one group (or its first rows), of a row
+range, or batch by batch. Groups outside a row range are not read. A file that cannot be used fails with one
+:class:`TableFileError` naming it, one message per kind: ``unreadable`` (the OS refuses it), ``truncated`` (it
+begins as one of the formats but is empty, cut short or damaged), ``foreign`` (neither format) or ``stream`` (an
+Arrow IPC stream saved to a file: it is read from stdin). Streams on stdin are read by
+:mod:`ecgfm_cli.io.artifacts`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from ecgfm_cli.errors import EcgfmError
+
+_PARQUET_MAGIC = b"PAR1"
+_ARROW_MAGIC = b"ARROW1"
+_STREAM_MAGIC = b"\xff\xff\xff\xff"  # an IPC stream's first message starts with the continuation marker
+_NAMES = {"parquet": "Parquet", "arrow": "an Arrow IPC file"}
+#: Rows per batch when a caller does not say (Parquet's own default).
+DEFAULT_BATCH_ROWS = 65536
+
+
+class TableFileError(EcgfmError):
+    """A Parquet/Arrow file that cannot be read; ``kind``: ``unreadable``, ``truncated``, ``foreign`` or
+    ``stream``."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _format_of(path: Path) -> str:
+    """``parquet`` or ``arrow`` from the file's first bytes; :class:`TableFileError` for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as e:
+        raise TableFileError(f"{path}: cannot read: {e.strerror or e}", "unreadable") from e
+    if head.startswith(_PARQUET_MAGIC):
+        return "parquet"
+    if head.startswith(_ARROW_MAGIC):
+        return "arrow"
+    if not head:
+        raise TableFileError(f"{path}: cannot read as Parquet or Arrow IPC: the file is empty (an interrupted write "
+                             "or copy?)", "truncated")
+    if head.startswith(_STREAM_MAGIC):
+        raise TableFileError(f"{path}: cannot read as Parquet or Arrow IPC: it holds an Arrow IPC stream (what "
+                             "`-o -` writes); feed it on stdin instead "
+                             f"(`ecgfm COMMAND - < {shlex.quote(str(path))}`)", "stream")
+    raise TableFileError(f"{path}: cannot read as Parquet or Arrow IPC: it is neither (it starts with {head!r})",
+                         "foreign")
+
+
+def _damaged(path: Path, fmt: str, e: Exception) -> TableFileError:
+    """The error for a file of format ``fmt`` (by its first bytes) that pyarrow failed to open or read."""
+    if isinstance(e, OSError) and e.errno is not None:  # the OS refused it (pyarrow's own errors carry none)
+        return TableFileError(f"{path}: cannot read: {e.strerror or e}", "unreadable")
+    ends = (_PARQUET_MAGIC, b"PARE") if fmt == "parquet" else (_ARROW_MAGIC,)  # PARE: an encrypted footer
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(path.stat().st_size - len(ends[0]), 0))
+            whole = fh.read() in ends
+    except OSError:
+        whole = False
+    how = f"the file is damaged ({e})" if whole else "the file is cut short (an interrupted write or copy?)"
+    return TableFileError(f"{path}: cannot read as {_NAMES[fmt]}: {how}", "truncated")
+
+
+class TableFile:
+    """An open Parquet or Arrow IPC file (memory-mapped). ``format``: ``parquet`` or ``arrow``; ``threads``: let
+    pyarrow decode Parquet columns on its thread pool (off in loader threads that run in parallel already).
+
+    Rows are numbered from 0 within the file; a *group* is a Parquet row group or an Arrow IPC record batch.
+    Every read returns Arrow data (for Arrow IPC, zero-copy views of the mapped file); a read that fails on a
+    damaged file raises :class:`TableFileError`. Use as a context manager, or :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, threads: bool = True):
+        self.path = Path(path)
+        self.format = _format_of(self.path)
+        self.threads = threads
+        self._pf: pq.ParquetFile | None = None
+        self._ipc: ipc.RecordBatchFileReader | None = None
+        self._map: pa.MemoryMappedFile | None = None
+        self._sizes: list[int] | None = None
+        try:
+            if self.format == "parquet":
+                self._pf = pq.ParquetFile(str(self.path), memory_map=True, pre_buffer=True)
+                self.schema = self._pf.schema_arrow
+            else:
+                self._map = pa.memory_map(str(self.path))
+                self._ipc = ipc.open_file(self._map)
+                self.schema = self._ipc.schema
+        except (OSError, pa.ArrowException) as e:
+            self.close()
+            raise _damaged(self.path, self.format, e) from e
+
+    # ------------------------------------------------------------------------------------------ layout
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The schema's key-value metadata decoded to ``str -> str``."""
+        return {k.decode(): v.decode() for k, v in (self.schema.metadata or {}).items()}
+
+    @property
+    def group_rows(self) -> list[int]:
+        """Rows of each group, in file order (read from the footer; no data is decoded)."""
+        if self._sizes is None:
+            if self._pf is not None:
+                meta = self._pf.metadata
+                self._sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            else:
+                self._sizes = self._guard(lambda: [self._ipc.get_batch(g).num_rows
+                                                   for g in range(self._ipc.num_record_batches)])
+        return self._sizes
+
+    @property
+    def num_groups(self) -> int:
+        return self._pf.metadata.num_row_groups if self._pf is not None else self._ipc.num_record_batches
+
+    @property
+    def num_rows(self) -> int:
+        return self._pf.metadata.num_rows if self._pf is not None else sum(self.group_rows)
+
+    # ------------------------------------------------------------------------------------------- reads
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """Columns ``columns`` (None: all) of every row, with the file's schema metadata."""
+        if self._pf is not None:
+            return self._guard(lambda: self._pf.read(columns=columns, use_threads=self.threads))
+        table = self._guard(self._ipc.read_all)
+        return table.select(columns) if columns is not None else table
+
+    def read_group(self, group: int, columns: list[str] | None = None, head: int | None = None) -> pa.Table:
+        """Columns of group ``group``; with ``head``, only its first ``head`` rows (a Parquet group is then
+        streamed, not decoded whole)."""
+        if self._pf is not None:
+            if head is not None:
+                batch = self._guard(lambda: next(self._pf.iter_batches(
+                    batch_size=max(head, 1), row_groups=[group], columns=columns, use_threads=self.threads)))
+                return pa.Table.from_batches([batch.slice(0, head)])
+            return self._guard(lambda: self._pf.read_row_group(group, columns=columns, use_threads=self.threads))
+        batch = self._guard(lambda: self._ipc.get_batch(group))
+        batch = batch.select(columns) if columns is not None else batch
+        return pa.Table.from_batches([batch if head is None else batch.slice(0, head)])
+
+    def iter_batches(self, columns: list[str] | None = None, batch_size: int | None = None,
+                     groups: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most ``batch_size`` rows (default :data:`DEFAULT_BATCH_ROWS`) of ``groups``
+        (None: all), in order. A batch may span groups."""
+        size = batch_size or DEFAULT_BATCH_ROWS
+        if self._pf is not None:
+            if groups is not None and not groups:
+                return
+            it = self._pf.iter_batches(batch_size=size, row_groups=groups, columns=columns, use_threads=self.threads)
+            while True:
+                batch = self._guard(lambda: next(it, None))
+                if batch is None:
+                    return
+                yield batch
+        for g in range(self.num_groups) if groups is None else groups:
+            batch = self._guard(lambda g=g: self._ipc.get_batch(g))
+            if columns is not None:
+                batch = batch.select(columns)
+            for lo in range(0, batch.num_rows, size):
+                yield batch.slice(lo, size)
+
+    def iter_rows(self, start: int = 0, stop: int | None = None, columns: list[str] | None = None,
+                  batch_size: int | None = None) -> Iterator[pa.RecordBatch]:
+        """Rows ``[start, stop)`` (``stop`` None: to the end) as record batches of at most ``batch_size`` rows,
+        in order; only the groups that hold them are read."""
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        if start >= stop:
+            return
+        groups, pos, first = [], 0, None
+        for g, n in enumerate(self.group_rows):
+            if pos + n > start and pos < stop:
+                groups.append(g)
+                first = pos if first is None else first
+            pos += n
+        pos = first
+        for b in self.iter_batches(columns, batch_size, groups):
+            lo, hi = max(start - pos, 0), min(stop - pos, b.num_rows)
+            if hi > lo:
+                yield b if (lo, hi) == (0, b.num_rows) else b.slice(lo, hi - lo)
+            pos += b.num_rows
+            if pos >= stop:
+                return
+
+    def _guard(self, read):
+        """``read()``, its pyarrow failure turned into this file's :class:`TableFileError`."""
+        try:
+            return read()
+        except (OSError, pa.ArrowException) as e:
+            raise _damaged(self.path, self.format, e) from e
+
+    # -------------------------------------------------------------------------------------------- life
+    def close(self) -> None:
+        """Release the file (Arrow data already read stays valid: it keeps the mapping alive)."""
+        if self._pf is not None:
+            self._pf.close()
+        if self._map is not None:
+            self._map.close()
+
+    def __enter__(self) -> TableFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TableFile({str(self.path)!r}, format={self.format!r})"
+
+
+def open_table(path: str | Path, threads: bool = True) -> TableFile:
+    """Open a Parquet or Arrow IPC file for reading (:class:`TableFile`); :class:`TableFileError` naming it if it
+    cannot be."""
+    return TableFile(path, threads=threads)
+
+
+def read_schema(path: str | Path) -> pa.Schema:
+    """The schema (with metadata) of a Parquet or Arrow IPC file; reads only its footer."""
+    with open_table(path) as t:
+        return t.schema
+
+
+def read_columns(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Columns ``columns`` (None: all) of a whole Parquet or Arrow IPC file."""
+    with open_table(path) as t:
+        return t.read(columns)
