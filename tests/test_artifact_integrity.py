@@ -28,6 +28,15 @@ def start_cli(*args, **kw) -> subprocess.Popen:
     return subprocess.Popen([*CLI, *map(str, args)], stderr=subprocess.PIPE, **kw)
 
 
+def started(run_file: Path) -> bool:
+    """Whether a run has locked its output and recorded itself in ``run_file`` (the file exists a moment before
+    the run's record is written into it)."""
+    try:
+        return b'"pid"' in run_file.read_bytes()
+    except FileNotFoundError:
+        return False
+
+
 def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
@@ -127,7 +136,7 @@ def test_interrupted_shard_run_is_refused_until_rerun(corpus, tmp_path):
     rec = tmp_path / "rec"
     assert run_cli("ingest", corpus, "-o", rec, "--shard", "0/3").returncode == 0
     killed = start_cli("ingest", corpus, "-o", rec, "--shard", "1/3", stdout=subprocess.DEVNULL)
-    wait_for(lambda: (rec / ".run-s00001of00003.json").exists(), "shard 1 to start")
+    wait_for(lambda: started(rec / ".run-s00001of00003.json"), "shard 1 to start")
     stop(killed)
     seg = run_cli("segment", rec, "-o", tmp_path / "seg")
     err = seg.stderr.decode()
@@ -152,7 +161,7 @@ def test_killed_segment_output_is_refused_by_embed(corpus, tmp_path, capsys):
     assert run_cli("ingest", corpus, "-o", rec).returncode == 0
     seg = tmp_path / "seg"
     killed = start_cli("segment", rec, "-o", seg, stdout=subprocess.DEVNULL)
-    wait_for(lambda: (seg / ".run-s00000of00001.json").exists(), "segment to start")
+    wait_for(lambda: started(seg / ".run-s00000of00001.json"), "segment to start")
     stop(killed)
     # a complete part left by the killed run (a long run finishes parts of 512 MB as it goes)
     from ecgfm_cli.io.artifacts import artifact_metadata
@@ -196,7 +205,7 @@ def test_second_run_into_the_same_output_is_refused(corpus, tmp_path):
     finishes whole. Two different shards of one directory run side by side without touching each other."""
     out = tmp_path / "same"
     first = start_cli("ingest", corpus, "-o", out, stdout=subprocess.DEVNULL)
-    wait_for(lambda: (out / ".run-s00000of00001.json").exists(), "the first run to start")
+    wait_for(lambda: started(out / ".run-s00000of00001.json"), "the first run to start")
     first.send_signal(signal.SIGSTOP)  # hold it mid-run, lock taken
     try:
         second = run_cli("ingest", corpus, "-o", out)
@@ -210,7 +219,7 @@ def test_second_run_into_the_same_output_is_refused(corpus, tmp_path):
 
     shards = tmp_path / "shards"
     a = start_cli("ingest", corpus, "-o", shards, "--shard", "0/2", stdout=subprocess.DEVNULL)
-    wait_for(lambda: (shards / ".run-s00000of00002.json").exists(), "shard 0 to start")
+    wait_for(lambda: started(shards / ".run-s00000of00002.json"), "shard 0 to start")
     a.send_signal(signal.SIGSTOP)
     try:
         b = run_cli("ingest", corpus, "-o", shards, "--shard", "1/2")
