@@ -28,19 +28,18 @@ from typing import Any
 import numpy as np
 
 from ecgfm_cli.errors import EcgfmError
+from ecgfm_cli.eval_options import ProbeOptions
 from ecgfm_cli.labels import LabelError, LabelTable, read_table, string_column, table_metadata
 from ecgfm_cli.splits import (
     SPLITS,
-    assign_splits,
-    check_patient_disjoint,
     fold_counts_line,
     group_counts,
     patient_keys,
+    record_splits,
     small_group_warnings,
 )
 
-DEFAULT_C_GRID = tuple(10.0**k for k in range(-4, 3))
-DEFAULT_ALPHA_GRID = tuple(10.0**k for k in range(-3, 5))
+_DEFAULT = ProbeOptions()  # the signatures' defaults: ecgfm probe's
 
 
 class ProbeError(EcgfmError, ValueError):
@@ -132,42 +131,6 @@ class ProbeData:
     counts: dict[str, Any]
 
 
-def record_splits(labels: LabelTable, emb: Embeddings, fractions: tuple[float, float, float],
-                  seed: int) -> tuple[dict[str, str], list[str], dict[str, Any]]:
-    """record_id -> split for the embedded records: the labels' ``split`` column when it has one, otherwise a
-    patient-grouped assignment (patient id from the labels, else from the embeddings). Returns the mapping,
-    notes, and a split-check dict (``patients_in_multiple_splits``)."""
-    notes: list[str] = []
-    lidx = labels.index()
-    # one row per embedded record (first occurrence), patient id from labels when present
-    _, first = np.unique(emb.record_ids.astype(str), return_index=True)
-    rids = emb.record_ids[np.sort(first)]
-    pids = []
-    for r, p in zip(rids, emb.patient_ids[np.sort(first)], strict=True):
-        lp = labels.patient_ids[lidx[r]] if labels.patient_ids is not None and r in lidx else None
-        pids.append(lp if lp not in (None, "") else p)
-    keys = patient_keys(rids, pids)
-    if labels.split is not None and any(s is not None for s in labels.split):
-        sp = np.array([labels.split[lidx[r]] if r in lidx else None for r in rids], dtype=object)
-        n_none = sum(1 for r, s in zip(rids, sp, strict=True) if s is None and r in lidx)
-        if n_none:
-            raise ProbeError(f"{n_none} labelled records have an empty 'split'; fill it (train/valid/test) or "
-                             f"drop the column to get a patient-grouped split")
-        notes.append("splits: taken from the labels' split column")
-        source = "labels"
-    else:
-        sp = assign_splits(rids, pids, fractions, seed)
-        notes.append(f"splits: patient-grouped, fractions {fractions}, seed {seed}")
-        source = "assigned"
-    overlap = check_patient_disjoint(keys, sp)
-    if overlap:
-        ex = ", ".join(list(overlap)[:3])
-        notes.append(f"WARNING: {len(overlap)} patients occur in more than one split (e.g. {ex}); "
-                     f"metrics will be optimistic")
-    check = {"source": source, "patients_in_multiple_splits": len(overlap), "examples": list(overlap)[:10]}
-    return dict(zip(rids, sp, strict=True)), notes, check
-
-
 def join_labels(emb: Embeddings, labels: LabelTable, split_of: dict[str, str]) -> ProbeData:
     """Attach record labels and splits to embedding rows; drop (and count) rows whose record has no labels
     or whose embedding is not finite."""
@@ -219,8 +182,8 @@ def _ap(y: np.ndarray, s: np.ndarray) -> float | None:
 
 
 def fit_label(X: np.ndarray, y: np.ndarray, split: np.ndarray, kind: str,
-              c_grid: tuple[float, ...] = DEFAULT_C_GRID, alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
-              max_iter: int = 1000, fixed: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+              c_grid: tuple[float, ...] = _DEFAULT.c_grid, alpha_grid: tuple[float, ...] = _DEFAULT.alpha_grid,
+              max_iter: int = _DEFAULT.max_iter, fixed: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Fit one label's probe. X: (N, D) standardised; y: (N,) with NaN = missing; split: (N,) names.
     ``fixed``: fit with this C (alpha) on the train rows, choosing nothing (the refit of ``--folds``).
 
@@ -294,8 +257,8 @@ def fit_label(X: np.ndarray, y: np.ndarray, split: np.ndarray, kind: str,
 
 
 def run_probe(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict[str, str], split: np.ndarray,
-              c_grid: tuple[float, ...] = DEFAULT_C_GRID, alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
-              max_iter: int = 1000, progress: Callable[[str], None] | None = None,
+              c_grid: tuple[float, ...] = _DEFAULT.c_grid, alpha_grid: tuple[float, ...] = _DEFAULT.alpha_grid,
+              max_iter: int = _DEFAULT.max_iter, progress: Callable[[str], None] | None = None,
               ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Probe every label. X: (N, D); Y: (N, L); split: (N,). Returns predictions (N, L) and per-label info."""
     train = split == "train"
@@ -396,9 +359,9 @@ def inner_split(fold: np.ndarray, k: int, y: np.ndarray, keys: np.ndarray, n_fol
 
 
 def run_probe_folds(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict[str, str], fold: np.ndarray,
-                    strata: np.ndarray, keys: np.ndarray, seed: int = 0,
-                    c_grid: tuple[float, ...] = DEFAULT_C_GRID, alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
-                    max_iter: int = 1000, progress: Callable[[str], None] | None = None,
+                    strata: np.ndarray, keys: np.ndarray, seed: int = _DEFAULT.seed,
+                    c_grid: tuple[float, ...] = _DEFAULT.c_grid, alpha_grid: tuple[float, ...] = _DEFAULT.alpha_grid,
+                    max_iter: int = _DEFAULT.max_iter, progress: Callable[[str], None] | None = None,
                     ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Out-of-fold probing. X: (N, D); Y: (N, L); fold: (N,) int 0..K-1 per row; strata/keys: (N,) per row.
 
@@ -447,18 +410,22 @@ def run_probe_folds(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict
     return P, info_out
 
 
-def predictions_table(data: ProbeData, P: np.ndarray, labels: list[str], kinds: dict[str, str],
+def predictions_table(record_ids: np.ndarray, patient_ids: np.ndarray, segment_index: np.ndarray,
+                      split: np.ndarray, P: np.ndarray, labels: list[str], kinds: dict[str, str],
                       metadata: dict[str, str], fold: np.ndarray | None = None) -> Any:
-    """The ``predictions`` artifact (docs/artifacts.md) as a ``pyarrow.Table`` with ``metadata`` added."""
+    """The ``predictions`` artifact (docs/artifacts.md) as a ``pyarrow.Table`` with ``metadata`` added: one row
+    per entry of the (N,) id arrays (``patient_ids`` None where unknown) and ``split``, ``P`` (N, L) the
+    predictions of ``labels``, ``fold`` (N,) with ``--folds``. What ``ecgfm probe`` and ``ecgfm finetune``
+    write."""
     import pyarrow as pa
 
     from ecgfm_cli import __version__
 
     cols = {
-        "record_id": pa.array(data.emb.record_ids.tolist(), pa.string()),
-        "patient_id": pa.array(data.emb.patient_ids.tolist(), pa.string()),
-        "segment_index": pa.array(data.emb.segment_index, pa.int32()),
-        "split": pa.array(data.split.tolist(), pa.string()),
+        "record_id": pa.array(record_ids.tolist(), pa.string()),
+        "patient_id": pa.array(patient_ids.tolist(), pa.string()),
+        "segment_index": pa.array(segment_index, pa.int32()),
+        "split": pa.array(split.tolist(), pa.string()),
     }
     if fold is not None:
         cols["fold"] = pa.array(fold, pa.int32())
@@ -488,14 +455,14 @@ def probe_files(
     provenance: dict[str, Any],
     baseline: str | Path | None = None,
     baseline_out: str | Path | None = None,
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    c_grid: tuple[float, ...] = DEFAULT_C_GRID,
-    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
-    max_iter: int = 1000,
+    fractions: tuple[float, float, float] = _DEFAULT.split_fractions,
+    seed: int = _DEFAULT.seed,
+    c_grid: tuple[float, ...] = _DEFAULT.c_grid,
+    alpha_grid: tuple[float, ...] = _DEFAULT.alpha_grid,
+    max_iter: int = _DEFAULT.max_iter,
     log: Callable[[str], None] = lambda s: None,
     progress_factory: Callable[[int, str], Any] | None = None,
-    folds: int | None = None,
+    folds: int | None = _DEFAULT.folds,
 ) -> dict[str, Any]:
     """Probe ``embeddings`` (and ``baseline`` embeddings with the same record splits or folds) and write
     predictions. ``folds``: K-fold out-of-fold probing (every record scored once, ``fold`` column, ``split`` =
@@ -524,7 +491,7 @@ def probe_files(
                 split_of = dict.fromkeys(fold_of, "test")
                 check = {"source": "folds", "n_folds": folds, "patients_in_multiple_splits": 0, "examples": []}
             else:
-                split_of, notes, check = record_splits(labels, emb, fractions, seed)
+                split_of, notes, check = record_splits(labels, emb.record_ids, emb.patient_ids, fractions, seed)
             summary["split_check"] = check
             for n in notes:
                 log(n)
@@ -592,8 +559,9 @@ def probe_files(
         for key in ("contract", "model"):
             if emb.meta.get(key) is not None:
                 meta[f"ecgfm.{key}"] = json.dumps(emb.meta[key])
-        write_table(predictions_table(data, P, labels.labels, labels.kinds, meta, fold=fold), Path(out_path),
-                    "predictions")
+        e = data.emb
+        write_table(predictions_table(e.record_ids, e.patient_ids, e.segment_index, data.split, P, labels.labels,
+                                      labels.kinds, meta, fold=fold), Path(out_path), "predictions")
         log(f"{role}: wrote {out_path}")
         summary["outputs"].append(str(out_path))
         summary["labels" if role == "model" else "baseline_labels"] = info

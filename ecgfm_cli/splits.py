@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ecgfm_cli.labels import LabelTable
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -158,3 +162,43 @@ def small_group_warnings(counts: dict[str, dict], labels: Sequence[str], kinds: 
     table = "; ".join(f"{name}: {_describe(e, labels, kinds)}" for name, e in counts.items())
     return [f"WARNING: {what}s too small for reliable figures (fewer than {MIN_CLASS_COUNT} of a class): {shown}",
             f"WARNING: counts per {what}: {table}", f"WARNING: {remedy}"]
+
+
+def record_splits(labels: LabelTable, record_ids: np.ndarray, patient_ids: np.ndarray,
+                  fractions: tuple[float, float, float], seed: int) -> tuple[dict[str, str], list[str], dict[str, Any]]:
+    """record_id -> split for the records of the rows ``record_ids`` (N,) (repeats allowed: segments), whose
+    ``patient_ids`` (N,) are None where unknown: the labels' ``split`` column when it has one, otherwise a
+    patient-grouped assignment (patient id from the labels, else from ``patient_ids``). What ``ecgfm probe``
+    (embedding rows) and ``ecgfm finetune`` (segment rows) split by. Returns the mapping, notes, and a
+    split-check dict (``source``, ``patients_in_multiple_splits``, ``examples``)."""
+    from ecgfm_cli.labels import LabelError
+
+    notes: list[str] = []
+    lidx = labels.index()
+    # one row per record (first occurrence), patient id from labels when present
+    _, first = np.unique(record_ids.astype(str), return_index=True)
+    rids = record_ids[np.sort(first)]
+    pids = []
+    for r, p in zip(rids, patient_ids[np.sort(first)], strict=True):
+        lp = labels.patient_ids[lidx[r]] if labels.patient_ids is not None and r in lidx else None
+        pids.append(lp if lp not in (None, "") else p)
+    keys = patient_keys(rids, pids)
+    if labels.split is not None and any(s is not None for s in labels.split):
+        sp = np.array([labels.split[lidx[r]] if r in lidx else None for r in rids], dtype=object)
+        n_none = sum(1 for r, s in zip(rids, sp, strict=True) if s is None and r in lidx)
+        if n_none:
+            raise LabelError(f"{n_none} labelled records have an empty 'split'; fill it (train/valid/test) or "
+                             f"drop the column to get a patient-grouped split")
+        notes.append("splits: taken from the labels' split column")
+        source = "labels"
+    else:
+        sp = assign_splits(rids, pids, fractions, seed)
+        notes.append(f"splits: patient-grouped, fractions {fractions}, seed {seed}")
+        source = "assigned"
+    overlap = check_patient_disjoint(keys, sp)
+    if overlap:
+        ex = ", ".join(list(overlap)[:3])
+        notes.append(f"WARNING: {len(overlap)} patients occur in more than one split (e.g. {ex}); "
+                     f"metrics will be optimistic")
+    check = {"source": source, "patients_in_multiple_splits": len(overlap), "examples": list(overlap)[:10]}
+    return dict(zip(rids, sp, strict=True)), notes, check

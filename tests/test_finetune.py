@@ -21,7 +21,8 @@ from ecgfm_cli.model.checkpoint import build_classifier, load_checkpoint, make_c
 from ecgfm_cli.model.config import preset
 from ecgfm_cli.model.encoder import EcgEncoder
 from ecgfm_cli.splits import check_patient_disjoint, patient_keys
-from ecgfm_cli.train.finetune import epoch_batches, finetune_loss, label_statistics
+from ecgfm_cli.train.data import epoch_batches
+from ecgfm_cli.train.finetune import finetune_loss, label_statistics
 from ecgfm_cli.train.runs import read_log
 
 runner = CliRunner()

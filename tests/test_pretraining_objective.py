@@ -19,7 +19,6 @@ from ecgfm_cli.model.pretraining import (
     contrastive_loss,
     pool_time,
     sample_negative_indices,
-    total_loss,
 )
 from ecgfm_cli.model.quantizer import GumbelVectorQuantizer
 
@@ -225,19 +224,21 @@ def test_model_forward_outputs_and_init():
     m = tiny_model()
     assert m.mask_emb.min() >= 0 and m.mask_emb.max() < 1
     assert m.encoder.cfg.feature_grad_mult == 0.1
-    x = torch.randn(4, 12, L)
-    out = m(x, generator=gen(0))
-    tm = int(out["mask"].sum(1)[0])
-    assert out["x_out"].shape == (4, 156, 64)
-    assert out["logits"].shape == (4, tm, 101) and out["negatives_idx"].shape == (4, tm, 100)
-    assert int(out["num_masked"]) == 4 * tm
-    assert torch.isfinite(out["contrastive_loss"]) and out["contrastive_loss"] > 0
-    assert 0 <= out["diversity_loss"] < 1 and out["features_pen"] > 0
-    assert out["temperature"] == 2.0
+    x, ids = torch.randn(4, 12, L), torch.tensor([0, 0, 1, 1])
+    out = m(x, ids, generator=gen(0))
+    tm = int(out.mask.sum(1)[0])
+    assert out.x_out.shape == (4, 156, 64)
+    assert out.logits.shape == (4, tm, 101) and out.negatives_idx.shape == (4, tm, 100)
+    assert int(out.stats.sample_size) == 4 * tm
+    assert torch.isfinite(out.stats.contrastive) and out.stats.contrastive > 0
+    assert 0 <= out.stats.diversity < 1 and out.stats.features_pen > 0
+    assert m.quantizer.temperature == 2.0
     with pytest.raises(ValueError):
         bad = torch.zeros(4, 156, dtype=torch.bool)
         bad[0, :5] = True
-        m(x, mask=bad)
+        m(x, ids, mask=bad)
+    with pytest.raises(ValueError, match="record ids"):  # CMSC needs to know which rows pair up
+        m(x)
 
 
 def test_fixed_mask_and_negatives_and_determinism():
@@ -246,15 +247,16 @@ def test_fixed_mask_and_negatives_and_determinism():
     mask = compute_span_mask((2, 156), generator=gen(1))
     m.train()
     torch.manual_seed(5)
-    a = m(x, mask=mask, generator=gen(2))
+    ids = torch.tensor([0, 0])
+    a = m(x, ids, mask=mask, generator=gen(2))
     torch.manual_seed(5)
-    b = m(x, mask=mask, generator=gen(2))
-    assert torch.equal(a["contrastive_loss"], b["contrastive_loss"]) and torch.equal(a["x_out"], b["x_out"])
-    assert torch.equal(a["mask"], mask)
+    b = m(x, ids, mask=mask, generator=gen(2))
+    assert torch.equal(a.stats.contrastive, b.stats.contrastive) and torch.equal(a.x_out, b.x_out)
+    assert torch.equal(a.mask, mask)
     m.eval()
-    c = m(x, mask=mask, negatives_idx=a["negatives_idx"])
-    d = m(x, mask=mask, negatives_idx=a["negatives_idx"])
-    assert torch.equal(c["contrastive_loss"], d["contrastive_loss"])
+    c = m(x, ids, mask=mask, negatives_idx=a.negatives_idx)
+    d = m(x, ids, mask=mask, negatives_idx=a.negatives_idx)
+    assert torch.equal(c.stats.contrastive, d.stats.contrastive)
 
 
 def test_feature_grad_mult_scales_conv_grads():
@@ -264,9 +266,7 @@ def test_feature_grad_mult_scales_conv_grads():
     grads = {}
     for mult in (1.0, 0.1):
         m = tiny_model(seed=0, feature_grad_mult=mult).eval()  # eval: no dropout, argmax codes
-        out = m(x, mask=mask, negatives_idx=neg)
-        loss, _ = total_loss(out, cmsc_loss(out["x_out"], torch.tensor([0, 0])), m.cfg)
-        loss.backward()
+        m(x, torch.tensor([0, 0]), mask=mask, negatives_idx=neg).loss.backward()
         grads[mult] = {k: p.grad.clone() for k, p in m.named_parameters()}
     conv = [k for k in grads[1.0] if ".feature_extractor." in k]
     assert conv
@@ -372,34 +372,33 @@ def test_cmsc_gather_keeps_local_grad(monkeypatch):
 # ------------------------------------------------------------------------------------------------ combination
 
 
-def test_total_loss_combination_and_ablations():
+def test_loss_combination_and_ablations():
     x = torch.randn(4, 12, L)
     ids = torch.tensor([0, 0, 1, 1])
     m = tiny_model().eval()
-    out = m(x, generator=gen(0))
-    c = cmsc_loss(out["x_out"], ids)
-    loss, logs = total_loss(out, c, m.cfg)
-    s = out["num_masked"].float()
-    expect = out["contrastive_loss"] + s * (0.1 * out["diversity_loss"] + 10 * out["features_pen"]) + s * c
-    assert torch.allclose(loss, expect) and logs["sample_size"] == s
-    assert 0 <= logs["correct"] <= logs["count"] == s
+    out = m(x, ids, generator=gen(0))
+    c = cmsc_loss(out.x_out, ids)
+    st, s = out.stats, out.stats.sample_size
+    expect = st.contrastive + s * (0.1 * st.diversity + 10 * st.features_pen) + s * c
+    assert torch.allclose(out.loss, expect) and s == int(out.mask.sum()) and st.loss == out.loss
+    assert 0 <= st.accuracy <= st.count == s and torch.allclose(st.cmsc, c)
 
-    loss_nc, logs_nc = total_loss(out, None, PretrainConfig(cmsc=False))
-    assert torch.allclose(loss_nc, expect - s * c) and logs_nc["cmsc"] == 0
+    m.cfg = PretrainConfig(cmsc=False)  # the same weights, mask and negatives; the objective without CMSC
+    out_nc = m(x, generator=gen(0))
+    assert torch.allclose(out_nc.loss, expect - s * c) and out_nc.stats.cmsc == 0
 
     m_cmsc = tiny_model(w2v=False).eval()
-    out2 = m_cmsc(x)
-    assert out2["mask"] is None and out2["logits"] is None and int(out2["num_masked"]) == 0
-    assert torch.allclose(out2["x_out"], m_cmsc.encoder(x))  # no masking at all
-    c2 = cmsc_loss(out2["x_out"], ids)
-    loss2, logs2 = total_loss(out2, c2, m_cmsc.cfg)
-    assert logs2["sample_size"] == 4 and torch.allclose(loss2 / logs2["sample_size"], c2)
-    loss2.backward()
+    out2 = m_cmsc(x, ids)
+    assert out2.mask is None and out2.logits is None and int(out2.stats.count) == 0
+    assert torch.allclose(out2.x_out, m_cmsc.encoder(x))  # no masking at all
+    c2 = cmsc_loss(out2.x_out, ids)
+    assert out2.stats.sample_size == 4 and torch.allclose(out2.loss / out2.stats.sample_size, c2)
+    out2.loss.backward()
 
     with pytest.raises(ValueError):
-        total_loss(out, None, PretrainConfig(w2v=False, cmsc=False))
+        tiny_model(w2v=False, cmsc=False)
     with pytest.raises(ValueError):
-        total_loss(out, None, PretrainConfig())
+        tiny_model()(x)  # CMSC without the record ids
     assert PretrainConfig().rlm and PretrainConfig(rlm=False).rlm is False
 
 
@@ -441,17 +440,17 @@ def test_contrastive_loss_matches_transformers():
         flat[b, pos[b]] = b * 156 + pos[b][neg[b]]
 
     with torch.no_grad():
-        out = ours(x, mask=mask, negatives_idx=neg)
+        out = ours(x, torch.arange(bsz), mask=mask, negatives_idx=neg)
         ref = hf(x, mask_time_indices=mask, sampled_negative_indices=flat)
 
-    n_inf = int(torch.isinf(out["logits"]).sum())
-    assert 0 < n_inf < out["logits"].numel() // 10  # the neg == pos masking is exercised
-    ours_sum, ref_sum = out["contrastive_loss"].item(), ref.contrastive_loss.item()
+    n_inf = int(torch.isinf(out.logits).sum())
+    assert 0 < n_inf < out.logits.numel() // 10  # the neg == pos masking is exercised
+    ours_sum, ref_sum = out.stats.contrastive.item(), ref.contrastive_loss.item()
     assert math.isclose(ours_sum, ref_sum, rel_tol=1e-4), (ours_sum, ref_sum)
     # eval-mode perplexity over masked frames = our code (argmax) perplexity
-    assert math.isclose(out["code_perplexity"].item(), ref.codevector_perplexity.item(), rel_tol=1e-4)
+    assert math.isclose(out.stats.code_perplexity.item(), ref.codevector_perplexity.item(), rel_tol=1e-4)
     # predictions and targets agree frame by frame
-    ours_pred = ours.final_proj(out["x_out"][mask].view(bsz, tm, -1))
+    ours_pred = ours.final_proj(out.x_out[mask].view(bsz, tm, -1))
     ref_pred = ref.projected_states[mask].view(bsz, tm, -1)
     assert (ours_pred - ref_pred).abs().max() < 1e-5, (ours_pred - ref_pred).abs().max()
 

@@ -5,15 +5,17 @@ Follows fairseq-signals @ 6b9e137 (``Wav2Vec2Model``/``Wav2Vec2CMSCModel`` forwa
 frames (``L // 16``), ``T'`` masked frames per row (equal for all rows), ``C`` conv channels, ``D`` model width,
 ``F`` = ``final_dim`` (= vq_dim), ``N`` negatives.
 
-Loss bookkeeping (as fairseq): :func:`total_loss` returns a SUM-style loss whose natural denominator is
-``sample_size`` (number of masked frames in the local batch). The trainer all-reduces ``sample_size`` over
-ranks (and accumulation steps) and divides the summed loss by that global count, which yields
+Loss bookkeeping (as fairseq): :meth:`Wav2Vec2Pretrainer.forward` returns a SUM-style loss whose natural
+denominator is ``sample_size`` (number of masked frames in the local batch), and its statistics
+(:class:`PretrainStats`). The trainer all-reduces ``sample_size`` over ranks (and accumulation steps) and
+divides the summed loss by that global count (:func:`ecgfm_cli.train.loop.train_step`), which yields
 ``mean-per-masked-frame InfoNCE + 0.1 * diversity + 10 * feature_pen + 1.0 * CMSC``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,9 +26,12 @@ from ecgfm_cli.model.config import EncoderConfig, PretrainConfig
 from ecgfm_cli.model.encoder import EcgEncoder
 from ecgfm_cli.model.masking import compute_span_mask
 from ecgfm_cli.model.quantizer import GumbelVectorQuantizer
+from ecgfm_cli.model.stats import BATCH, Stats, per, weight
 
 __all__ = [
     "PretrainConfig",
+    "PretrainOutput",
+    "PretrainStats",
     "Wav2Vec2Pretrainer",
     "all_gather_keep_local_grad",
     "cmsc_loss",
@@ -35,7 +40,6 @@ __all__ = [
     "contrastive_loss",
     "pool_time",
     "sample_negative_indices",
-    "total_loss",
 ]
 
 
@@ -113,8 +117,42 @@ def contrastive_loss(logits: Tensor) -> Tensor:
 # model
 
 
+@dataclass
+class PretrainStats(Stats):
+    """One micro-batch's statistics, the model's log columns of ``ecgfm pretrain`` (``log.jsonl``): 0-d
+    detached float32 tensors. Each is a sum over the micro-batch; summed over micro-batches and ranks, each is
+    logged divided by what its :func:`~ecgfm_cli.train.loop.per` declares."""
+
+    loss: Tensor = per("sample_size")  #: the objective (see :meth:`Wav2Vec2Pretrainer.forward`)
+    contrastive: Tensor = per("sample_size")  #: InfoNCE, summed over the masked frames
+    diversity: Tensor = per(BATCH)  #: (GV - perplexity) / GV of the batch's code distribution
+    features_pen: Tensor = per(BATCH)  #: mean squared conv features
+    cmsc: Tensor = per(BATCH)  #: the batch's CMSC loss
+    accuracy: Tensor = per("count")  #: masked frames whose positive wins (fairseq's ``correct``)
+    prob_perplexity: Tensor = per(BATCH)
+    code_perplexity: Tensor = per(BATCH)
+    sample_size: Tensor = weight()  #: masked frames (W2V), else segments: the loss's denominator
+    count: Tensor = weight()  #: InfoNCE rows (the masked frames; 0 without W2V): the accuracy's denominator
+
+
+@dataclass
+class PretrainOutput:
+    """A forward pass: ``loss`` 0-d, a SUM whose denominator is ``stats.sample_size`` (the trainer divides by
+    the GLOBAL count, see the module docstring); ``stats``; and, to inspect, ``x_out (B, T, D)`` the
+    transformer output of the masked pass (CMSC's input), ``logits (B, T', 1+N)``, ``mask (B, T)`` and
+    ``negatives_idx (B, T', N)`` (these three None without W2V)."""
+
+    loss: Tensor
+    stats: PretrainStats
+    x_out: Tensor
+    logits: Tensor | None
+    mask: Tensor | None
+    negatives_idx: Tensor | None
+
+
 class Wav2Vec2Pretrainer(nn.Module):
-    """ECG-FM pretraining model: :class:`EcgEncoder` plus the wav2vec 2.0 heads.
+    """ECG-FM pretraining model: :class:`EcgEncoder` plus the wav2vec 2.0 heads; its forward returns the
+    pretraining loss (fairseq-signals' ``wav2vec2_with_cmsc`` criterion) and its statistics.
 
     Attributes: ``encoder``, ``mask_emb (D,)`` U[0, 1), ``quantizer``, ``project_q`` Linear(F, F),
     ``final_proj`` Linear(D, F), ``dropout_features``. State-dict keys are ``encoder.<fairseq encoder key>``
@@ -127,6 +165,8 @@ class Wav2Vec2Pretrainer(nn.Module):
     def __init__(self, encoder_cfg: EncoderConfig, cfg: PretrainConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg if cfg is not None else PretrainConfig()
+        if not (cfg.w2v or cfg.cmsc):
+            raise ValueError("at least one of w2v and cmsc must be enabled")
         self.encoder_cfg = dataclasses.replace(encoder_cfg, feature_grad_mult=cfg.feature_grad_mult)
         conv_dim = self.encoder_cfg.conv_layers[-1][0]
         embed_dim = self.encoder_cfg.embed_dim
@@ -152,49 +192,63 @@ class Wav2Vec2Pretrainer(nn.Module):
     def forward(
         self,
         x: Tensor,
+        record: Tensor | None = None,
         mask: Tensor | None = None,
         negatives_idx: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """One masked forward pass.
+    ) -> PretrainOutput:
+        """One masked forward pass and its loss,
+        ``contrastive_sum + S * (diversity_weight * diversity + features_pen_weight * features_pen)
+        + S * cmsc_weight * cmsc`` with ``S = sample_size``, the local masked-frame count.
+
+        Ablations: without W2V (``cfg.w2v`` False) nothing is masked, the contrastive, diversity and penalty
+        terms are 0 and ``S = B``, so ``loss / S = cmsc_weight * cmsc``; without CMSC its term is dropped.
 
         Args:
             x: ``(B, in_channels, L)`` z-scored ECG segments (RLM already applied by the data side).
+            record: ``(B,)`` long record id of every row (rows ``2i, 2i + 1`` are a CMSC pair; equal ids are
+                positives); required with ``cfg.cmsc``.
             mask: optional precomputed ``(B, T)`` bool time mask (equal count per row, >= 2); drawn with
-                :func:`compute_span_mask` otherwise. Ignored when ``cfg.w2v`` is False (no masking then).
+                :func:`compute_span_mask` otherwise.
             negatives_idx: optional ``(B, T', N)`` per-row negative indices (see :func:`sample_negative_indices`).
             generator: CPU generator for the mask, the negatives and the Gumbel noise (global RNG if None).
-
-        Returns:
-            dict with ``x_out (B, T, D)`` transformer output of the masked pass (CMSC input), ``features_pen``
-            (mean squared conv features, before LayerNorm), and for W2V: ``logits (B, T', 1+N)``,
-            ``contrastive_loss`` (sum over masked frames), ``num_masked`` (long, ``B * T'``),
-            ``prob_perplexity``, ``code_perplexity``, ``temperature``, ``diversity_loss`` ((GV - ppl) / GV),
-            ``mask (B, T)`` and ``negatives_idx``. With ``cfg.w2v`` False the W2V entries are zeros/None.
         """
         cfg = self.cfg
+        if cfg.cmsc and record is None:
+            raise ValueError("cfg.cmsc is on: the forward needs the record ids of the rows")
         features = self.encoder.conv_features(x)  # (B, T, C), grads scaled by feature_grad_mult
         features_pen = features.float().pow(2).mean()
         normed, h = self.encoder.project(features)
+        zero = features_pen.new_zeros(())
+        if cfg.w2v:
+            x_out, logits, mask, negatives_idx, qstats = self._masked(normed, h, mask, negatives_idx, generator)
+            contrastive, ppl, code_ppl = contrastive_loss(logits), qstats["prob_perplexity"], qstats["code_perplexity"]
+            diversity = (self.quantizer.total_vars - ppl) / self.quantizer.total_vars
+            sample_size = count = torch.full((), float(logits.shape[0] * logits.shape[1]), device=x.device)
+            penalties = cfg.diversity_weight * diversity + cfg.features_pen_weight * features_pen
+            loss = contrastive + sample_size * penalties
+        else:
+            x_out, logits = self.encoder.contextualize(h), None
+            contrastive = ppl = code_ppl = diversity = count = loss = zero
+            sample_size = torch.full((), float(x.shape[0]), device=x.device)
+        cmsc = zero
+        if cfg.cmsc:
+            cmsc = cmsc_loss(x_out, record, cfg.cmsc_temp, gather=cfg.cmsc_gather, eps=cfg.cmsc_eps)
+            loss = loss + sample_size * cfg.cmsc_weight * cmsc
+        stats = PretrainStats(
+            loss=loss.detach().float(), contrastive=contrastive.detach().float(), diversity=diversity.detach().float(),
+            features_pen=features_pen.detach(), cmsc=cmsc.detach().float(), accuracy=infonce_correct(logits, zero),
+            prob_perplexity=ppl.detach().float(), code_perplexity=code_ppl.float(), sample_size=sample_size,
+            count=count)
+        return PretrainOutput(loss, stats, x_out, logits, mask if cfg.w2v else None, negatives_idx if cfg.w2v else None)
+
+    def _masked(self, normed: Tensor, h: Tensor, mask: Tensor | None, negatives_idx: Tensor | None,
+                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """The W2V half of :meth:`forward`: mask ``h (B, T, D)``, contextualise it, quantize the masked frames of
+        ``normed (B, T, C)`` and score the predictions against them. Returns ``x_out (B, T, D)``, ``logits
+        (B, T', 1+N)``, the mask and negatives used, and the quantizer's statistics."""
+        cfg = self.cfg
         bsz, tsz, _ = normed.shape
-
-        if not cfg.w2v:
-            x_out = self.encoder.contextualize(h)
-            zero = features_pen.new_zeros(())
-            return {
-                "x_out": x_out,
-                "features_pen": features_pen,
-                "logits": None,
-                "contrastive_loss": zero,
-                "num_masked": torch.zeros((), dtype=torch.long, device=x.device),
-                "prob_perplexity": zero,
-                "code_perplexity": zero,
-                "temperature": torch.full((), self.quantizer.temperature, device=x.device),
-                "diversity_loss": zero,
-                "mask": None,
-                "negatives_idx": None,
-            }
-
         if mask is None:  # drawn on CPU, so checking it and locating its frames never waits for the GPU
             mask = compute_span_mask((bsz, tsz), cfg.mask_prob, cfg.mask_length, cfg.min_masks, generator=generator)
         counts = mask.sum(dim=1)
@@ -203,35 +257,27 @@ class Wav2Vec2Pretrainer(nn.Module):
         n_per_row = int(counts[0])
         # (B, T') indices of each row's masked frames, ascending: a gather with them selects what x[mask] does
         # without x[mask]'s device-to-host sync.
-        positions = mask.nonzero()[:, 1].view(bsz, n_per_row).to(x.device, non_blocking=True)
-        mask = mask.to(device=x.device, dtype=torch.bool, non_blocking=True)
+        positions = mask.nonzero()[:, 1].view(bsz, n_per_row).to(h.device, non_blocking=True)
+        mask = mask.to(device=h.device, dtype=torch.bool, non_blocking=True)
+        x_out = self.encoder.contextualize(torch.where(mask.unsqueeze(-1), self.mask_emb.to(h.dtype), h))
 
-        h = torch.where(mask.unsqueeze(-1), self.mask_emb.to(h.dtype), h)
-        x_out = self.encoder.contextualize(h)
-
-        y = _take_frames(self.dropout_features(normed), positions)
-        q, qstats = self.quantizer(y, generator=generator)
+        q, qstats = self.quantizer(_take_frames(self.dropout_features(normed), positions), generator=generator)
         y = self.project_q(q)
         if negatives_idx is None:
-            negatives_idx = sample_negative_indices(
-                bsz, n_per_row, cfg.num_negatives, generator=generator, device=x.device
-            )
-        pred = self.final_proj(_take_frames(x_out, positions))
-        logits = contrastive_logits(pred, y, negatives_idx, cfg.logit_temp)
-        gv = self.quantizer.total_vars
-        return {
-            "x_out": x_out,
-            "features_pen": features_pen,
-            "logits": logits,
-            "contrastive_loss": contrastive_loss(logits),
-            "num_masked": mask.sum(),
-            "prob_perplexity": qstats["prob_perplexity"],
-            "code_perplexity": qstats["code_perplexity"],
-            "temperature": qstats["temperature"],
-            "diversity_loss": (gv - qstats["prob_perplexity"]) / gv,
-            "mask": mask,
-            "negatives_idx": negatives_idx,
-        }
+            negatives_idx = sample_negative_indices(bsz, n_per_row, cfg.num_negatives, generator=generator,
+                                                    device=h.device)
+        logits = contrastive_logits(self.final_proj(_take_frames(x_out, positions)), y, negatives_idx, cfg.logit_temp)
+        return x_out, logits, mask, negatives_idx, qstats
+
+
+def infonce_correct(logits: Tensor | None, zero: Tensor) -> Tensor:
+    """fairseq's InfoNCE accuracy numerator: rows of ``logits (..., 1+N)`` whose positive (column 0) is the max
+    and not also the min (a row of equal logits), float32 0-d; ``zero`` without logits."""
+    if logits is None or not logits.numel():
+        return zero
+    with torch.no_grad():
+        flat = logits.reshape(-1, logits.shape[-1])
+        return ((flat.argmax(-1) == 0) & ~(flat.argmin(-1) == 0)).sum().float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,63 +352,3 @@ def cmsc_loss(
     loss_rows = -(sim.log_softmax(dim=1) * pos).sum() / n_pos
     loss_cols = -(sim.T.log_softmax(dim=1) * pos.T).sum() / n_pos
     return 0.5 * loss_rows + 0.5 * loss_cols
-
-
-# --------------------------------------------------------------------------------------------------
-# combination
-
-
-def total_loss(out: dict[str, Tensor], cmsc: Tensor | None, cfg: PretrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Reference combination of the terms (fairseq ``wav2vec2_with_cmsc`` criterion).
-
-    ``loss = contrastive_sum + S * (0.1 * diversity + 10 * features_pen) + S * cmsc_weight * cmsc`` with
-    ``S = sample_size = num_masked`` (local masked-frame count). The trainer must divide by the GLOBAL sample
-    size (all-reduced over ranks and accumulation steps), not by the local one.
-
-    Ablations: with ``cfg.w2v`` False there are no contrastive/diversity/penalty terms and
-    ``sample_size = B`` (segments in the local batch), so ``loss / sample_size = cmsc_weight * cmsc``; with
-    ``cfg.cmsc`` False the CMSC term is dropped (``cmsc`` may be None).
-
-    Returns:
-        ``(loss, logs)``; ``logs`` are detached 0-d tensors (no host sync): ``sample_size``, ``contrastive``,
-        ``diversity``, ``features_pen``, ``cmsc``, ``prob_perplexity``, ``code_perplexity``, ``temperature``,
-        ``correct``, ``count`` (InfoNCE accuracy = correct / count, fairseq's definition).
-    """
-    if not (cfg.w2v or cfg.cmsc):
-        raise ValueError("at least one of w2v and cmsc must be enabled")
-    device = out["x_out"].device
-    zero = torch.zeros((), device=device)
-    if cfg.w2v:
-        sample_size = out["num_masked"].to(torch.float32)
-        loss = out["contrastive_loss"] + sample_size * (
-            cfg.diversity_weight * out["diversity_loss"] + cfg.features_pen_weight * out["features_pen"]
-        )
-    else:
-        sample_size = torch.full((), float(out["x_out"].shape[0]), device=device)
-        loss = zero
-    if cfg.cmsc:
-        if cmsc is None:
-            raise ValueError("cfg.cmsc is on but no CMSC loss was given")
-        loss = loss + sample_size * cfg.cmsc_weight * cmsc
-
-    logs = {
-        "sample_size": sample_size.detach(),
-        "contrastive": out["contrastive_loss"].detach(),
-        "diversity": out["diversity_loss"].detach(),
-        "features_pen": out["features_pen"].detach(),
-        "cmsc": cmsc.detach() if (cfg.cmsc and cmsc is not None) else zero,
-        "prob_perplexity": out["prob_perplexity"].detach(),
-        "code_perplexity": out["code_perplexity"].detach(),
-        "temperature": out["temperature"].detach(),
-    }
-    logits = out.get("logits")
-    if cfg.w2v and logits is not None and logits.numel():
-        with torch.no_grad():
-            flat = logits.reshape(-1, logits.shape[-1])
-            is_max, is_min = flat.argmax(-1) == 0, flat.argmin(-1) == 0
-            logs["correct"] = (is_max & ~is_min).sum().float()
-            logs["count"] = torch.full((), float(flat.shape[0]), device=device)
-    else:
-        logs["correct"] = zero
-        logs["count"] = zero
-    return loss, logs

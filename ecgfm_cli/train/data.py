@@ -306,16 +306,47 @@ def epoch_plan(index: SegmentIndex, cfg: LoaderConfig, epoch: int, consumer: int
     mine = owned[consumer]
     rows = np.concatenate([items[np.searchsorted(items, starts[u]):np.searchsorted(items, stops[u])]
                            for u in mine.tolist()] or [np.zeros(0, np.int64)])
-    rng = seeded_rng(cfg.seed, epoch, 2, consumer)
-    block = max(cfg.shuffle_buffer, cfg.batch_items)
-    for b in range(0, len(rows), block):
-        rows[b:b + block] = rows[b:b + block][rng.permutation(len(rows[b:b + block]))]
+    block_shuffle(rows, max(cfg.shuffle_buffer, cfg.batch_items), seeded_rng(cfg.seed, epoch, 2, consumer))
     return rows[: n_batches * cfg.batch_items].reshape(n_batches, cfg.batch_items)
 
 
 def batches_per_epoch(index: SegmentIndex, cfg: LoaderConfig) -> int:
     """Batches one RANK sees per epoch (all its workers together); the same every epoch up to balance."""
     return int(epoch_plan(index, cfg, 0, 0).shape[0]) * cfg.workers
+
+
+def block_shuffle(rows: np.ndarray, block: int, rng: np.random.Generator) -> None:
+    """Shuffle ``rows`` in place within consecutive blocks of ``block`` entries (what bounds the memory of
+    both plans: a block spans a few row groups)."""
+    for b in range(0, len(rows), block):
+        rows[b:b + block] = rows[b:b + block][rng.permutation(len(rows[b:b + block]))]
+
+
+def epoch_batches(rows: np.ndarray, rg_start: np.ndarray, positions: np.ndarray, batch_size: int, seed: int,
+                  epoch: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 4096) -> list[np.ndarray]:
+    """``ecgfm finetune``'s plan: this rank's training batches for ``epoch``, a list of arrays of ``positions``
+    entries. Pure.
+
+    rows: (N,) global row of every used segment; rg_start: first global row of each row group; positions:
+    the entries of ``rows`` to train on (the train split). Unlike :func:`epoch_plan` (pretraining: units
+    shared out among consumers, equal batches, the few items beyond them skipped) every position is trained on
+    once per epoch: row groups are visited in a seeded per-epoch order (each read once), rows are shuffled
+    within consecutive blocks of ``shuffle_buffer`` (:func:`block_shuffle`), the sequence is cut into
+    ``world_size`` equal contiguous shares (the < world_size rows left over are skipped this epoch) and the
+    rank's share into batches (the last may be smaller; every rank gets the same number and sizes).
+    """
+    pos = np.asarray(positions, dtype=np.int64)
+    if len(pos) == 0:
+        return []
+    rg = np.searchsorted(rg_start, rows[pos], side="right") - 1
+    groups = np.unique(rg)
+    order = np.empty(int(groups.max()) + 1, dtype=np.int64)
+    order[groups] = seeded_rng(seed, epoch, 11).permutation(len(groups))
+    pos = pos[np.lexsort((rows[pos], order[rg]))]
+    block_shuffle(pos, max(shuffle_buffer, batch_size * world_size), seeded_rng(seed, epoch, 12))
+    share = len(pos) // world_size
+    mine = pos[rank * share:(rank + 1) * share]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------- reading

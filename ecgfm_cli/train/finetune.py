@@ -11,8 +11,8 @@ training stops after ``patience`` epochs without improvement.
 
 Training rows are segments; every segment inherits its record's labels and split. The data are streamed from
 the segments artifact with :class:`~ecgfm_cli.train.data.BatchReader` (row groups read once per epoch,
-shuffled at the row-group level and then within ``shuffle_buffer`` rows); :func:`epoch_batches` decides every
-batch of every rank from (seed, epoch) alone.
+shuffled at the row-group level and then within ``shuffle_buffer`` rows);
+:func:`~ecgfm_cli.train.data.epoch_batches` decides every batch of every rank from (seed, epoch) alone.
 
 Run directory (``-o RUN``)::
 
@@ -25,15 +25,13 @@ Run directory (``-o RUN``)::
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,8 +43,10 @@ from ecgfm_cli.contract import Contract
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir
 from ecgfm_cli.model.config import EncoderConfig
-from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex, last_use, seeded_rng
-from ecgfm_cli.train.distributed import DistContext, cleanup, setup
+from ecgfm_cli.model.stats import Stats, per, weight
+from ecgfm_cli.train.data import BatchReader, Prefetch, SegmentIndex, epoch_batches, last_use
+from ecgfm_cli.train.distributed import DistContext
+from ecgfm_cli.train.loop import Totals, check_finite, data_parallel, progress_bar, rank_context, train_step
 from ecgfm_cli.train.options import FinetuneOptions
 from ecgfm_cli.train.runs import append_jsonl, autocast, seed_everything
 
@@ -206,9 +206,8 @@ def prepare(opts: FinetuneOptions) -> Prepared:
     segments (kind, non-empty, contract vs the checkpoint's), labels (readable, targets known, joined to the
     segments), splits (patient-grouped or from the labels), leads. Fails with one clear message."""
     from ecgfm_cli.labels import load_labels, settle_label_kinds
-    from ecgfm_cli.probe import Embeddings, record_splits
     from ecgfm_cli.provenance import build_provenance
-    from ecgfm_cli.splits import group_counts, patient_keys, small_group_warnings, split_summary
+    from ecgfm_cli.splits import group_counts, patient_keys, record_splits, small_group_warnings, split_summary
     from ecgfm_cli.train.data import open_segments
 
     run = Path(opts.output)
@@ -267,8 +266,7 @@ def prepare(opts: FinetuneOptions) -> Prepared:
         lp = table.patient_ids[lrow[used]]
         pid = np.array([a if a not in (None, "") else b for a, b in zip(lp, pid, strict=True)], dtype=object)
 
-    emb = Embeddings(rid, pid, seg, np.zeros((len(rid), 0), np.float32))
-    split_of, split_notes, check = record_splits(table, emb, opts.split_fractions, opts.seed)
+    split_of, split_notes, check = record_splits(table, rid, pid, opts.split_fractions, opts.seed)
     notes += split_notes
     split = np.array([split_of[r] for r in rid], dtype=object)
     if not (split == "train").any():
@@ -308,33 +306,6 @@ def prepare(opts: FinetuneOptions) -> Prepared:
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def epoch_batches(rows: np.ndarray, rg_start: np.ndarray, positions: np.ndarray, batch_size: int, seed: int,
-                  epoch: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 4096) -> list[np.ndarray]:
-    """This rank's training batches for ``epoch``: a list of arrays of ``positions`` entries. Pure.
-
-    rows: (N,) global row of every used segment; rg_start: first global row of each row group; positions:
-    the entries of ``rows`` to train on (the train split). Row groups are visited in a seeded per-epoch order
-    (each read once), rows are shuffled within consecutive blocks of ``shuffle_buffer``, the sequence is cut
-    into ``world_size`` equal contiguous shares (the < world_size rows left over are skipped this epoch) and
-    the rank's share into batches (the last may be smaller; every rank gets the same number and sizes).
-    """
-    pos = np.asarray(positions, dtype=np.int64)
-    if len(pos) == 0:
-        return []
-    rg = np.searchsorted(rg_start, rows[pos], side="right") - 1
-    groups = np.unique(rg)
-    order = np.empty(int(groups.max()) + 1, dtype=np.int64)
-    order[groups] = seeded_rng(seed, epoch, 11).permutation(len(groups))
-    pos = pos[np.lexsort((rows[pos], order[rg]))]
-    rng = seeded_rng(seed, epoch, 12)
-    block = max(shuffle_buffer, batch_size * world_size)
-    for b in range(0, len(pos), block):
-        pos[b:b + block] = pos[b:b + block][rng.permutation(len(pos[b:b + block]))]
-    share = len(pos) // world_size
-    mine = pos[rank * share:(rank + 1) * share]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 def iter_signals(prep: Prepared, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -483,20 +454,18 @@ def selection_score(metrics: dict[str, Any]) -> tuple[str, float, float] | None:
 
 def finetune_worker(opts: FinetuneOptions, prep: Prepared) -> None:
     """Entry point of every rank (see :func:`ecgfm_cli.train.distributed.launch`)."""
-    ctx = setup(opts.device)  # N CPU processes share the cores (setup sets the thread count)
-    completed = False
-    try:
+    with rank_context(opts.device) as ctx:  # N CPU processes share the cores (setup sets the thread count)
         run_finetune(opts, prep, ctx)
-        completed = True
-    finally:
-        cleanup(completed)
 
 
-def _reduce(values: list[float], ctx: DistContext) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(t)
-    return t.tolist()
+@dataclass
+class FinetuneStats(Stats):
+    """One batch's statistics (float64 0-d tensors): the loss summed over the known label entries, logged per
+    entry, and their count."""
+
+    WEIGHT: ClassVar[str] = "count"
+    loss: Tensor = per("count")
+    count: Tensor = weight()
 
 
 def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dict[str, Any] | None:
@@ -506,127 +475,134 @@ def run_finetune(opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> dic
     seed_everything(opts.seed, ctx.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr, betas=opts.adam_betas, eps=opts.adam_eps, weight_decay=0.0)
-    net: nn.Module = model
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-
+    net = data_parallel(model, ctx)
     binary_t = torch.from_numpy(prep.binary).to(ctx.device)
     pw_t = torch.from_numpy(prep.pos_weight).to(ctx.device)
     Ys = _standardise(prep, prep.Y).astype(np.float32)
+
+    def loss_fn(net: nn.Module, batch: tuple[np.ndarray, np.ndarray], i: int) -> tuple[Tensor, FinetuneStats]:
+        b, x = batch
+        y = torch.from_numpy(Ys[b]).to(ctx.device, non_blocking=True)
+        s, n = finetune_loss(net(torch.from_numpy(x).to(ctx.device, non_blocking=True)), y, binary_t, pw_t)
+        return s, FinetuneStats(s.detach().double(), n.double())
+
     train_pos = np.flatnonzero(prep.split == "train")
     valid_pos = np.flatnonzero(prep.split == "valid")
     if ctx.is_main:
-        if work != run and work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "log.jsonl").write_text("")
-        for note in prep.notes:
-            info(f"finetune: {note}")
-        sp = prep.counts["splits"]
-        info(f"finetune: {prep.counts['segments_used']} segments of {prep.counts['records_used']} records ("
-             + ", ".join(f"{k} {v['rows']} seg / {v['patients']} patients" for k, v in sp.items())
-             + f"), {len(prep.labels)} labels, init {prep.init_kind}"
-             + (f" ({opts.preset} preset)" if opts.random_init else "")
-             + (f" ({prep.init})" if prep.init else "") + f", {ctx.world_size} process(es) on {ctx.device} "
-             f"({opts.dtype}), leads {','.join(prep.leads)}")
-
-    best: dict[str, Any] = {"epoch": None, "score": None, "value": None, "criterion": None, "metrics": None}
-    no_metric_noted = False
-    best_state: dict[str, Tensor] | None = None
-    stale, stopped_by, t0 = 0, "--epochs reached", time.monotonic()
+        _announce(work, run, opts, prep, ctx)
+    best = _Best()
+    stopped_by, t0 = "--epochs reached", time.monotonic()
     history: list[dict] = []
     for epoch in range(1, opts.epochs + 1):
         t_epoch = time.monotonic()
         model.train()
         batches = epoch_batches(prep.rows, prep.index.rg_start, train_pos, opts.batch_size, opts.seed, epoch,
                                 ctx.rank, ctx.world_size, opts.shuffle_buffer)
-        bar = None
-        if ctx.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(batches), desc=f"finetune epoch {epoch}", unit="batch", file=sys.stderr,
-                       dynamic_ncols=True, leave=False)
-        # the epoch's loss sum stays on the device: no host sync per step (the bar's postfix reads it now and then)
-        loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=ctx.device), 0.0
+        bar = progress_bar(ctx, total=len(batches), desc=f"finetune epoch {epoch}", unit="batch", leave=False)
+        totals = Totals()  # the epoch's loss stays on the device: no host sync per step
         with Prefetch(iter_signals(prep, batches)) as ahead:
-            for i, (b, x) in enumerate(ahead):
-                n_local = float(np.count_nonzero(~np.isnan(Ys[b])))  # labelled entries, counted on the host
-                n_global = torch.full((), n_local, device=ctx.device)
-                if ctx.distributed:
-                    dist.all_reduce(n_global)
-                y = torch.from_numpy(Ys[b]).to(ctx.device, non_blocking=True)
-                with autocast(ctx.device, opts.dtype):
-                    out = net(torch.from_numpy(x).to(ctx.device, non_blocking=True))
-                s, _ = finetune_loss(out, y, binary_t, pw_t)
-                # DDP averages gradients over ranks: scale so the result is d(global sum)/(global count).
-                loss = s * ctx.world_size / n_global.clamp(min=1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += s.detach()
-                loss_n += n_local
+            for i, batch in enumerate(ahead):
+                update = train_step(model, net, optimizer, [batch], loss_fn, ctx, opts.lr, None, opts.dtype)
+                totals.add(update)
                 if bar is not None:
                     bar.update(1)
-                    if i % 20 == 0:
-                        bar.set_postfix(loss=f"{float(s.detach()) / max(n_local, 1):.4f}")
+                    if i % 20 == 0:  # (the bar's postfix reads the loss now and then)
+                        bar.set_postfix(loss=f"{update.metrics()['loss']:.4f}")
         if bar is not None:
             bar.close()
-        tot, cnt = _reduce([float(loss_sum), loss_n], ctx)
-        if cnt and not math.isfinite(tot):
-            raise EcgfmError(f"finetune: epoch {epoch}: the training loss is {tot / cnt} (not finite), so the model "
-                             "is lost; "
-                             "the segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
-        entry: dict[str, Any] = {"epoch": epoch, "train_loss": tot / cnt if cnt else None, "lr": opts.lr,
+        tot = totals.sums()
+        cnt = tot.get("count", 0.0)
+        if cnt:
+            check_finite(tot["loss"] / cnt, f"finetune: epoch {epoch}", "training loss")
+        entry: dict[str, Any] = {"epoch": epoch, "train_loss": tot["loss"] / cnt if cnt else None, "lr": opts.lr,
                                  "train_batches": len(batches)}
+        vm = None
         if len(valid_pos):
             z = _distributed_outputs(model, prep, valid_pos, opts.batch_size, ctx, opts.dtype)
             vm = validation_metrics(z, prep.Y[valid_pos].astype(np.float64), prep)
             entry.update(valid_loss=vm["loss"], valid_macro_auroc=vm["macro_auroc"],
                          valid_macro_auprc=vm["macro_auprc"], valid_mse_std=vm["mse_std"])
-            sel = selection_score(vm)
-        else:
-            vm, sel = None, None
-        if sel is None and len(valid_pos) and not no_metric_noted:  # (an empty valid split has its own warning)
-            prep.notes.append(f"no validation metric: no label has both classes in the valid split "
-                              f"({len(valid_pos)} segments) and no continuous target has a value there; the last "
-                              "epoch is kept")
+        if best.consider(epoch, vm, len(valid_pos), prep, ctx):
+            best.state = folded_state(model, prep)
             if ctx.is_main:
-                info(f"finetune: {prep.notes[-1]}")
-            no_metric_noted = True
-        improved = sel is None or best["score"] is None or sel[1] > best["score"]
-        if improved:
-            best = {"epoch": epoch, "score": None if sel is None else sel[1],
-                    "value": None if sel is None else sel[2],
-                    "criterion": "last epoch (no valid metric)" if sel is None else sel[0], "metrics": vm}
-            best_state = folded_state(model, prep)
-            stale = 0
-            if ctx.is_main:
-                _save(work / "checkpoint", best_state, prep, opts, best)
-        else:
-            stale += 1
-        entry.update(best_epoch=best["epoch"], seconds=round(time.monotonic() - t_epoch, 3))
+                _save(work / "checkpoint", best.state, prep, opts, best.entry)
+        entry.update(best_epoch=best.entry["epoch"], seconds=round(time.monotonic() - t_epoch, 3))
         history.append(entry)
         if ctx.is_main:
             append_jsonl(work / "log.jsonl", entry)
             info("finetune: " + _epoch_line(entry))
-        if opts.patience and stale >= opts.patience:
+        if opts.patience and best.stale >= opts.patience:
             stopped_by = f"early stopping (no improvement in {opts.patience} epochs)"
             break
 
     # Predictions from the best model exactly as saved (standardisation folded into proj).
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    assert best.state is not None
+    model.load_state_dict(best.state)
     want = [s for s in SPLIT_NAMES if s != "train" or opts.predict_train]
     pred_pos = np.flatnonzero(np.isin(prep.split, want))
     z = _distributed_outputs(model, prep, pred_pos, opts.batch_size, ctx, opts.dtype)
     if not ctx.is_main:
         return None
-    P = outputs_to_predictions(z, prep.binary)
+    return _finish(work, run, opts, prep, ctx, best.entry, stopped_by, history, pred_pos,
+                   outputs_to_predictions(z, prep.binary), time.monotonic() - t0)
+
+
+def _announce(work: Path, run: Path, opts: FinetuneOptions, prep: Prepared, ctx: DistContext) -> None:
+    """Main rank: an empty run directory and log, the notes and what will run."""
+    if work != run and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "log.jsonl").write_text("")
+    for note in prep.notes:
+        info(f"finetune: {note}")
+    sp = prep.counts["splits"]
+    info(f"finetune: {prep.counts['segments_used']} segments of {prep.counts['records_used']} records ("
+         + ", ".join(f"{k} {v['rows']} seg / {v['patients']} patients" for k, v in sp.items())
+         + f"), {len(prep.labels)} labels, init {prep.init_kind}"
+         + (f" ({opts.preset} preset)" if opts.random_init else "")
+         + (f" ({prep.init})" if prep.init else "") + f", {ctx.world_size} process(es) on {ctx.device} "
+         f"({opts.dtype}), leads {','.join(prep.leads)}")
+
+
+class _Best:
+    """Model selection: the best epoch so far (``entry``: epoch, score, value, criterion, metrics), its folded
+    state, and the epochs since it (``stale``)."""
+
+    def __init__(self) -> None:
+        self.entry: dict[str, Any] = {"epoch": None, "score": None, "value": None, "criterion": None,
+                                      "metrics": None}
+        self.state: dict[str, Tensor] | None = None
+        self.stale = 0
+        self.no_metric_noted = False
+
+    def consider(self, epoch: int, vm: dict[str, Any] | None, n_valid: int, prep: Prepared,
+                 ctx: DistContext) -> bool:
+        """Whether ``epoch`` (valid metrics ``vm``, None without a valid split) is the new best: the first
+        epoch, a higher :func:`selection_score`, or any epoch when there is no validation metric."""
+        sel = selection_score(vm) if vm is not None else None
+        if sel is None and n_valid and not self.no_metric_noted:  # (an empty valid split has its own warning)
+            prep.notes.append(f"no validation metric: no label has both classes in the valid split "
+                              f"({n_valid} segments) and no continuous target has a value there; the last "
+                              "epoch is kept")
+            if ctx.is_main:
+                info(f"finetune: {prep.notes[-1]}")
+            self.no_metric_noted = True
+        if not (sel is None or self.entry["score"] is None or sel[1] > self.entry["score"]):
+            self.stale += 1
+            return False
+        criterion, score, value = ("last epoch (no valid metric)", None, None) if sel is None else sel
+        self.entry = {"epoch": epoch, "score": score, "value": value, "criterion": criterion, "metrics": vm}
+        self.stale = 0
+        return True
+
+
+def _finish(work: Path, run: Path, opts: FinetuneOptions, prep: Prepared, ctx: DistContext, best: dict[str, Any],
+            stopped_by: str, history: list[dict], pred_pos: np.ndarray, P: np.ndarray,
+            elapsed: float) -> dict[str, Any]:
+    """Main rank: predictions, summary, the run directory in place, the last line. Returns the summary."""
     summary = {
         "best_epoch": best["epoch"], "selection": best["criterion"], "best_score": best["value"],
-        "stopped_by": stopped_by, "epochs_run": len(history), "elapsed_s": round(time.monotonic() - t0, 3),
+        "stopped_by": stopped_by, "epochs_run": len(history), "elapsed_s": round(elapsed, 3),
         "valid": best["metrics"], "counts": prep.counts, "notes": prep.notes, "split_check": prep.split_check,
         "pos_weight": {lab: float(prep.pos_weight[j]) for j, lab in enumerate(prep.labels) if prep.binary[j]},
         "pos_weight_basis": opts.pos_weight,
@@ -674,11 +650,8 @@ def _save(path: Path, state: dict[str, Tensor], prep: Prepared, opts: FinetuneOp
 
 def _write_predictions(path: Path, prep: Prepared, pos: np.ndarray, P: np.ndarray, summary: dict) -> None:
     from ecgfm_cli.io.artifacts import write_table
-    from ecgfm_cli.probe import Embeddings, ProbeData, predictions_table
+    from ecgfm_cli.probe import predictions_table
 
-    emb = Embeddings(prep.record_ids[pos], prep.patient_ids[pos], prep.segment_index[pos],
-                     np.zeros((len(pos), 0), np.float32))
-    data = ProbeData(emb, prep.Y[pos].astype(np.float64), prep.split[pos], [], {})
     meta = {
         "ecgfm.provenance": json.dumps(prep.provenance, default=str),
         "ecgfm.contract": prep.contract.to_json(),
@@ -689,4 +662,5 @@ def _write_predictions(path: Path, prep: Prepared, pos: np.ndarray, P: np.ndarra
                                                               "split_check", "pos_weight", "pos_weight_basis",
                                                               "target_standardization")}, default=str),
     }
-    write_table(predictions_table(data, P, prep.labels, prep.kinds, meta), Path(path), "predictions")
+    write_table(predictions_table(prep.record_ids[pos], prep.patient_ids[pos], prep.segment_index[pos],
+                                  prep.split[pos], P, prep.labels, prep.kinds, meta), Path(path), "predictions")

@@ -1,10 +1,9 @@
 """The ``ecgfm pretrain`` loop: W2V + CMSC + RLM pretraining with DDP, accumulation, checkpoints and exact resume.
 
-One update = ``update_freq`` micro-batches per rank. As in fairseq, each micro-batch's loss is a SUM whose
-natural denominator is its masked-frame count (``sample_size``); after the backward passes the counts are
-summed over micro-batches and ranks (one all-reduce of a small stats vector) and the gradients are multiplied
-by ``world_size / global_count``, so that DDP's gradient averaging yields ``d(sum of losses) / global_count``:
-the result does not depend on how the batch is split over ranks.
+One update = ``update_freq`` micro-batches per rank, stepped by :func:`ecgfm_cli.train.loop.train_step`: the
+loss of a micro-batch is the model's SUM over its masked frames (``Wav2Vec2Pretrainer.forward``), normalised
+by the count summed over micro-batches and ranks, so the result does not depend on how the batch is split over
+ranks. The host reads update u's metrics after queueing update u + 1.
 
 Run directory (``-o RUN``)::
 
@@ -17,7 +16,7 @@ Run directory (``-o RUN``)::
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,11 +39,21 @@ from ecgfm_cli.contract import Contract
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, replace_dir
 from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, PretrainConfig, preset
-from ecgfm_cli.model.pretraining import Wav2Vec2Pretrainer, cmsc_loss, total_loss
+from ecgfm_cli.model.pretraining import PretrainStats, Wav2Vec2Pretrainer
 from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
-from ecgfm_cli.train.distributed import DistContext, cleanup, setup
-from ecgfm_cli.train.options import RECIPE_OPTIONS, TrainOptions
-from ecgfm_cli.train.runs import append_jsonl, autocast, read_jsonl, seed_everything
+from ecgfm_cli.train.distributed import DistContext
+from ecgfm_cli.train.loop import (
+    Cadence,
+    Update,
+    Window,
+    check_finite,
+    data_parallel,
+    progress_bar,
+    rank_context,
+    train_step,
+)
+from ecgfm_cli.train.options import DEFAULT_MAX_EPOCHS, RECIPE_OPTIONS, REFERENCE_BATCH_SIZE, TrainOptions
+from ecgfm_cli.train.runs import append_jsonl, read_jsonl, seed_everything
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
@@ -205,9 +215,9 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
     if opts.dropout is not None:  # the activation dropout keeps its own value (reference 0.0)
         enc_cfg = replace(enc_cfg, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
     if (opts.max_updates, opts.max_epochs, opts.max_time) == (None, None, None):
-        opts = replace(opts, max_epochs=200)  # the reference's max_epoch
+        opts = replace(opts, max_epochs=DEFAULT_MAX_EPOCHS)
     if opts.batch_size is None:
-        opts = replace(opts, batch_size=128)
+        opts = replace(opts, batch_size=REFERENCE_BATCH_SIZE)
     update_segments = RECIPES.get(recipe or "", {}).get("update_segments")
     if update_segments and resume_from is None and "update_freq" not in opts.given:
         # the reference's update whatever the world size: accumulate micro-batches to reach it
@@ -365,94 +375,22 @@ def load_init(model: Wav2Vec2Pretrainer, path: str, allow_pickle: bool = False) 
         model.encoder.load_state_dict(encoder_state(loaded.kind, loaded.state_dict), strict=True)
 
 
-_SUM_KEYS = ("sample_size", "loss", "contrastive", "correct", "count")
-_MEAN_KEYS = ("diversity", "features_pen", "cmsc", "prob_perplexity", "code_perplexity")
-
-
-@dataclass
-class UpdateResult:
-    """One update's globally reduced statistics, still on the device.
-
-    :func:`train_update` only queues the update's work; :meth:`metrics` is the one point where the host waits
-    for it. The training loop reads update u's metrics after it has queued update u + 1, so the GPU never idles
-    while the host draws masks and dispatches the next update's kernels.
-    """
-
-    stats: torch.Tensor  # (len(keys) + 3,): the summed stats, the OR-ed stop vote, the mean clock, the grad norm
-    keys: list[str]
-    batches: int  # micro-batches x ranks, the denominator of the mean-style stats
-    temperature: float
-    w2v: bool
-    lr: float = 0.0
-    progress: float = 0.0  # of the schedule, when the update was queued (set by the loop)
-
-    def metrics(self) -> dict[str, float]:
-        """Plain-float metrics (waits for the update to finish)."""
-        *values, stop, clock, grad_norm = self.stats.tolist()
-        tot = dict(zip(self.keys, values, strict=True))
-        global_count = max(tot["sample_size"], 1.0)
-        return {
-            "loss": tot["loss"] / global_count,
-            "contrastive": tot["contrastive"] / global_count if self.w2v else 0.0,
-            **{k: tot[k] / self.batches for k in _MEAN_KEYS},
-            "accuracy": tot["correct"] / tot["count"] if tot["count"] else 0.0,
-            "temperature": self.temperature,
-            "grad_norm": grad_norm,
-            "sample_size": tot["sample_size"],
-            "stop": stop > 0,
-            "clock": clock,
-            "lr": self.lr,
-            "progress": self.progress,
-        }
-
-
 def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict],
                  ctx: DistContext, lr: float, clip_norm: float = 0.0, dtype: str = "float32",
-                 fixed: list[dict] | None = None, stop: bool = False, clock: float = 0.0) -> UpdateResult:
-    """Queue one optimizer step over the micro-batches ``micro`` (dicts with ``x (B, 12, L)`` and
-    ``record (B,)``), without waiting for it.
+                 fixed: list[dict] | None = None, stop: bool = False, clock: float = 0.0) -> Update:
+    """Queue one pretraining optimizer step over the micro-batches ``micro`` (dicts with ``x (B, 12, L)`` and
+    ``record (B,)``, optionally a precomputed ``mask`` and ``negatives_idx``), without waiting for it
+    (:func:`~ecgfm_cli.train.loop.train_step`; ``Update.metrics()`` gives the log columns as plain floats).
 
     ``net`` is ``model`` or its DDP wrapper. ``fixed`` (tests): per micro-batch ``{"mask": (B, T) bool,
-    "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``: this rank's vote to end training, OR-ed
-    over ranks into the metrics' ``stop``. ``clock``: this rank's seconds of training, averaged over ranks into
-    the metrics' ``clock`` (identical on every rank: what a time schedule follows, so all ranks step with the
-    same learning rate). Returns the update's globally reduced statistics (:meth:`UpdateResult.metrics` gives
-    plain floats).
+    "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``, ``clock``: see ``train_step``.
     """
-    cfg = model.cfg
-    params = [p for p in model.parameters() if p.requires_grad]
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    sums = {k: torch.zeros((), device=ctx.device) for k in _SUM_KEYS + _MEAN_KEYS}
-    for i, b in enumerate(micro):
-        x = b["x"].to(ctx.device, non_blocking=True)
-        record = b["record"].to(ctx.device, non_blocking=True)
-        last = i == len(micro) - 1
-        sync = contextlib.nullcontext() if last or net is model else net.no_sync()
-        with sync:
-            with autocast(ctx.device, dtype):
-                out = net(x, **(fixed[i] if fixed else {}))
-                cmsc = cmsc_loss(out["x_out"], record, cfg.cmsc_temp, gather=cfg.cmsc_gather,
-                                 eps=cfg.cmsc_eps) if cfg.cmsc else None
-                loss, logs = total_loss(out, cmsc, cfg)
-            loss.float().backward()
-        sums["loss"] += loss.detach().float()
-        for k in _SUM_KEYS[:1] + _SUM_KEYS[2:] + _MEAN_KEYS:
-            sums[k] += logs[k].float()
-    keys = list(sums)
-    vec = torch.stack([sums[k] for k in keys] + [torch.full((), float(stop), device=ctx.device),
-                                                 torch.full((), clock / ctx.world_size, device=ctx.device)])
-    if ctx.distributed:
-        dist.all_reduce(vec)
-    # DDP averaged the gradients over ranks; turn that into sum-over-ranks / global count, on the device.
-    scale = ctx.world_size / vec[keys.index("sample_size")].clamp(min=1.0)
-    grads = [p.grad for p in params if p.grad is not None]
-    torch._foreach_mul_(grads, scale)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
-    optimizer.step()
-    return UpdateResult(torch.cat([vec, grad_norm.detach().reshape(1).to(vec)]), keys, len(micro) * ctx.world_size,
-                        model.quantizer.temperature, cfg.w2v, lr)
+    def loss_fn(net: nn.Module, b: dict, i: int) -> tuple[torch.Tensor, PretrainStats]:
+        given = fixed[i] if fixed else {k: b[k] for k in ("mask", "negatives_idx") if k in b}
+        out = net(b["x"].to(ctx.device, non_blocking=True), b["record"].to(ctx.device, non_blocking=True), **given)
+        return out.loss, out.stats
+
+    return train_step(model, net, optimizer, micro, loss_fn, ctx, lr, clip_norm, dtype, stop, clock)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -557,57 +495,20 @@ def load_trainer_state(ckpt: Path) -> dict:
 # -------------------------------------------------------------------------------------------------- loop
 
 
-def _max_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def train_worker(opts: TrainOptions, prep: Prepared) -> None:
     """Entry point of every rank (see :func:`ecgfm_cli.train.distributed.launch`)."""
-    ctx = setup(opts.device)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    completed = False
-    try:
+    with rank_context(opts.device, opts.threads) as ctx:
         _train(opts, prep, ctx)
-        completed = True
-    finally:
-        cleanup(completed)
 
 
 def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
-    run = Path(opts.output)
+    run, schedule = Path(opts.output), prep.schedule
     index: SegmentIndex = open_segments(opts.segments, None, "pretrain")
     lcfg = loader_config(opts, prep.pretrain, ctx.world_size)
     model = build_model(prep, opts.seed)
-    update, position = 0, (0, 0)
-    clock0 = 0.0  # seconds of training before this process started (a resumed run's)
-    state = None
-    if prep.resume_from:
-        from ecgfm_cli.model.checkpoint import load_checkpoint
-
-        ckpt = Path(prep.resume_from)
-        model.load_state_dict(load_checkpoint(ckpt).state_dict, strict=True)
-        state = load_trainer_state(ckpt)
-        update = int(state["update"])
-        clock0 = float(state.get("clock", 0.0))
-        data = state["data"]
-        position = (int(data["epoch"]), int(data["batch"]))
-        if (data["world_size"], data["workers"], data["batch_size"]) != (ctx.world_size, lcfg.workers,
-                                                                           opts.batch_size):
-            # Another data layout: keep the epoch, continue at the same fraction of it.
-            frac = data["batch"] / max(data.get("batches_per_epoch", data["batch"]) or 1, 1)
-            position = (position[0], int(frac * prep.batches_per_epoch))
-            if ctx.is_main:
-                info("pretrain: resuming with another world size/workers/batch size: the data order differs "
-                     "from the original run from here on")
-    elif opts.init:
-        load_init(model, opts.init, opts.unsafe_pickle)
-    schedule = prep.schedule
-    model.set_num_updates(update, schedule.progress(update, clock0))
+    start = _restore(model, opts, prep, ctx, lcfg)
+    update, position = start.update, start.position
+    model.set_num_updates(update, schedule.progress(update, start.clock))
     model.to(ctx.device)
     if opts.compile:
         from ecgfm_cli.model.encoder import compile_layers
@@ -615,139 +516,55 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         compile_layers(model.encoder)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=opts.adam_betas, eps=opts.adam_eps,
                                   weight_decay=opts.weight_decay, fused=ctx.device.type == "cuda")
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
+    if start.state is not None:
+        optimizer.load_state_dict(start.state["optimizer"])
+        rng = start.state["rng"]
         _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
     else:
         seed_everything(opts.seed, ctx.rank)
-    net: nn.Module = model
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                  find_unused_parameters=not prep.pretrain.w2v)
+    net = data_parallel(model, ctx, find_unused_parameters=not prep.pretrain.w2v)
     model.train()
-
     if ctx.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        precision = ("float32, as the reference" if opts.dtype == "float32" else
-                     f"{opts.dtype} autocast (weights, optimizer, losses and logits float32; the reference "
-                     "trained in float32)")
-        schedule_line = schedule.describe(opts, prep.pretrain)
-        _write_json(run / "run.json", {
-            "options": {**asdict(opts), "pretrain": asdict(prep.pretrain)},
-            "recipe": prep.recipe, "schedule": {**asdict(schedule), "line": schedule_line}, "precision": precision,
-            "incomplete_segments": prep.incomplete_segments, "threads": torch.get_num_threads(),
-            "encoder": model.encoder_cfg.to_dict(), "data": asdict(prep.stats), "world_size": ctx.world_size,
-            "batches_per_epoch": prep.batches_per_epoch, "resumed_from": prep.resume_from, "init_kind": prep.init_kind,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        })
-        _truncate_log(run / "log.jsonl", update)
-        info(f"pretrain: {prep.stats.describe(prep.pretrain.cmsc)}; {prep.batches_per_epoch} batches of "
-             f"{opts.batch_size} per rank per epoch, {ctx.world_size} rank(s), update = "
-             f"{opts.batch_size * opts.update_freq * ctx.world_size} segments; "
-             f"{'resuming at update ' + str(update) if update else 'starting'} on {ctx.device} ({precision}"
-             + (f"; {plural(torch.get_num_threads(), 'thread')} per process)" if ctx.device.type == "cpu" else ")")
-             + (f"; init {prep.init_kind} {opts.init}" + ("" if prep.init_kind == "pretraining" else
-                                                          ", pretraining heads new") if opts.init and not update
-                else ""))
-        info(f"pretrain: {'preset ' + prep.recipe + ', ' if prep.recipe else ''}{schedule_line}")
-
+        _announce(run, model, opts, prep, ctx, update)
     loader = make_loader(index, lcfg, ctx.rank, position[0], position[1], opts.max_epochs,
                          processes=opts.worker_processes, pin_memory=ctx.device.type == "cuda")
-    bar = None
-    if ctx.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=opts.max_updates, initial=update, unit="upd", file=sys.stderr, dynamic_ncols=True,
-                   desc="pretrain")
-    t_start = time.monotonic()
-    clock = clock0  # the ranks' agreed clock, as of the last update whose metrics were read
-
-    def run_clock() -> float:
-        return clock0 + time.monotonic() - t_start
-
-    window: list[dict] = []
-    t_window, seg_window = time.monotonic(), 0
-    last_metrics: dict = {}
-    saved_at = update if prep.resume_from else -1
-    exhausted = False
-
-    def record(result: UpdateResult, at: int, pos: tuple[int, int], segments: int, queued: float) -> bool:
-        """Book update ``at``'s metrics (waits for it): progress bar, log line every --log-every updates.
-        ``queued``: when the update was queued; rates are measured between those times, which advance as the
-        updates complete (the host runs at most one update ahead) however late the metrics are read.
-        Returns whether the ranks voted to stop."""
-        nonlocal window, t_window, seg_window, last_metrics, clock
-        m = result.metrics()
-        clock = m.pop("clock")
-        if not math.isfinite(m["loss"]):  # every rank sees the same global loss, so all stop here
-            last = f"checkpoint-{saved_at} is the last good one" if saved_at > 0 else "no checkpoint was written"
-            raise EcgfmError(f"pretrain: update {at}: the loss is {m['loss']} (not finite), so the model is lost "
-                             f"({last}); the "
-                             "segments may hold NaN/Inf (`ecgfm segment` never writes them) or --lr is too high")
-        m.update(update=at)
-        window.append(m)
-        seg_window += segments
-        if at % opts.log_every == 0 or (opts.max_updates and at == opts.max_updates) or m["stop"]:
-            now = time.monotonic()
-            last_metrics = _log_line(window, at, pos, prep, queued - t_window, seg_window, now - t_start, ctx)
-            if ctx.is_main:
-                append_jsonl(run / "log.jsonl", last_metrics)
-                if bar is None:
-                    info(_summary_line(last_metrics))
-                else:  # above the bar, which stays at the bottom
-                    bar.write(_summary_line(last_metrics), file=sys.stderr)
-            window, t_window, seg_window = [], queued, 0
-        if bar is not None:
-            bar.update(1)
-            rate = last_metrics.get("segments_per_s")
-            bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=pos[0], **({"seg/s": f"{rate:.0f}"} if rate else {}))
-        return m["stop"]
-
-    pending = None  # (result, update, position, segments, queued at) of the update queued last, not yet read
-    stop = False
+    bar = progress_bar(ctx, total=opts.max_updates, initial=update, unit="upd", desc="pretrain")
+    log = _Log(run, prep, ctx, bar, Cadence(opts.log_every, opts.save_every, opts.max_updates), start.clock,
+               saved_at=update if prep.resume_from else -1)
+    pending = None  # (update, extras, number, position, segments, queued at) of the update queued last, unread
+    stop = exhausted = False
     try:
         while not stop and (opts.max_updates is None or update < opts.max_updates):
-            micro = []
-            for _ in range(opts.update_freq):
-                b = next(loader, None)
-                if b is None:
-                    exhausted = True
-                    break
-                micro.append(b)
+            micro = list(itertools.islice(loader, opts.update_freq))
+            exhausted = len(micro) < opts.update_freq
             if not micro:
                 break
-            now = run_clock()
-            out_of_time = opts.max_time is not None and now >= opts.max_time
-            progress = schedule.progress(update, clock)
+            now = log.run_clock()
+            progress = schedule.progress(update, log.clock)
             model.set_num_updates(update, progress)
-            result = train_update(model, net, optimizer, micro, ctx, lr_at(update, opts, schedule, clock),
-                                  opts.clip_norm, opts.dtype, stop=out_of_time, clock=now)
-            result.progress = progress
+            result = train_update(model, net, optimizer, micro, ctx, lr_at(update, opts, schedule, log.clock),
+                                  opts.clip_norm, opts.dtype, stop=opts.max_time is not None and now >= opts.max_time,
+                                  clock=now)
+            extras = {"temperature": model.quantizer.temperature, "progress": progress}
             update += 1
-            model.set_num_updates(update, schedule.progress(update, clock))
+            model.set_num_updates(update, schedule.progress(update, log.clock))
             last = micro[-1]
             position = (int(last["epoch"]), int(last["batch"]) * lcfg.workers + int(last["worker"]) + 1)
             # read the previous update's metrics only now, with this one queued behind it
-            stop = pending is not None and record(*pending)
-            pending = (result, update, position, sum(len(b["x"]) for b in micro) * ctx.world_size, time.monotonic())
-            if opts.save_every and update % opts.save_every == 0:
-                stop = record(*pending) or stop  # the log holds every update up to a checkpoint
+            stop = pending is not None and log.book(*pending)
+            pending = (result, extras, update, position, sum(len(b["x"]) for b in micro) * ctx.world_size,
+                       time.monotonic())
+            if log.cadence.save_due(update):
+                stop = log.book(*pending) or stop  # the log holds every update up to a checkpoint
                 pending = None
-                save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position, clock)
-                saved_at = update
+                save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position, log.clock)
+                log.saved_at = update
         if pending is not None:
-            record(*pending)
-        if window:
-            last_metrics = _log_line(window, update, position, prep, time.monotonic() - t_window, seg_window,
-                                     time.monotonic() - t_start, ctx)
-            if ctx.is_main:
-                append_jsonl(run / "log.jsonl", last_metrics)
+            log.book(*pending)
+        log.flush(update, position)
         final = None
-        if update != saved_at and update > 0:
-            final = save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position, clock)
+        if update != log.saved_at and update > 0:
+            final = save_run_checkpoint(run, model, optimizer, prep, opts, ctx, update, position, log.clock)
         elif ctx.is_main and update > 0:
             final = run / f"checkpoint-{update}"
     finally:
@@ -756,26 +573,151 @@ def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
         if hasattr(loader, "close"):
             loader.close()
     if ctx.is_main:
-        reason = "max-updates" if opts.max_updates and update >= opts.max_updates else (
-            "max-epochs" if exhausted else ("max-time" if last_metrics.get("stop") else "end"))
-        summary = {"updates": update, "epoch": last_metrics.get("epoch", position[0]), "stopped_by": reason,
-                   "elapsed_s": round(time.monotonic() - t_start, 3), "checkpoint": str(final) if final else None,
-                   "last": last_metrics}
-        _write_json(run / "summary.json", summary)
-        info(f"pretrain: {plural(update, 'update')} ({reason}), loss {last_metrics.get('loss', float('nan')):.4f}, "
-             f"{summary['elapsed_s']:.0f} s; checkpoint {final}")
+        _finish(run, opts, update, position, exhausted, log, final)
 
 
-def _log_line(window: list[dict], update: int, position: tuple[int, int], prep: Prepared, dt: float,
-              segments: int, elapsed: float, ctx: DistContext) -> dict:
-    keys = ("loss", "contrastive", "diversity", "features_pen", "cmsc", "accuracy", "prob_perplexity",
-            "code_perplexity", "grad_norm")
-    out = {"update": update, "epoch": round(position[0] + position[1] / max(prep.batches_per_epoch, 1), 4)}
-    out.update({k: float(np.mean([w[k] for w in window])) for k in keys})
-    out.update(temperature=window[-1]["temperature"], lr=window[-1]["lr"], progress=round(window[-1]["progress"], 4),
-               segments_per_s=round(segments / max(dt, 1e-9), 2), max_memory_mb=round(_max_memory_mb(ctx.device), 1),
-               elapsed_s=round(elapsed, 3), stop=bool(window[-1]["stop"]))
-    return out
+@dataclass
+class _Start:
+    """Where a rank's training starts: ``update`` count, data ``position`` (epoch, batch of the rank in it),
+    ``clock`` seconds of training before this process, and a resumed run's trainer ``state``."""
+
+    update: int = 0
+    position: tuple[int, int] = (0, 0)
+    clock: float = 0.0
+    state: dict | None = None
+
+
+def _restore(model: Wav2Vec2Pretrainer, opts: TrainOptions, prep: Prepared, ctx: DistContext,
+             lcfg: LoaderConfig) -> _Start:
+    """Load a resumed run's weights and trainer state (or the ``--init`` weights) into ``model``."""
+    if not prep.resume_from:
+        if opts.init:
+            load_init(model, opts.init, opts.unsafe_pickle)
+        return _Start()
+    from ecgfm_cli.model.checkpoint import load_checkpoint
+
+    ckpt = Path(prep.resume_from)
+    model.load_state_dict(load_checkpoint(ckpt).state_dict, strict=True)
+    state = load_trainer_state(ckpt)
+    data = state["data"]
+    position = (int(data["epoch"]), int(data["batch"]))
+    if (data["world_size"], data["workers"], data["batch_size"]) != (ctx.world_size, lcfg.workers, opts.batch_size):
+        # Another data layout: keep the epoch, continue at the same fraction of it.
+        frac = data["batch"] / max(data.get("batches_per_epoch", data["batch"]) or 1, 1)
+        position = (position[0], int(frac * prep.batches_per_epoch))
+        if ctx.is_main:
+            info("pretrain: resuming with another world size/workers/batch size: the data order differs "
+                 "from the original run from here on")
+    return _Start(int(state["update"]), position, float(state.get("clock", 0.0)), state)
+
+
+def _announce(run: Path, model: Wav2Vec2Pretrainer, opts: TrainOptions, prep: Prepared, ctx: DistContext,
+              update: int) -> None:
+    """Main rank: write ``run.json``, cut a resumed run's log back to its checkpoint, say what will run."""
+    run.mkdir(parents=True, exist_ok=True)
+    precision = ("float32, as the reference" if opts.dtype == "float32" else
+                 f"{opts.dtype} autocast (weights, optimizer, losses and logits float32; the reference "
+                 "trained in float32)")
+    schedule_line = prep.schedule.describe(opts, prep.pretrain)
+    _write_json(run / "run.json", {
+        "options": {**asdict(opts), "pretrain": asdict(prep.pretrain)},
+        "recipe": prep.recipe, "schedule": {**asdict(prep.schedule), "line": schedule_line}, "precision": precision,
+        "incomplete_segments": prep.incomplete_segments, "threads": torch.get_num_threads(),
+        "encoder": model.encoder_cfg.to_dict(), "data": asdict(prep.stats), "world_size": ctx.world_size,
+        "batches_per_epoch": prep.batches_per_epoch, "resumed_from": prep.resume_from, "init_kind": prep.init_kind,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    })
+    _truncate_log(run / "log.jsonl", update)
+    info(f"pretrain: {prep.stats.describe(prep.pretrain.cmsc)}; {prep.batches_per_epoch} batches of "
+         f"{opts.batch_size} per rank per epoch, {ctx.world_size} rank(s), update = "
+         f"{opts.batch_size * opts.update_freq * ctx.world_size} segments; "
+         f"{'resuming at update ' + str(update) if update else 'starting'} on {ctx.device} ({precision}"
+         + (f"; {plural(torch.get_num_threads(), 'thread')} per process)" if ctx.device.type == "cpu" else ")")
+         + (f"; init {prep.init_kind} {opts.init}" + ("" if prep.init_kind == "pretraining" else
+                                                      ", pretraining heads new") if opts.init and not update
+            else ""))
+    info(f"pretrain: {'preset ' + prep.recipe + ', ' if prep.recipe else ''}{schedule_line}")
+
+
+class _Log:
+    """The run's metrics as the updates are read: the log window, ``log.jsonl`` lines, the progress bar, the
+    ranks' agreed ``clock`` (as of the last update read) and the last line written (``line``)."""
+
+    def __init__(self, run: Path, prep: Prepared, ctx: DistContext, bar, cadence: Cadence, clock0: float,
+                 saved_at: int) -> None:
+        self.run, self.prep, self.ctx, self.bar, self.cadence = run, prep, ctx, bar, cadence
+        self.clock0 = self.clock = clock0  # clock0: seconds of training before this process (a resumed run's)
+        self.saved_at = saved_at
+        self.t_start = time.monotonic()
+        self.window = Window(self.t_start)
+        self.line: dict[str, Any] = {}
+
+    def run_clock(self) -> float:
+        return self.clock0 + time.monotonic() - self.t_start
+
+    def book(self, result: Update, extras: dict, at: int, pos: tuple[int, int], segments: int,
+             queued: float) -> bool:
+        """Book update ``at``'s metrics (waits for it): progress bar, a log line when due. ``queued``: when the
+        update was queued; rates are measured between those times, which advance as the updates complete (the
+        host runs at most one update ahead) however late the metrics are read. Returns whether the ranks voted
+        to stop."""
+        m = {**result.metrics(), **extras, "update": at}
+        self.clock = m.pop("clock")
+        last = f"checkpoint-{self.saved_at} is the last good one" if self.saved_at > 0 else "no checkpoint was written"
+        check_finite(m["loss"], f"pretrain: update {at}", lost=f" ({last})")
+        self.window.add(m, segments)
+        if self.cadence.log_due(at, m["stop"]):
+            self.flush(at, pos, queued, say=True)
+        if self.bar is not None:
+            self.bar.update(1)
+            rate = self.line.get("segments_per_s")
+            self.bar.set_postfix(loss=f"{m['loss']:.3f}", epoch=pos[0], **({"seg/s": f"{rate:.0f}"} if rate else {}))
+        return m["stop"]
+
+    def flush(self, update: int, position: tuple[int, int], until: float | None = None, say: bool = False) -> None:
+        """Write the window as one log line (nothing when it is empty) and start a new window at ``until``
+        (when the last update of this one was queued; default now). ``say``: also print the line."""
+        if not len(self.window):
+            return
+        now = time.monotonic()
+        w, until = self.window, now if until is None else until
+        last = w.entries[-1]
+        self.line = {"update": update,
+                     "epoch": round(position[0] + position[1] / max(self.prep.batches_per_epoch, 1), 4),
+                     **w.means([*PretrainStats.column_names(), "grad_norm"]),
+                     "temperature": last["temperature"], "lr": last["lr"], "progress": round(last["progress"], 4),
+                     "segments_per_s": round(w.segments / max(until - w.began, 1e-9), 2),
+                     "max_memory_mb": round(_max_memory_mb(self.ctx.device), 1),
+                     "elapsed_s": round(now - self.t_start, 3), "stop": bool(last["stop"])}
+        if self.ctx.is_main:
+            append_jsonl(self.run / "log.jsonl", self.line)
+            if say and self.bar is None:
+                info(_summary_line(self.line))
+            elif say:  # above the bar, which stays at the bottom
+                self.bar.write(_summary_line(self.line), file=sys.stderr)
+        self.window = Window(until)
+
+
+def _finish(run: Path, opts: TrainOptions, update: int, position: tuple[int, int], exhausted: bool, log: _Log,
+            final: Path | None) -> None:
+    """Main rank: ``summary.json`` and the last line."""
+    last = log.line
+    reason = "max-updates" if opts.max_updates and update >= opts.max_updates else (
+        "max-epochs" if exhausted else ("max-time" if last.get("stop") else "end"))
+    summary = {"updates": update, "epoch": last.get("epoch", position[0]), "stopped_by": reason,
+               "elapsed_s": round(time.monotonic() - log.t_start, 3), "checkpoint": str(final) if final else None,
+               "last": last}
+    _write_json(run / "summary.json", summary)
+    info(f"pretrain: {plural(update, 'update')} ({reason}), loss {last.get('loss', float('nan')):.4f}, "
+         f"{summary['elapsed_s']:.0f} s; checkpoint {final}")
+
+
+def _max_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _summary_line(m: dict) -> str:
