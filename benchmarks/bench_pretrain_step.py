@@ -15,6 +15,13 @@ segments/s and the share of the machine's matmul rate its FLOPs reach (FLOPs per
 timed between the updates, so a load change on a shared machine hits both alike)::
 
     python benchmarks/bench_pretrain_step.py --throughput tiny,small,base [--threads 2] [--repeats 5]
+
+``--ab FUSION[,FUSION]`` (with ``--throughput``): each fusion of ``ecgfm_cli.model.encoder.Fusions`` on and off,
+the two updates of one model interleaved round by round (a shared machine's load hits both alike), the ratio
+off / on (> 1: the fusion is faster). ``--profile``: the torch profiler's table of the update's operators
+(self CPU time, by input shape) per preset, after the timing::
+
+    python benchmarks/bench_pretrain_step.py --throughput small --ab group_norm,qkv --threads 1 --repeats 15
 """
 
 from __future__ import annotations
@@ -48,8 +55,10 @@ def time_steps(steps: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def throughput(presets: list[str], threads: int, repeats: int, batch: int | None) -> list[dict]:
-    """Per preset: the median update time of the training step and its share of the measured matmul rate."""
+def throughput(presets: list[str], threads: int, repeats: int, batch: int | None, ab: list[str] | None = None,
+               profile: bool = False) -> list[dict]:
+    """Per preset: the median update time of the training step and its share of the measured matmul rate;
+    with ``ab``, each named fusion's update off and on, interleaved, and their ratio."""
     from gpu_pretrain_mfu import step_flops
 
     from ecgfm_cli.model.config import RECIPES, preset
@@ -81,7 +90,33 @@ def throughput(presets: list[str], threads: int, repeats: int, batch: int | None
         def update(model=model, opt=opt, micro=micro, lr=opts.lr, clip=opts.clip_norm) -> None:
             train_update(model, model, opt, micro, ctx, lr, clip).metrics()
 
+        if ab:
+            from ecgfm_cli.model.encoder import FUSIONS, use_fusions
+
+            def switched(fusion: str, on: bool, update=update):
+                def step() -> None:
+                    with use_fusions(**{fusion: on}):
+                        update()
+                return step
+
+            for fusion in ab:
+                t_off, t_on = time_steps([switched(fusion, False), switched(fusion, True)], repeats)
+                print(f"  {name:6s} {fusion:12s} off {bsz / t_off:7.1f} segments/s  on {bsz / t_on:7.1f}  "
+                      f"off/on {t_off / t_on:.3f}", flush=True)
+                out.append({"preset": name, "batch": bsz, "fusion": fusion, "off_s": round(t_off, 4),
+                            "on_s": round(t_on, 4), "ratio_off_over_on": round(t_off / t_on, 3)})
+            print(f"  (defaults: {FUSIONS})")
+            continue
         t_update, t_gemm = time_steps([update, gemm], repeats)
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(3):
+                    update()
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=60))
         rate = 8 * 2 * 1024**3 / t_gemm
         flops = step_flops(enc, num_negatives=pcfg.num_negatives, final_dim=pcfg.final_dim,
                            latent_groups=pcfg.latent_groups, latent_vars=pcfg.latent_vars).total
@@ -106,12 +141,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--throughput", help="comma-separated presets: time the training update of each instead")
     ap.add_argument("--update-batch", type=int, help="with --throughput: segments per update (default: the recipe's)")
+    ap.add_argument("--ab", help="with --throughput: comma-separated fusions (encoder.Fusions) to time off vs on")
+    ap.add_argument("--profile", action="store_true", help="with --throughput: print the operator profile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.throughput:
         sys.path.insert(0, str(REPO / "benchmarks"))
         print(f"pretraining update, {args.threads} threads, median of {args.repeats}, torch {torch.__version__}:")
-        rows = throughput(args.throughput.split(","), args.threads, args.repeats, args.update_batch)
+        rows = throughput(args.throughput.split(","), args.threads, args.repeats, args.update_batch,
+                          args.ab.split(",") if args.ab else None, args.profile)
         if args.json:
             args.json.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
         return
@@ -120,7 +158,7 @@ def main() -> None:
     from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
 
     from ecgfm_cli.model.config import preset
-    from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, cmsc_loss, compute_span_mask, total_loss
+    from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer, compute_span_mask
 
     enc = preset(args.preset).with_dropouts(0.0)
     b, length = args.batch, 2500
@@ -133,15 +171,13 @@ def main() -> None:
     torch.manual_seed(0)
     ours = Wav2Vec2Pretrainer(enc, PretrainConfig(dropout_features=0.0, cmsc=False)).train()
     ours_opt = torch.optim.AdamW(ours.parameters(), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
-    wcr_cfg = replace(ours.cfg, cmsc=True)
+    w_cfg, wcr_cfg = ours.cfg, replace(ours.cfg, cmsc=True)
 
     def ours_step(with_cmsc: bool = False) -> None:
         ours_opt.zero_grad(set_to_none=True)
-        out = ours(x, mask=mask)
-        cfg = wcr_cfg if with_cmsc else ours.cfg
-        cm = cmsc_loss(out["x_out"], record, cfg.cmsc_temp) if with_cmsc else None
-        loss, _ = total_loss(out, cm, cfg)
-        (loss / out["num_masked"]).backward()
+        ours.cfg = wcr_cfg if with_cmsc else w_cfg  # the same weights; the objective with or without CMSC
+        out = ours(x, record, mask=mask)
+        (out.loss / out.stats.sample_size).backward()
         ours_opt.step()
 
     hf = build_hf_model(enc, pretraining=True).train()

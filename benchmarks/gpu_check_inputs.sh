@@ -18,4 +18,6 @@ $PY -m ecgfm_cli pretrain "$DIR/segments" --preset tiny --batch-size 8 --max-upd
     --save-every 3 -o "$DIR/run"
 MODEL="$DIR/run/$(cat "$DIR/run/latest")"
 $PY -m ecgfm_cli embed "$DIR/segments" --model "$MODEL" --device cpu -o "$DIR/emb_cpu.parquet"
+echo "check its MFU command lines here first: PYTHON=$PY bash benchmarks/gpu_check.sh --dry-run /tmp/gpu-check-dry"
 echo "on the GPU machine: PYTHONPATH=. bash benchmarks/gpu_check.sh $DIR/segments $MODEL $DIR/emb_cpu.parquet \$OUT"
+echo "(a fifth argument picks sections: mfu,pretrain,embed,fusions; fusions' ratios need mfu's batch-256 run)"

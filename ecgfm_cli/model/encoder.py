@@ -18,13 +18,67 @@ Shapes: B batch, C in_channels (leads), L samples, T tokens (L // 16 for ECG-FM)
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecgfm_cli.model.config import EncoderConfig
+
+
+@dataclass
+class Fusions:
+    """Which fused forms the module tree computes with: each is the same function as the plain form (equal to
+    float32 rounding, tested with and without in tests/test_fusions.py) and can be switched off to measure it
+    (``benchmarks/gpu_pretrain_mfu.py --fusions``, ``bench_pretrain_step.py --ab``).
+
+    ``group_norm``: the conv stack's block-0 GroupNorm as one ``F.group_norm`` over a channels-last view
+    (one fused kernel forward and backward) instead of :func:`channel_norm`'s elementwise passes: a CPU
+    ``small`` update ~4 % faster (docs/performance.md).
+    ``qkv``: one ``(3D x D)`` q/k/v projection from the concatenated weights (state-dict keys unchanged)
+    instead of three: no gain on CPU (the attention backward's copies eat it), off until measured on a GPU.
+    """
+
+    group_norm: bool = True
+    qkv: bool = False
+
+
+#: The process-wide switches (read at every forward; under ``torch.compile`` they are guarded, so a change
+#: recompiles). Set them with :func:`use_fusions`.
+FUSIONS = Fusions()
+
+
+@contextlib.contextmanager
+def use_fusions(**flags: bool) -> Iterator[Fusions]:
+    """Set :data:`FUSIONS` fields (``group_norm=False``, ...) for the duration of a ``with`` block."""
+    unknown = set(flags) - {f.name for f in dataclasses.fields(Fusions)}
+    if unknown:
+        raise ValueError(f"unknown fusion(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(f.name for f in dataclasses.fields(Fusions))}")
+    old = dataclasses.replace(FUSIONS)
+    for name, value in flags.items():
+        setattr(FUSIONS, name, bool(value))
+    try:
+        yield FUSIONS
+    finally:
+        for f in dataclasses.fields(Fusions):
+            setattr(FUSIONS, f.name, getattr(old, f.name))
+
+
+def parse_fusions(text: str) -> dict[str, bool]:
+    """``"group_norm=0,qkv=1"`` -> ``{"group_norm": False, "qkv": True}`` (the benchmarks' ``--fusions``)."""
+    out: dict[str, bool] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or value not in ("0", "1"):
+            raise ValueError(f"fusion setting {item!r}: expected NAME=0 or NAME=1")
+        out[name] = value == "1"
+    return out
 
 
 class GradMultiply(torch.autograd.Function):
@@ -108,7 +162,14 @@ def window_weight(weight: Tensor) -> Tensor:
 
 def channel_norm(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``GroupNorm(C, C)`` of a channels-last ``h (B, T, C)``: each channel normalised over time, computed in
-    float32 (fairseq's ``Fp32GroupNorm``) and returned in ``h``'s dtype."""
+    float32 (fairseq's ``Fp32GroupNorm``) and returned in ``h``'s dtype, channels-last.
+
+    With :data:`FUSIONS` ``.group_norm`` one ``F.group_norm`` over ``h`` viewed as a channels-last
+    ``(B, C, 1, T)`` image (one kernel each way, no layout copy); otherwise the elementwise form below."""
+    if FUSIONS.group_norm:
+        x4 = h.float().transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        y = F.group_norm(x4, h.shape[2], weight.float(), bias.float(), eps)
+        return y.squeeze(2).transpose(1, 2).to(h.dtype)
     hf = h.float()
     # two passes of mean() instead of var_mean(), whose reduction over a non-last dim is slower on CPU
     mean = hf.mean(dim=1, keepdim=True)
@@ -200,8 +261,13 @@ class SelfAttention(nn.Module):
         """x (B, T, D), padding_mask (B, T) True = padded -> (out (B, T, D), head-averaged
         attention probabilities (B, T, T) when ``need_weights`` else None)."""
         b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        if FUSIONS.qkv:  # (B, T, 3, H, hd) -> three (B, H, T, hd) views; unbind's backward stacks once
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            q, k, v = F.linear(x, w, bias).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
         mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
         p_drop = self.dropout if self.training else 0.0
         weights = None
