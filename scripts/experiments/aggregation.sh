@@ -8,9 +8,12 @@ prepare_data
 mkdir -p "$OUT/emb" "$OUT/probe" "$OUT/eval"
 for enc in recipe random; do
     if [ "$enc" = recipe ]; then src=(--model "$CKPT"); else src=(--random-init --preset small --seed 0); fi
-    "$ECGFM" embed "$EVAL_SEG" "${src[@]}" --threads "$THREADS" -o "$OUT/emb/seg-$enc.parquet"
-    "$ECGFM" probe "$OUT/emb/seg-$enc.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 \
-        -o "$OUT/probe/seg-$enc.parquet" 2> "$OUT/probe/seg-$enc.log"
+    emb=$OUT/emb/seg-$enc.parquet
+    embed_once "$emb" "${src[@]}"
+    if [ -n "${FORCE:-}" ] || [ ! "$OUT/eval/seg-$enc-min.json" -nt "$emb" ]; then
+        "$ECGFM" probe "$emb" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 \
+            -o "$OUT/probe/seg-$enc.parquet" 2> "$OUT/probe/seg-$enc.log"
+    fi
     for how in max mean min; do
         "$ECGFM" evaluate "$OUT/probe/seg-$enc.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 \
             --aggregate "$how" --bootstrap 0 -o "$OUT/eval/seg-$enc-$how.json" > /dev/null 2>&1

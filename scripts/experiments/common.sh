@@ -3,7 +3,10 @@
 #   DATA     ../shared/data (the project's real ECG files)
 #   OUT      experiments-out/ (everything is written here; re-runs reuse the prepared data)
 #   ECGFM    .venv/bin/ecgfm      PY  .venv/bin/python      THREADS  torch threads for embed (default 2)
-#   FORCE    set: probe an encoder again even if its evaluation is there
+#   FORCE    set: probe and evaluate an encoder again even if its evaluation is there (its embeddings are reused
+#            while they are newer than every file of the checkpoint they came from; REEMBED=1 embeds again too)
+#   PROBE_ONLY  set: never pretrain; a script whose run is missing stops, one whose run has no summary.json (an
+#            interrupted run) probes its latest checkpoint. `PROBE_ONLY=1 FORCE=1` re-probes an earlier OUT.
 #   PRETRAIN_ARGS  extra `ecgfm pretrain` options for every run (e.g. "--threads 1" on a loaded machine)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -64,29 +67,59 @@ t[["record_id", "patient_id", "male", "age"]].to_csv(sys.argv[2], index=False)
 PYEOF
 }
 
+needs_pretraining() {  # needs_pretraining RUN: true when RUN must be (re)trained; with PROBE_ONLY, never
+    local run=$1
+    [ -f "$run/summary.json" ] && return 1
+    if [ -n "${PROBE_ONLY:-}" ]; then
+        if [ -f "$run/latest" ] || compgen -G "$run/checkpoint-*" > /dev/null; then
+            echo "PROBE_ONLY: $run has no summary.json (interrupted?); probing its latest checkpoint" >&2
+            return 1
+        fi
+        echo "PROBE_ONLY: $run has no checkpoint; run this script without PROBE_ONLY to pretrain it" >&2
+        exit 2
+    fi
+    return 0
+}
+
+embed_once() {
+    # embed_once OUTFILE [embed options...]: `ecgfm embed` of the evaluation segments into OUTFILE, unless OUTFILE
+    # is there and newer than every file of its --model (random-init encoders are deterministic: always reused);
+    # REEMBED=1 embeds again.
+    local out=$1; shift
+    if [ -z "${REEMBED:-}" ] && [ -f "$out" ]; then
+        local model="" prev=""
+        for a in "$@"; do [ "$prev" = --model ] && model=$a; prev=$a; done
+        if [ -z "$model" ] || [ -z "$(find -L "$model" -newer "$out" -type f -print -quit)" ]; then
+            return 0
+        fi
+    fi
+    "$ECGFM" embed "$EVAL_SEG" "$@" --threads "$THREADS" -o "$out"
+}
+
 probe_encoder() {
     # probe_encoder NAME [embed options...]: record-level (mean-pooled) embeddings of the evaluation cohort,
     # 5-fold out-of-fold logistic probes for its Challenge-2021 labels, and their metrics in $OUT/eval/NAME.json.
     # NAME is also the row name; the embed options say which encoder (--model CKPT, or --random-init --preset P).
     local name=$1; shift
+    local emb=$OUT/emb/$name.parquet
     mkdir -p "$OUT/emb" "$OUT/probe" "$OUT/eval"
-    if [ -z "${FORCE:-}" ] && [ -f "$OUT/eval/$name.json" ] && [ -f "$OUT/eval/$name.demo.json" ]; then
-        return 0  # probed before (FORCE=1 probes again)
+    embed_once "$emb" "$@" --pool record
+    if [ -z "${FORCE:-}" ] && [ "$OUT/eval/$name.json" -nt "$emb" ] && [ "$OUT/eval/$name.demo.json" -nt "$emb" ]
+    then return 0  # probed since its embeddings were made (FORCE=1 probes again)
     fi
-    "$ECGFM" embed "$EVAL_SEG" "$@" --pool record --threads "$THREADS" -o "$OUT/emb/$name.parquet"
-    "$ECGFM" probe "$OUT/emb/$name.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 \
+    "$ECGFM" probe "$emb" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 \
         -o "$OUT/probe/$name.parquet" 2> "$OUT/probe/$name.log"
     "$ECGFM" evaluate "$OUT/probe/$name.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 --bootstrap 0 \
         -o "$OUT/eval/$name.json" > /dev/null 2>> "$OUT/probe/$name.log"
     [ -f "$EVAL_DEMO" ] || demographics
-    "$ECGFM" probe "$OUT/emb/$name.parquet" --labels "$EVAL_DEMO" --folds 5 -o "$OUT/probe/$name.demo.parquet" \
+    "$ECGFM" probe "$emb" --labels "$EVAL_DEMO" --folds 5 -o "$OUT/probe/$name.demo.parquet" \
         2>> "$OUT/probe/$name.log"
     "$ECGFM" evaluate "$OUT/probe/$name.demo.parquet" --labels "$EVAL_DEMO" --bootstrap 0 \
         -o "$OUT/eval/$name.demo.json" > /dev/null 2>> "$OUT/probe/$name.log"
 }
 
 table() {  # table NAME...: one Markdown row per evaluated encoder (AF, macro of the common labels, sex, age)
-    local reports=()
-    for name in "$@"; do reports+=("$OUT/eval/$name.json"); done
+    local reports=() n
+    for n in "$@"; do reports+=("$OUT/eval/$n.json"); done
     "$PY" "$ROOT/scripts/experiments/summarize.py" "${reports[@]}"
 }

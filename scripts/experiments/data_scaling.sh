@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Data scaling: probe AUROC against the number of pretraining records, at a fixed budget per run (MAX_TIME,
-# default 5m): the recipe on 1/4, 1/2 and all of the pretraining records (the subsets are `ecgfm ingest --shard 0/N`
+# default 4m): the recipe on 1/4, 1/2 and all of the pretraining records (the subsets are `ecgfm ingest --shard 0/N`
 # of the same input files, so records are never split). Usage: scripts/experiments/data_scaling.sh [MAX_TIME]
 source "$(dirname "$0")/common.sh"
-MAX_TIME=${1:-5m}
+MAX_TIME=${1:-4m}
 prepare_data
 rows=()
 for part in 4 2 1; do
@@ -17,12 +17,13 @@ for part in 4 2 1; do
         "$ECGFM" segment "$OUT/data/pretrain-records-1of$part" -o "$seg" --workers 2 --allow-partial
     fi
     run=$OUT/runs/scaling-1of$part-$MAX_TIME
-    if [ ! -f "$run/summary.json" ]; then
+    if needs_pretraining "$run"; then
         rm -rf "$run"
-        "$ECGFM" pretrain "$seg" --preset small --max-time "$MAX_TIME" --save-every 100000 --log-every 25 ${PRETRAIN_ARGS:-} -o "$run"
+        "$ECGFM" pretrain "$seg" --preset small --max-time "$MAX_TIME" --save-every 100000 --log-every 25 \
+            ${PRETRAIN_ARGS:-} -o "$run"
     fi
     probe_encoder "scaling-1of$part" --model "$run"
     rows+=("scaling-1of$part")
 done
-[ -f "$OUT/eval/random-small-seed0.json" ] || probe_encoder random-small-seed0 --random-init --preset small --seed 0
+probe_encoder random-small-seed0 --random-init --preset small --seed 0
 table "${rows[@]}" random-small-seed0

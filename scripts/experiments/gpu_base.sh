@@ -8,7 +8,7 @@ MAX_TIME=${1:-10m}
 RUN=$OUT/runs/base-gpu-$MAX_TIME
 prepare_data
 "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name())"
-if [ ! -f "$RUN/summary.json" ]; then
+if needs_pretraining "$RUN"; then
     rm -rf "$RUN"
     "$ECGFM" pretrain "$SEG" --preset base --device cuda --max-time "$MAX_TIME" --save-every 100000 --log-every 5 \
         --workers 4 -o "$RUN"

@@ -8,7 +8,7 @@ MAX_TIME=${1:-15m}
 RUN=${RUN:-$OUT/runs/small-$MAX_TIME}
 SAVE_EVERY=${SAVE_EVERY:-250}
 prepare_data
-if [ ! -f "$RUN/summary.json" ]; then
+if needs_pretraining "$RUN"; then
     step "pretrain: --preset small --max-time $MAX_TIME -> $RUN"
     rm -rf "$RUN"
     "$ECGFM" pretrain "$SEG" --preset small --max-time "$MAX_TIME" --save-every "$SAVE_EVERY" --keep-last 0 \

@@ -3,13 +3,19 @@ macro AUROC over the labels with at least --min-positives positive records (the 
 a NAME.demo.json beside NAME.json (common.sh's demographics probe), the sex AUROC and the age R^2 too.
 
     python scripts/experiments/summarize.py OUT/eval/a.json OUT/eval/b.json [--min-positives 8] [--level record]
+
+With --spread, the reports NAME-folds<S>.json (fold_noise.sh: the same embeddings probed with fold seed S) join
+NAME.json's row, which then gives the mean and, in brackets, the range over the fold seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+_FOLD_SEED = re.compile(r"-folds\d+$")
 
 
 def label_aurocs(report: dict, level: str) -> dict[str, tuple[float, int]]:
@@ -28,6 +34,7 @@ def main() -> None:
     ap.add_argument("--min-positives", type=int, default=8)
     ap.add_argument("--level", default="record")
     ap.add_argument("--focus", default="AF")
+    ap.add_argument("--spread", action="store_true", help="one row per encoder over its fold seeds: mean [min, max]")
     args = ap.parse_args()
     rows = {p.stem: label_aurocs(json.loads(p.read_text()), args.level) for p in args.reports}
     demo = {p.stem: p.with_name(p.stem + ".demo.json") for p in args.reports}
@@ -38,18 +45,31 @@ def main() -> None:
     print(f"| encoder | {args.focus} AUROC | macro AUROC ({len(macro)} labels with >= {args.min_positives} "
           f"positives) |{extra}")
     print("|---|---|---|" + ("---|---|" if demo else ""))
+    values = {}
     for name, r in rows.items():
-        focus = f"{r[args.focus][0]:.3f}" if args.focus in r else "n/a"
-        mean = sum(r[k][0] for k in macro) / len(macro) if macro else float("nan")
-        cells = ""
-        if demo:
-            d = demo.get(name, {})
-            sex = ((d.get("male") or {}).get("auroc") or {}).get("value")
-            r2 = ((d.get("age") or {}).get("r2") or {}).get("value")
-            cells = f" {sex:.3f} |" if sex is not None else " n/a |"
-            cells += f" {r2:.3f} |" if r2 is not None else " n/a |"
-        print(f"| {name} | {focus} | {mean:.3f} |{cells}")
+        d = demo.get(name, {})
+        values[name] = [r[args.focus][0] if args.focus in r else None,
+                        sum(r[k][0] for k in macro) / len(macro) if macro else None,
+                        ((d.get("male") or {}).get("auroc") or {}).get("value"),
+                        ((d.get("age") or {}).get("r2") or {}).get("value")]
+    groups: dict[str, list[list[float | None]]] = {}
+    for name, v in values.items():
+        groups.setdefault(_FOLD_SEED.sub("", name) if args.spread else name, []).append(v)
+    for name, vs in groups.items():
+        cells = [cell([v[i] for v in vs]) for i in range(4 if demo else 2)]
+        seeds = f" ({len(vs)} fold seeds)" if args.spread else ""
+        print(f"| {name}{seeds} | " + " | ".join(cells) + " |")
     print(f"\nmacro labels: {', '.join(macro)}")
+
+
+def cell(vals: list[float | None]) -> str:
+    """One table cell: the value, or over several (fold seeds) their mean and [min, max]; n/a when missing."""
+    got = [v for v in vals if v is not None]
+    if not got:
+        return "n/a"
+    if len(got) == 1:
+        return f"{got[0]:.3f}"
+    return f"{sum(got) / len(got):.3f} [{min(got):.3f}, {max(got):.3f}]"
 
 
 if __name__ == "__main__":
