@@ -323,7 +323,8 @@ def _run_is_live(path: Path) -> bool:
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -353,7 +354,7 @@ def remove_dead_temporaries(output: Output, shard: tuple[int, int] | None = (0, 
     removed = []
     for p in folder.iterdir():
         m = _TEMPORARY.match(p.name)
-        if m and ours(m["name"]) and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+        if m and ours(m["name"]) and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
             with contextlib.suppress(OSError):
                 _remove(p)
                 removed.append(p)

@@ -37,7 +37,7 @@ from torch import nn
 from ecgfm_cli.console import info, plural
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.errors import EcgfmError
-from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, replace_dir
+from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, pid_alive, replace_dir
 from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, PretrainConfig, preset
 from ecgfm_cli.model.pretraining import PretrainStats, Wav2Vec2Pretrainer
 from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
@@ -443,7 +443,7 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
         "batch_size": opts.batch_size,
     })
     final = run / f"checkpoint-{update}"
-    tmp = run / f".checkpoint-{update}.partial-{os.getpid()}"
+    tmp = run / f".checkpoint-{update}{_PARTIAL}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(tmp, model.state_dict(), config)
     torch.save({
@@ -463,6 +463,22 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
     for old in checkpoints(run)[: -opts.keep_last] if opts.keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+_PARTIAL = ".partial-"  # .checkpoint-<update>.partial-<pid>: a checkpoint being written by process pid
+_PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.partial-(\d+)$")
+
+
+def remove_dead_partials(run: Path) -> list[Path]:
+    """Delete the half-written checkpoint directories (``.checkpoint-N.partial-PID``) of runs killed while saving
+    (kill -9 cannot clean up), only those whose process PID no longer exists. Returns what was removed."""
+    removed = []
+    for p in run.iterdir() if run.is_dir() else []:
+        m = _PARTIAL_RE.match(p.name)
+        if m and int(m[1]) != os.getpid() and not pid_alive(int(m[1])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 #: What ``_train`` reads from a trainer state (the rest is optional).
@@ -613,8 +629,13 @@ def _restore(model: Wav2Vec2Pretrainer, opts: TrainOptions, prep: Prepared, ctx:
 
 def _announce(run: Path, model: Wav2Vec2Pretrainer, opts: TrainOptions, prep: Prepared, ctx: DistContext,
               update: int) -> None:
-    """Main rank: write ``run.json``, cut a resumed run's log back to its checkpoint, say what will run."""
+    """Main rank: write ``run.json``, cut a resumed run's log back to its checkpoint, remove killed runs'
+    half-written checkpoints, say what will run."""
     run.mkdir(parents=True, exist_ok=True)
+    removed = remove_dead_partials(run)
+    if removed:
+        info(f"pretrain: removed {plural(len(removed), 'half-written checkpoint')} of killed runs "
+             f"({', '.join(p.name for p in removed[:3])})")
     precision = ("float32, as the reference" if opts.dtype == "float32" else
                  f"{opts.dtype} autocast (weights, optimizer, losses and logits float32; the reference "
                  "trained in float32)")
