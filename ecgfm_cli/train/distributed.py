@@ -14,6 +14,7 @@ error from the process group ends the run with one line (:func:`peer_failure`) i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -136,8 +137,8 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
     init = f"file://{rendezvous}/store" if rendezvous else None
     port = master_port or MULTI_NODE_PORT  # unused by a single-node spawn, which meets through the file
     try:
-        torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port, init),
-                                    nprocs=nprocs, join=True)
+        torch.multiprocessing.spawn(_spawned, args=(worker, args, nprocs, nnodes, node_rank, master_addr, port, init,
+                                                    os.getpid()), nprocs=nprocs, join=True)
     except torch.multiprocessing.ProcessRaisedException as e:
         # a rank's one-line error (EcgfmError) stays one line; anything else keeps its traceback
         marker = "ecgfm_cli.errors.EcgfmError: "
@@ -159,8 +160,27 @@ def launch(worker: Callable[..., None], args: tuple, nprocs: int = 1, nnodes: in
             shutil.rmtree(rendezvous, ignore_errors=True)
 
 
+def die_with(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when the process that spawned it ends, however it ends (a
+    launcher killed with SIGKILL cannot stop its ranks itself, and an orphaned rank would train on, holding its
+    cores or GPU). ``parent``: that process's pid, to catch a parent that died before the request was made."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _spawned(local_rank: int, worker: Callable[..., None], args: tuple, nprocs: int, nnodes: int,
-             node_rank: int, master_addr: str, master_port: int, init: str | None = None) -> None:
+             node_rank: int, master_addr: str, master_port: int, init: str | None = None,
+             launcher: int | None = None) -> None:
+    if launcher is not None:
+        die_with(launcher)
     os.environ.update(RANK=str(node_rank * nprocs + local_rank), WORLD_SIZE=str(nprocs * nnodes),
                       LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR=master_addr,
                       MASTER_PORT=str(master_port))
