@@ -11,8 +11,8 @@ prediction column is all NaN, the reason is printed and stored in the ``ecgfm.pr
 ``ecgfm evaluate`` reports the label as skipped. A label whose valid split is empty or has one class falls back
 to C = 1 (alpha = 1), also recorded.
 
-With ``folds`` (``--folds K``) there is no single split: patient-grouped folds stratified on the rarest binary label,
-each scored by a probe standardised, tuned (on an inner valid part) and refitted on the other folds only; the
+With ``folds`` (``--folds K``) there is no single split: patient-grouped folds stratified on every binary label at
+once, each scored by a probe standardised, tuned (on an inner valid part) and refitted on the other folds only; the
 predictions get a ``fold`` column and ``split`` = ``test`` everywhere (see docs/commands/probe.md).
 """
 
@@ -275,46 +275,122 @@ def run_probe(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict[str, 
 
 
 # --------------------------------------------------------------------------------------------- out-of-fold
-def stratification_label(labels: LabelTable, record_ids: np.ndarray) -> tuple[str | None, np.ndarray]:
-    """The label the folds are stratified on: the binary label with the fewest records of its rarer class among
-    ``record_ids`` (ties: table order; a label with one class among them is passed over), and its per-record
-    classes (0, 1, or 2 = unknown); (None, zeros) when no label has both classes."""
+def stratification_labels(labels: LabelTable, record_ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """What the folds are stratified on: every binary label with both classes among ``record_ids`` (in table
+    order), and per record whether it is in that label's rarer class (fewer records; ties: the positives).
+
+    Returns (names, S) with S (len(record_ids), len(names)) bool; an unknown (NaN) value is in neither class.
+    Continuous labels are not stratified."""
     lidx = labels.index()
     rows = np.array([lidx[r] for r in record_ids], dtype=np.int64)
-    best: tuple[int, str] | None = None
+    names: list[str] = []
+    cols: list[np.ndarray] = []
     for j, lab in enumerate(labels.labels):
         if labels.kinds[lab] != "binary":
             continue
         v = labels.values[rows, j]
-        rare = int(min((v == 1).sum(), (v == 0).sum()))
-        if rare == 0:  # one class only: stratifying on it would leave the labels that matter to chance
+        n_pos, n_neg = int((v == 1).sum()), int((v == 0).sum())
+        if min(n_pos, n_neg) == 0:  # one class only: nothing to spread
             continue
-        if best is None or rare < best[0]:
-            best = (rare, lab)
-    if best is None:
-        return None, np.zeros(len(rows), dtype=np.int64)
-    v = labels.values[rows, labels.labels.index(best[1])]
-    return best[1], np.where(np.isnan(v), 2, v).astype(np.int64)
+        names.append(lab)
+        cols.append(v == 1 if n_pos <= n_neg else v == 0)
+    S = np.column_stack(cols) if cols else np.zeros((len(rows), 0), dtype=bool)
+    return names, S.astype(bool)
 
 
-def _stratified_group_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """Fold (0..k-1) of each item, patient-grouped and stratified on ``y`` (sklearn's StratifiedGroupKFold,
-    shuffled with ``seed``); notes carry sklearn's warnings (e.g. a class with fewer members than folds)."""
-    from sklearn.model_selection import StratifiedGroupKFold
+def stratified_group_folds(S: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of each item: groups (patients) kept whole, stratified on every column of ``S`` at once.
 
-    fold = np.full(len(y), -1, dtype=np.int64)
-    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for f, (_, test) in enumerate(cv.split(np.zeros(len(y)), y, groups)):
-            fold[test] = f
-    return fold, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    S: (N, M) bool, item i carries label m; groups: (N,) group key per item. Iterative stratification (Sechidis,
+    Tsoumakas & Vlahavas 2011) applied to groups: a group carries a label when any of its items does; repeatedly
+    the label with the fewest groups still unassigned is taken, and each of its unassigned groups (seeded random
+    order) goes to the fold that most lacks that label (desired share minus what it holds), ties broken by how
+    many of the group's labels would get their first group there, then by the fold that most lacks items, then
+    by the seeded random generator. Groups without any label go, largest first, to the fold that most lacks
+    items. Then a repair pass: a label carried by >= k groups but absent from a fold gets one of its groups
+    moved there from a fold holding two or more of them, swapped with a group of that fold (or with none), the
+    pair closest in size among those that leave no such label absent from either fold where it was present.
+    Deterministic for a given ``seed``."""
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups, n_labels = len(uniq), S.shape[1]
+    A = np.zeros((n_groups, n_labels), dtype=bool)  # group g carries label m
+    if n_labels:
+        np.logical_or.at(A, inv, S.astype(bool))
+    size = np.bincount(inv, minlength=n_groups).astype(np.int64)
+    total = A.sum(axis=0).astype(np.int64)  # groups per label
+    # the desired shares times k, kept in integers: need = total - k * held
+    held = np.zeros((k, n_labels), dtype=np.int64)
+    items = np.zeros(k, dtype=np.int64)
+    fold_of = np.full(n_groups, -1, dtype=np.int64)
+    covered = total >= k  # labels that can be in every fold
+
+    def place(g: int, f: int) -> None:
+        fold_of[g] = f
+        held[f] += A[g]
+        items[f] += size[g]
+
+    def best(cands: np.ndarray, *keys: np.ndarray) -> int:
+        """The candidate fold with the largest keys, lexicographically; ties by the seeded generator."""
+        for key in keys:
+            cands = cands[key[cands] == key[cands].max()]
+        return int(cands[rng.integers(len(cands))]) if len(cands) > 1 else int(cands[0])
+
+    remaining = total.copy()
+    all_folds = np.arange(k)
+    while (remaining > 0).any():
+        open_ = np.flatnonzero(remaining > 0)
+        rarest = open_[remaining[open_] == remaining[open_].min()]
+        m = int(rarest[rng.integers(len(rarest))])
+        for g in rng.permutation(np.flatnonzero(A[:, m] & (fold_of < 0))):
+            firsts = ((held[:, A[g] & covered]) == 0).sum(axis=1)
+            place(int(g), best(all_folds, total[m] - k * held[:, m], firsts, -items))
+            remaining -= A[g]
+    rest = np.flatnonzero(fold_of < 0)
+    for g in rest[np.lexsort((rng.permutation(len(rest)), -size[rest]))]:
+        place(int(g), best(all_folds, -items))
+    # repair: the greedy order can leave a label that could be everywhere absent from a fold f. Move one of its
+    # groups g there from a fold h holding two or more of them, swapped with a group b of f (or with none) such
+    # that no label of `covered` present in h or f before is absent after; the closest sizes win.
+    for _ in range(3):
+        moved = False
+        for m in np.flatnonzero(covered)[np.argsort(total[covered], kind="stable")]:
+            for f in np.flatnonzero(held[:, m] == 0):
+                best_swap: tuple[tuple[int, float], int, int] | None = None
+                for g in np.flatnonzero(A[:, m]):
+                    h = int(fold_of[g])
+                    if held[h, m] < 2:
+                        continue
+                    for b in [-1, *np.flatnonzero(fold_of == f)]:
+                        ab = A[b] if b >= 0 else np.zeros(n_labels, dtype=bool)
+                        after_h = held[h] - A[g] + ab
+                        after_f = held[f] - ab + A[g]
+                        if ((held[h] > 0) & covered & (after_h == 0)).any() or \
+                                ((held[f] > 0) & covered & (after_f == 0)).any():
+                            continue
+                        key = (abs(int(size[g]) - (int(size[b]) if b >= 0 else 0)), float(rng.random()))
+                        if best_swap is None or key < best_swap[0]:
+                            best_swap = (key, int(g), int(b))
+                if best_swap is None:
+                    continue
+                _, g, b = best_swap
+                h = int(fold_of[g])
+                for grp, dst in ((g, int(f)), (b, h)):
+                    if grp >= 0:
+                        held[fold_of[grp]] -= A[grp]
+                        items[fold_of[grp]] -= size[grp]
+                        place(grp, dst)
+                moved = True
+        if not moved:
+            break
+    return fold_of[inv]
 
 
 def assign_folds(labels: LabelTable, emb: Embeddings, k: int, seed: int) -> tuple[dict[str, int], list[str]]:
     """record_id -> fold (0..k-1) for the labelled embedded records: patient-grouped (patient id from the labels,
-    else from the embeddings; none = the record is its own patient), stratified on
-    :func:`stratification_label`. Raises :class:`ProbeError` when there are fewer patients than folds."""
+    else from the embeddings; none = the record is its own patient), stratified on every binary label at once
+    (:func:`stratification_labels`, :func:`stratified_group_folds`). Raises :class:`ProbeError` when there are
+    fewer patients than folds."""
     lidx = labels.index()
     _, first = np.unique(emb.record_ids.astype(str), return_index=True)
     first = np.sort(first)
@@ -324,36 +400,57 @@ def assign_folds(labels: LabelTable, emb: Embeddings, k: int, seed: int) -> tupl
     for r in rids:
         lp = labels.patient_ids[lidx[r]] if labels.patient_ids is not None else None
         pids.append(lp if lp not in (None, "") else epid[r])
-    keys = patient_keys(rids, pids)
+    keys = patient_keys(rids, pids).astype(str)
     n_patients = len(set(keys))
     if n_patients < k:
         raise ProbeError(f"--folds {k}: the labelled records belong to only {n_patients} patients; use at most "
                          f"--folds {n_patients}")
-    strat, y = stratification_label(labels, rids)
-    fold, warned = _stratified_group_folds(y, keys.astype(str), k, seed)
-    if strat is None:
-        how = "no binary label to stratify on"
+    names, S = stratification_labels(labels, rids)
+    fold = stratified_group_folds(S, keys, k, seed)
+    continuous = [lab for lab in labels.labels if labels.kinds[lab] != "binary"]
+    if not names:
+        how = "no binary label with both classes to stratify on"
     else:
-        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-        how = (f"stratified on {strat!r}, the binary label with the fewest records of its rarer class ({n_pos} "
-               f"positive, {n_neg} negative records); the other labels are not stratified")
-    notes = [f"folds: {k} patient-grouped folds ({n_patients} patients, {len(rids)} records, seed {seed}), {how}; "
+        # patients per label in its rarer class, and whether every fold holds one of them
+        pat = {m: {keys[i] for i in np.flatnonzero(S[:, j])} for j, m in enumerate(names)}
+        everywhere = {m: len({fold[i] for i in np.flatnonzero(S[:, j])}) == k for j, m in enumerate(names)}
+        can = [m for m in names if len(pat[m]) >= k]
+        got = [m for m in can if everywhere[m]]
+        missed = [m for m in can if not everywhere[m]]
+        how = (f"stratified on every binary label with both classes at once ({_plural(len(names), 'label')}; iterative "
+               f"stratification of patients on each label's rarer class); {len(got)} of the {len(can)} labels with "
+               f">= {k} patients "
+               f"in their rarer class have one in every fold"
+               + (f" (not: {', '.join(missed)})" if missed else "")
+               + (f"; {_plural(len(names) - len(can), 'label')} {'has' if len(names) - len(can) == 1 else 'have'} "
+                  f"fewer than {k} such patients" if len(can) < len(names) else ""))
+    if continuous:
+        how += f"; continuous labels are not stratified ({', '.join(continuous)})"
+    sizes = np.bincount(fold, minlength=k)
+    notes = [f"folds: {k} patient-grouped folds ({n_patients} patients, {len(rids)} records, "
+             f"{int(sizes.min())}-{int(sizes.max())} records per fold, seed {seed}), {how}; "
              f"every record is scored once, by the probe fitted on the other folds"]
-    notes += [f"folds: {w}" for w in warned]
     return dict(zip(rids, fold.tolist(), strict=True)), notes
 
 
-def inner_split(fold: np.ndarray, k: int, y: np.ndarray, keys: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def inner_split(fold: np.ndarray, k: int, strata: np.ndarray, keys: np.ndarray, n_folds: int, seed: int,
+                ) -> np.ndarray:
     """Split names for fitting the probe of fold ``k``: its own rows ``test``, the other folds' rows ``train``
-    except an inner, patient-grouped, stratified ``valid`` part (about 1/(n_folds-1) of them, at least a
-    2-way split) on which C/alpha is chosen. All arrays are per row: ``fold`` (N,), ``y`` (N,) strata,
-    ``keys`` (N,) patient keys. With a single training patient there is no inner valid part."""
+    except an inner, patient-grouped ``valid`` part (about 1/(n_folds-1) of them, at least a 2-way split) on
+    which C/alpha is chosen, stratified like the folds (:func:`stratified_group_folds`). All arrays are per row:
+    ``fold`` (N,), ``strata`` (N, M) bool (or (N,) classes: 1 is the stratified class), ``keys`` (N,) patient keys.
+    With a single training patient there is no inner valid part."""
+    S = strata[:, None] == 1 if strata.ndim == 1 else strata.astype(bool)
     split = np.where(fold == k, "test", "train").astype(object)
     tr = np.flatnonzero(fold != k)
     n_inner = min(max(2, n_folds - 1), len(set(keys[tr])))
     if n_inner < 2:
         return split
-    inner, _ = _stratified_group_folds(y[tr], keys[tr].astype(str), n_inner, seed + 1 + k)
+    inner = stratified_group_folds(S[tr], keys[tr].astype(str), n_inner, seed + 1 + k)
     split[tr[inner == 0]] = "valid"
     return split
 
@@ -363,7 +460,8 @@ def run_probe_folds(X: np.ndarray, Y: np.ndarray, labels: list[str], kinds: dict
                     c_grid: tuple[float, ...] = _DEFAULT.c_grid, alpha_grid: tuple[float, ...] = _DEFAULT.alpha_grid,
                     max_iter: int = _DEFAULT.max_iter, progress: Callable[[str], None] | None = None,
                     ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
-    """Out-of-fold probing. X: (N, D); Y: (N, L); fold: (N,) int 0..K-1 per row; strata/keys: (N,) per row.
+    """Out-of-fold probing. X: (N, D); Y: (N, L); fold: (N,) int 0..K-1 per row; strata: (N, M)
+    bool per row (:func:`inner_split`); keys: (N,) patient keys per row.
 
     For each fold k: features are standardised on the other folds' rows, C (alpha) is chosen on an inner valid
     part of them (:func:`inner_split`), the probe is refitted with that C on all of them and scores fold k's rows
@@ -569,7 +667,8 @@ def probe_files(
 
 
 def _row_strata(labels: LabelTable, record_ids: np.ndarray) -> np.ndarray:
-    """Per row, the class of the folds' stratification label (:func:`stratification_label`)."""
+    """Per row, (N, M) bool: the row's record is in the rarer class of each stratified label
+    (:func:`stratification_labels`)."""
     uniq, inverse = np.unique(record_ids.astype(str), return_inverse=True)
-    _, y = stratification_label(labels, uniq.astype(object))
-    return y[inverse]
+    _, S = stratification_labels(labels, uniq.astype(object))
+    return S[inverse]

@@ -75,7 +75,8 @@ def test_folds_score_every_record_once_and_keep_patients_together(tmp_path):
     pos = {r for r, v in zip(lt.record_ids, lt.values[:, 0], strict=True) if v == 1}
     assert all(any(r in pos for r, fs in fold_of_record.items() if f in fs) for f in range(5))
     assert np.isfinite(t["AF"]).all() and np.isfinite(t["LVEF"]).all()
-    assert any("stratified on 'AF'" in m for m in logs), logs
+    assert any("stratified on every binary label" in m and "1 of the 1 labels" in m
+               and "continuous labels are not stratified (LVEF)" in m for m in logs), logs
     assert len(summary["labels"]["AF"]["folds"]) == 5
     meta = json.loads(pq.read_schema(tmp_path / "p.parquet").metadata[b"ecgfm.probe"])
     assert meta["folds"] == 5 and meta["split_check"]["source"] == "folds"
@@ -133,7 +134,7 @@ def test_cli_folds_then_evaluate_over_all_records(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     af = rep["levels"]["record"]["labels"]["AF"]
     assert af["n"] == 40 and af["n_pos"] == 6, af  # every record, pooled over the folds
-    assert af["auroc"]["value"] > 0.8
+    assert af["auroc"]["value"] > 0.75  # 6 positives: one unlucky inner valid part costs ~0.1
 
 
 def test_folds_refused_with_fewer_patients_than_folds(tmp_path):
@@ -210,14 +211,127 @@ def test_cli_probe_says_which_labels_are_continuous_and_refuses_12(tmp_path):
 
 
 def test_folds_are_not_stratified_on_a_label_without_positives():
-    """A label with no positive record (BBB here) has the fewest records of its rarer class (0): stratifying on it
-    left a fold of a real cohort without any AF record. The folds stratify on the rarest label with both classes."""
-    from ecgfm_cli.labels import LabelTable
-
+    """A label with no positive record (BBB here) has nothing to spread: stratifying on it left a fold of a real
+    cohort without any AF record. It is passed over; AF is stratified on (its rarer class, the positives)."""
     n = 40
     af = np.zeros(n)
     af[:5] = 1
-    table = LabelTable(record_ids=np.array([f"r{i}" for i in range(n)], dtype=object), labels=["BBB", "AF"],
-                       values=np.column_stack([np.zeros(n), af]), kinds={"BBB": "binary", "AF": "binary"})
-    name, y = probe_mod.stratification_label(table, table.record_ids)
-    assert name == "AF" and int(y.sum()) == 5
+    table = LabelTable(record_ids=np.array([f"r{i}" for i in range(n)], dtype=object), labels=["BBB", "AF", "LVEF"],
+                       values=np.column_stack([np.zeros(n), af, np.arange(n)]),
+                       kinds={"BBB": "binary", "AF": "binary", "LVEF": "continuous"})
+    names, S = probe_mod.stratification_labels(table, table.record_ids)
+    assert names == ["AF"] and S.shape == (n, 1) and int(S.sum()) == 5
+
+
+# --------------------------------------------------------------------------- stratified on every label (#17.3)
+def _multilabel_cohort(seed: int, n_patients: int = 60, k: int = 5):
+    """Patients of 1-3 records; label 'rare' has one positive record (the rarest: the old rule stratified on it),
+    'AF' has exactly k positive patients, 'RBBB' 2k, 'male' about half, 'age' continuous."""
+    rng = np.random.default_rng(seed)
+    per = rng.integers(1, 4, n_patients)
+    pid = np.repeat([f"p{i}" for i in range(n_patients)], per).astype(object)
+    n = len(pid)
+    rid = np.array([f"r{i:03d}" for i in range(n)], dtype=object)
+    first = np.r_[0, np.cumsum(per)[:-1]]  # each patient's first record
+
+    def on_patients(m: int) -> np.ndarray:
+        v = np.zeros(n)
+        v[first[rng.choice(n_patients, m, replace=False)]] = 1
+        return v
+
+    cols = {"rare": on_patients(1), "AF": on_patients(k), "RBBB": on_patients(2 * k),
+            "male": (rng.random(n) < 0.5).astype(float), "age": rng.normal(60, 10, n)}
+    kinds = {lab: "continuous" if lab == "age" else "binary" for lab in cols}
+    return LabelTable(record_ids=rid, labels=list(cols), values=np.column_stack(list(cols.values())), kinds=kinds,
+                      patient_ids=pid)
+
+
+def _folds(lt: LabelTable, k: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    emb = probe_mod.Embeddings(lt.record_ids, lt.patient_ids, np.zeros(len(lt.record_ids), dtype=np.int32),
+                               np.zeros((len(lt.record_ids), 2), dtype=np.float32))
+    fold_of, notes = probe_mod.assign_folds(lt, emb, k, seed)
+    return np.array([fold_of[r] for r in lt.record_ids]), notes
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_every_label_with_k_positive_patients_is_in_every_fold(k):
+    """The old rule stratified on the rarest label only ('rare', 1 positive), leaving AF's k positive patients to
+    chance: with these cohorts and seeds some fold had no AF (or no RBBB) record. Now every label with >= k
+    patients in its rarer class is in every fold, patients are never split, and fold sizes stay balanced."""
+    for seed in range(8):
+        lt = _multilabel_cohort(seed, k=k)
+        fold, notes = _folds(lt, k, seed)
+        for j, lab in enumerate(lt.labels[:4]):
+            assert set(fold[lt.values[:, j] == 1]) == set(range(k)) or lab == "rare", (seed, lab, fold)
+        # male: the rarer class is whichever has fewer records; both classes are in every fold
+        male = lt.values[:, 3]
+        assert set(fold[male == 1]) == set(fold[male == 0]) == set(range(k))
+        for p in set(lt.patient_ids):
+            assert len(set(fold[lt.patient_ids == p])) == 1
+        sizes = np.bincount(fold, minlength=k)
+        assert sizes.max() - sizes.min() <= max(3, len(fold) // (5 * k)), sizes  # groups hold up to 3 records
+        assert f"3 of the 3 labels with >= {k} patients in their rarer class have one in every fold" in notes[0]
+        assert "1 label has fewer than" in notes[0] and "(age)" in notes[0]
+
+
+def test_folds_are_deterministic_by_seed():
+    lt = _multilabel_cohort(0)
+    a, _ = _folds(lt, 5, 7)
+    b, _ = _folds(lt, 5, 7)
+    c, _ = _folds(lt, 5, 8)
+    assert (a == b).all() and not (a == c).all()
+    S = np.random.default_rng(1).random((50, 4)) < 0.2
+    g = np.arange(50) // 2
+    assert (probe_mod.stratified_group_folds(S, g, 4, 3) == probe_mod.stratified_group_folds(S, g, 4, 3)).all()
+
+
+def test_group_folds_keep_many_labels_in_every_fold():
+    """Random multi-label cohorts with 20 overlapping labels of 1-10 % prevalence (the Challenge cohort's kind):
+    groups stay whole and a label carried by >= k groups is in every fold, bar a rare conflict between labels
+    (1 of the 384 labels here; in a like simulation the old single-label rule missed a fold for 40 % of them)."""
+    rng = np.random.default_rng(0)
+    n_labels = missed = 0
+    for trial in range(30):
+        n, k = int(rng.integers(80, 200)), 5
+        groups = rng.integers(0, n // 2, n)
+        S = rng.random((n, 20)) < rng.uniform(0.01, 0.1, 20)
+        fold = probe_mod.stratified_group_folds(S, groups, k, trial)
+        for g in np.unique(groups):
+            assert len(set(fold[groups == g])) == 1
+        for m in range(20):
+            if len(set(groups[S[:, m]])) >= k:
+                n_labels += 1
+                missed += set(fold[S[:, m]]) != set(range(k))
+    assert n_labels == 384 and missed <= 1
+    fold = probe_mod.stratified_group_folds(np.zeros((103, 0), dtype=bool), np.arange(103), 5, 0)
+    assert sorted(np.bincount(fold)) == [20, 20, 21, 21, 21]
+
+
+def test_a_label_that_cannot_be_in_every_fold_is_named():
+    """a on {p1, p2}, b on {p1, p3}, c on {p2, p3}: two folds cannot separate all three pairs; the note says so."""
+    rid = np.array([f"r{i}" for i in range(8)], dtype=object)
+    v = np.zeros((8, 3))
+    v[[0, 1], 0] = v[[0, 2], 1] = v[[1, 2], 2] = 1
+    lt = LabelTable(record_ids=rid, labels=["a", "b", "c"], values=v, kinds=dict.fromkeys("abc", "binary"),
+                    patient_ids=np.array([f"p{i}" for i in range(8)], dtype=object))
+    fold, notes = _folds(lt, 2, 0)
+    covered = [lab for j, lab in enumerate(lt.labels) if set(fold[v[:, j] == 1]) == {0, 1}]
+    assert len(covered) == 2
+    missed = ({"a", "b", "c"} - set(covered)).pop()
+    assert f"2 of the 3 labels with >= 2 patients in their rarer class have one in every fold (not: {missed})" \
+        in notes[0], notes
+
+
+def test_inner_valid_part_is_stratified_on_every_label():
+    """The part of the training folds C is chosen on holds every label that has >= n_folds - 1 patients there."""
+    lt = _multilabel_cohort(2)
+    fold, _ = _folds(lt, 5, 0)
+    strata = probe_mod._row_strata(lt, lt.record_ids)
+    keys = probe_mod.patient_keys(lt.record_ids, lt.patient_ids)
+    for k in range(5):
+        split = probe_mod.inner_split(fold, k, strata, keys, 5, 0)
+        assert set(split[fold == k]) == {"test"} and (split == "valid").any()
+        for j in (1, 2):  # AF (4 of its 5 patients in training), RBBB
+            tr = (fold != k) & (strata[:, j])
+            if len(set(keys[tr])) >= 4:
+                assert (split[tr] == "valid").any(), (k, lt.labels[j])

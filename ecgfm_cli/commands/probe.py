@@ -54,7 +54,7 @@ def probe_command(
                                             "wins.")] = csv_numbers(_P.alpha_grid),
     max_iter: Annotated[int, typer.Option(help="Iteration limit of each logistic regression fit.")] = _P.max_iter,
     folds: Annotated[int | None, typer.Option("--folds", help="K-fold out-of-fold probing instead of one split: "
-                                              "patient-grouped folds stratified on the rarest binary label; every "
+                                              "patient-grouped folds stratified on every binary label at once; every "
                                               "record is scored once, by a probe fitted (C chosen on an inner "
                                               "split) on the other folds. For small cohorts.", min=2)] = _P.folds,
     continuous: Annotated[list[str] | None, typer.Option(
