@@ -368,3 +368,20 @@ def test_pretrain_killed_after_a_checkpoint_resumes_without_a_gap(sample_data, t
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert [e["update"] for e in read_log(run)] == [1, 2, 3, 4, 5]
     assert (run / "checkpoint-5").is_dir()
+
+
+def test_a_file_output_beside_its_twin_in_the_other_format_is_refused(sample_data, tmp_path):
+    """`-o rec.arrow` beside an existing `rec.parquet`: both would own `rec.labels.parquet` and
+    `rec.rejects.parquet`, so the second run overwrote the first's labels. It is refused before any work, naming
+    the twin; the first artifact's companions are untouched. Rewriting the same file stays allowed."""
+    src = sample_data / "challenge2021"
+    assert run_cli("ingest", src, "-o", tmp_path / "rec.parquet").returncode == 0
+    labels = (tmp_path / "rec.labels.parquet").read_bytes()
+    res = run_cli("ingest", src, "-o", tmp_path / "rec.arrow")
+    err = res.stderr.decode()
+    assert res.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "rec.parquet is beside it" in err and not (tmp_path / "rec.arrow").exists()
+    assert (tmp_path / "rec.labels.parquet").read_bytes() == labels
+    res = run_cli("segment", tmp_path / "rec.parquet", "-o", tmp_path / "rec.feather")
+    assert res.returncode == 2 and b"rec.parquet is beside it" in res.stderr
+    assert run_cli("ingest", src, "-o", tmp_path / "rec.parquet").returncode == 0

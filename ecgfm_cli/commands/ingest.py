@@ -49,7 +49,7 @@ def ingest_command(
     from ecgfm_cli.io.artifacts import discard_empty_output, resolve_output
     from ecgfm_cli.io.readers import ReadOptions
 
-    out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "ingest")
+    out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "ingest", companions=True)
     shard_t = parse_shard(shard)
     if shard_t[1] > 1 and out.format != "dir":
         raise EcgfmError("--shard needs -o DIR: each shard writes its own files into the directory")

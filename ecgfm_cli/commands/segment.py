@@ -48,7 +48,7 @@ def segment_command(
     from ecgfm_cli.preprocess import SegmentOptions
     from ecgfm_cli.segment import report, run_segment
 
-    out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "segment")
+    out = resolve_output(output, ("stream", "dir", "parquet", "arrow"), "segment", companions=True)
     pairs = []
     for item in lead_map or []:
         name, sep, lead = item.partition("=")

@@ -55,10 +55,12 @@ class Output:
     path: Path | None
 
 
-def resolve_output(path: str | None, allowed: tuple[str, ...], command: str) -> Output:
+def resolve_output(path: str | None, allowed: tuple[str, ...], command: str, companions: bool = False) -> Output:
     """Decide the output format from ``path`` before any work starts; refuse what ``command`` can't write.
 
-    ``None`` means stdout, which must then be a pipe: binary is never written to a terminal.
+    ``None`` means stdout, which must then be a pipe: binary is never written to a terminal. ``companions``: the
+    command writes labels/rejects tables beside a single-file output (:func:`sidecar_path`), so a file of the
+    same name in the other format (``rec.parquet`` for ``-o rec.arrow``) is refused: the two would share them.
     """
     if path is None or path == "-":
         if "stream" not in allowed:
@@ -79,6 +81,13 @@ def resolve_output(path: str | None, allowed: tuple[str, ...], command: str) -> 
         raise EcgfmError(f"cannot write {path!r}: {command} does not write {_describe(fmt)}; it writes "
                          + ", ".join(_describe(a) for a in allowed))
     check_writable_dir(p if fmt == "dir" else p.parent, repr(path))
+    if companions and fmt in ("parquet", "arrow"):
+        twin = next((q for q in (p.with_suffix(x) for x in (".parquet", ".arrow", ".feather"))
+                     if q.suffix != p.suffix and q.exists()), None)
+        if twin is not None:
+            raise EcgfmError(f"cannot write {path!r}: {twin.name} is beside it, and the two would share their "
+                             f"companion tables ({p.stem}.labels.parquet, {p.stem}.rejects.parquet); choose another "
+                             "name or folder")
     return Output(fmt, p)
 
 
