@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgfm_cli.console import plural
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.eval_options import ProbeOptions
 from ecgfm_cli.labels import LabelError, LabelTable, read_table, string_column, table_metadata
@@ -417,12 +418,11 @@ def assign_folds(labels: LabelTable, emb: Embeddings, k: int, seed: int) -> tupl
         can = [m for m in names if len(pat[m]) >= k]
         got = [m for m in can if everywhere[m]]
         missed = [m for m in can if not everywhere[m]]
-        how = (f"stratified on every binary label with both classes at once ({_plural(len(names), 'label')}; iterative "
-               f"stratification of patients on each label's rarer class); {len(got)} of the {len(can)} labels with "
-               f">= {k} patients "
-               f"in their rarer class have one in every fold"
+        how = (f"stratified on every binary label with both classes at once ({plural(len(names), 'label')}; "
+               f"iterative stratification of patients on each label's rarer class); {len(got)} of the {len(can)} "
+               f"labels with >= {k} patients in their rarer class have one in every fold"
                + (f" (not: {', '.join(missed)})" if missed else "")
-               + (f"; {_plural(len(names) - len(can), 'label')} {'has' if len(names) - len(can) == 1 else 'have'} "
+               + (f"; {plural(len(names) - len(can), 'label')} {'has' if len(names) - len(can) == 1 else 'have'} "
                   f"fewer than {k} such patients" if len(can) < len(names) else ""))
     if continuous:
         how += f"; continuous labels are not stratified ({', '.join(continuous)})"
@@ -433,24 +433,19 @@ def assign_folds(labels: LabelTable, emb: Embeddings, k: int, seed: int) -> tupl
     return dict(zip(rids, fold.tolist(), strict=True)), notes
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def inner_split(fold: np.ndarray, k: int, strata: np.ndarray, keys: np.ndarray, n_folds: int, seed: int,
                 ) -> np.ndarray:
     """Split names for fitting the probe of fold ``k``: its own rows ``test``, the other folds' rows ``train``
     except an inner, patient-grouped ``valid`` part (about 1/(n_folds-1) of them, at least a 2-way split) on
     which C/alpha is chosen, stratified like the folds (:func:`stratified_group_folds`). All arrays are per row:
-    ``fold`` (N,), ``strata`` (N, M) bool (or (N,) classes: 1 is the stratified class), ``keys`` (N,) patient keys.
+    ``fold`` (N,), ``strata`` (N, M) bool (:func:`stratified_group_folds`), ``keys`` (N,) patient keys.
     With a single training patient there is no inner valid part."""
-    S = strata[:, None] == 1 if strata.ndim == 1 else strata.astype(bool)
     split = np.where(fold == k, "test", "train").astype(object)
     tr = np.flatnonzero(fold != k)
     n_inner = min(max(2, n_folds - 1), len(set(keys[tr])))
     if n_inner < 2:
         return split
-    inner = stratified_group_folds(S[tr], keys[tr].astype(str), n_inner, seed + 1 + k)
+    inner = stratified_group_folds(strata[tr].astype(bool), keys[tr].astype(str), n_inner, seed + 1 + k)
     split[tr[inner == 0]] = "valid"
     return split
 

@@ -113,7 +113,7 @@ def test_out_of_fold_scores_do_not_memorise():
     fold_of, _ = probe_mod.assign_folds(lt, emb, 5, 0)
     fold = np.array([fold_of[r] for r in rid])
     y = lt.values[:, :1]
-    P, _ = probe_mod.run_probe_folds(X, y, ["AF"], {"AF": "binary"}, fold, y[:, 0].astype(int), keys)
+    P, _ = probe_mod.run_probe_folds(X, y, ["AF"], {"AF": "binary"}, fold, y == 1, keys)
     assert roc_auc_score(y[:, 0], P[:, 0]) < 0.8
     P_in, _ = probe_mod.run_probe(X, y, ["AF"], {"AF": "binary"}, np.full(40, "train", dtype=object))
     assert roc_auc_score(y[:, 0], P_in[:, 0]) > 0.99  # what scoring the training rows would give

@@ -121,7 +121,7 @@ def contrastive_loss(logits: Tensor) -> Tensor:
 class PretrainStats(Stats):
     """One micro-batch's statistics, the model's log columns of ``ecgfm pretrain`` (``log.jsonl``): 0-d
     detached float32 tensors. Each is a sum over the micro-batch; summed over micro-batches and ranks, each is
-    logged divided by what its :func:`~ecgfm_cli.train.loop.per` declares."""
+    logged divided by what its :func:`~ecgfm_cli.model.stats.per` declares."""
 
     loss: Tensor = per("sample_size")  #: the objective (see :meth:`Wav2Vec2Pretrainer.forward`)
     contrastive: Tensor = per("sample_size")  #: InfoNCE, summed over the masked frames

@@ -62,6 +62,8 @@ _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
 #: optimisation. Stopping (--max-*), cadence (--save-every, --log-every), devices and the loader layout may change.
 RESUME_KEEPS = ("seed", "shuffle_buffer", "lr", "lr_schedule", "warmup_updates", "warmup_fraction", "weight_decay",
                 "adam_betas", "adam_eps", "clip_norm", "update_freq", "dropout")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """What the learning-rate and Gumbel-temperature schedules follow: the run's length in updates (``by``
