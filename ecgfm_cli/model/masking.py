@@ -53,14 +53,7 @@ def compute_span_mask(
     bsz, tsz = shape
     if mask_prob <= 0 or tsz == 0 or bsz == 0:
         return torch.zeros(bsz, tsz, dtype=torch.bool, device=device)
-    u = torch.rand((), generator=generator).item()
-    num = max(min_masks, int(mask_prob * tsz / float(mask_length) + u))
-    span = mask_length
-    # fairseq shrinks the start range when the spans would not fit; we additionally cap num at the range size.
-    if tsz - span <= num:
-        span = tsz - num - 1
-    n_starts = max(tsz - span, 1)
-    num = min(num, n_starts)
+    num, n_starts = _span_count(torch.rand((), generator=generator).item(), tsz, mask_prob, mask_length, min_masks)
 
     # `num` distinct starts per row: the first `num` entries of a random permutation of [0, n_starts).
     starts = torch.rand(bsz, n_starts, generator=generator).argsort(dim=1)[:, :num]
@@ -78,11 +71,11 @@ def compute_span_mask(
     return out.to(device) if device is not None else out
 
 
-def _span_count(rng: np.random.Generator, frames: int, mask_prob: float, mask_length: int,
-                min_masks: int) -> tuple[int, int]:
-    """(spans per row, number of possible starts): :func:`compute_span_mask`'s rule, one draw per batch."""
-    num = max(min_masks, int(mask_prob * frames / float(mask_length) + rng.random()))
+def _span_count(u: float, frames: int, mask_prob: float, mask_length: int, min_masks: int) -> tuple[int, int]:
+    """(spans per row, number of possible starts) of a batch, from one uniform draw ``u`` in [0, 1)."""
+    num = max(min_masks, int(mask_prob * frames / float(mask_length) + u))
     span = mask_length
+    # fairseq shrinks the start range when the spans would not fit; we additionally cap num at the range size.
     if frames - span <= num:
         span = frames - num - 1
     n_starts = max(frames - span, 1)
@@ -112,7 +105,7 @@ def draw_span_masks(rng: np.random.Generator, batch: int, frames: int, mask_prob
     mask = np.zeros((batch, frames), dtype=bool)
     if mask_prob <= 0 or frames == 0 or batch == 0:
         return mask
-    num, n_starts = _span_count(rng, frames, mask_prob, mask_length, min_masks)
+    num, n_starts = _span_count(rng.random(), frames, mask_prob, mask_length, min_masks)
     if num <= 0:
         return mask
     starts = _random_subset(rng, (batch, n_starts), num)  # (B, num)
