@@ -13,6 +13,10 @@ ThresholdMethod = Literal["f1", "youden"]
 #: ``--aggregate``: segment probabilities grouped by record with max, mean or min, or ``label`` (per-label rules).
 Aggregate = Literal["max", "mean", "min", "label"]
 
+#: Train, valid and test shares of a patient-grouped split when the labels have no split column (probe and
+#: finetune alike, ``--split-fractions``).
+SPLIT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
 
 @dataclass
 class ProbeOptions:
@@ -25,7 +29,7 @@ class ProbeOptions:
     probing instead of one split (None: one split).
     """
 
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
     seed: int = 0
     c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
     alpha_grid: tuple[float, ...] = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)

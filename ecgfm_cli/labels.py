@@ -20,11 +20,12 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from ecgfm_cli.errors import EcgfmError
+from ecgfm_cli.eval_options import Aggregate
 from ecgfm_cli.splits import SPLITS
 
 #: Columns of a labels table that are never labels.
@@ -433,7 +434,8 @@ _MAX_RULE_NAMES = {
         "electronic pacemaker", "pacemaker", "pacing rhythm", "paced rhythm",
     )
 }
-AGGREGATIONS = ("max", "mean", "min")
+#: How segment probabilities of one record combine: the ``--aggregate`` choices but ``label`` (per-label rules).
+AGGREGATIONS = tuple(a for a in get_args(Aggregate) if a != "label")
 
 
 def default_aggregation(label: str, aliases: tuple[str, ...] = ()) -> str:

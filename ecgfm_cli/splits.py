@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ecgfm_cli.eval_options import SPLIT_FRACTIONS
+
 if TYPE_CHECKING:
     from ecgfm_cli.labels import LabelTable
 
 SPLITS = ("train", "valid", "test")
-DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
 def patient_keys(record_ids: Sequence[str], patient_ids: Sequence[str | None] | None) -> np.ndarray:
@@ -42,7 +43,7 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
 def assign_splits(
     record_ids: Sequence[str],
     patient_ids: Sequence[str | None] | None,
-    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    fractions: tuple[float, float, float] = SPLIT_FRACTIONS,
     seed: int = 0,
 ) -> np.ndarray:
     """Assign each row to ``train``/``valid``/``test`` so that no patient is in two splits.

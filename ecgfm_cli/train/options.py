@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ecgfm_cli.eval_options import SPLIT_FRACTIONS
 from ecgfm_cli.model.config import PretrainConfig
 
 #: Options whose default is the preset's (:data:`~ecgfm_cli.model.config.RECIPES`) unless given: ``TrainOptions``
@@ -101,7 +102,7 @@ class FinetuneOptions:
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-8
     seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
     continuous: tuple[str, ...] = ()  # labels fitted as continuous targets (--continuous)
     pos_weight: str = "records"
     device: str = "cpu"
