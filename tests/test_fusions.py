@@ -118,8 +118,8 @@ def test_compiled_layers_give_the_same_loss_and_gradients():
     compile_layers(model.encoder)
     try:
         compiled = _loss_and_grads(model, x, targets)
-    except Exception as e:  # no working C++ toolchain for inductor: nothing to compare
-        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # a compiler that inductor cannot use: nothing to compare
+        pytest.skip(f"torch.compile unavailable here: {e}")
     _assert_same(eager, compiled, rtol=1e-3, atol=1e-5)
     assert set(model.state_dict()) == set(Wav2Vec2Pretrainer(enc, PretrainConfig()).state_dict())
 

@@ -31,5 +31,8 @@ def test_a_segment_shard_holding_no_file_is_complete(sample_data: Path, tmp_path
     assert [m["segments"] > 0 for m in markers] == [True, False, False]
     whole = open_artifact(seg, "segments", "test").read_all(["record_id"])
     assert whole.num_rows == markers[0]["segments"]
+    marker = seg / "_done-s00002of00003.json"
+    before = marker.stat().st_mtime_ns
     r = run_cli("segment", rec, "-o", seg, "--shard", "2/3")  # a rerun of a finished empty shard is skipped
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "shard 2/3 is already complete" in r.stderr, r.stderr
+    assert marker.stat().st_mtime_ns == before
