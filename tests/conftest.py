@@ -36,6 +36,27 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def invoke(*args) -> str:
+    """Run ``ecgfm ARGS`` in-process through typer's test runner; assert it succeeded; its output."""
+    from typer.testing import CliRunner
+
+    from ecgfm_cli.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture(scope="session")
+def sample_segments(sample_data: Path, tmp_path_factory) -> Path:
+    """Every sample record (``--fs 500``) ingested and segmented once for the session: a segments directory
+    that tests read and never write."""
+    root = tmp_path_factory.mktemp("sample-segments")
+    invoke("ingest", sample_data, "--fs", "500", "-o", root / "records")
+    invoke("segment", root / "records", "-o", root / "segments")
+    return root / "segments"
+
+
 def run_main(capsys, *args) -> tuple[int, str]:
     """Run the real ``ecgfm`` entry point in-process: (exit status, stderr)."""
     import sys

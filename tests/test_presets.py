@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke
 from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
@@ -46,18 +47,9 @@ REFERENCE_TRAIN = {"lr": 5e-5, "lr_schedule": "fixed", "warmup_updates": 0, "war
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def invoke(*args) -> str:
-    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return res.output
-
-
 @pytest.fixture(scope="module")
-def segments(sample_data: Path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("presets")
-    invoke("ingest", sample_data, "--fs", "500", "-o", root / "records")
-    invoke("segment", root / "records", "-o", root / "segments")
-    return root / "segments"
+def segments(sample_segments: Path) -> Path:
+    return sample_segments
 
 
 def test_base_and_large_keep_the_reference_defaults() -> None:

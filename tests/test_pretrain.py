@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import invoke
 from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
@@ -25,17 +26,9 @@ TINY = ("--preset", "tiny", "--batch-size", "8", "--log-every", "1", "--num-nega
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def invoke(*args) -> None:
-    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-
-
 @pytest.fixture(scope="module")
-def segments(sample_data: Path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pretrain")
-    invoke("ingest", sample_data, "--fs", "500", "-o", root / "records")
-    invoke("segment", root / "records", "-o", root / "segments")
-    return root / "segments"
+def segments(sample_segments: Path) -> Path:
+    return sample_segments
 
 
 def losses(run: Path) -> list[float]:

@@ -7,19 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke
 
-from ecgfm_cli.cli import app
-
-runner = CliRunner()
 TINY = ("--preset", "tiny", "--batch-size", "8", "--num-negatives", "10", "--workers", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def invoke(*args) -> str:
-    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return res.output
 
 
 def dead_pid() -> int:
