@@ -64,7 +64,7 @@ def throughput(presets: list[str], threads: int, repeats: int, batch: int | None
     from ecgfm_cli.model.config import RECIPES, preset
     from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer
     from ecgfm_cli.train.distributed import DistContext
-    from ecgfm_cli.train.pretrain import TrainOptions, apply_recipe, train_update
+    from ecgfm_cli.train.pretrain import TrainOptions, apply_recipe, train_update, with_dropout
 
     a, b_ = torch.randn(1024, 1024), torch.randn(1024, 1024)
 
@@ -76,9 +76,7 @@ def throughput(presets: list[str], threads: int, repeats: int, batch: int | None
     out = []
     for name in presets:
         opts, pcfg = apply_recipe(TrainOptions("-", "-", preset=name), PretrainConfig(), name)
-        enc = preset(name)
-        if opts.dropout is not None:
-            enc = replace(enc, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
+        enc = with_dropout(preset(name), opts.dropout)
         bsz = batch or opts.batch_size or (8 if name == "base" or name == "large" else 32)
         torch.manual_seed(0)
         model = Wav2Vec2Pretrainer(enc, pcfg).train()

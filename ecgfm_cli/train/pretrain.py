@@ -214,8 +214,7 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
             enc_cfg = preset(opts.preset)
         except ValueError as e:
             raise EcgfmError(str(e)) from e
-    if opts.dropout is not None:  # the activation dropout keeps its own value (reference 0.0)
-        enc_cfg = replace(enc_cfg, dropout=opts.dropout, attention_dropout=opts.dropout, dropout_input=opts.dropout)
+    enc_cfg = with_dropout(enc_cfg, opts.dropout)
     if (opts.max_updates, opts.max_epochs, opts.max_time) == (None, None, None):
         opts = replace(opts, max_epochs=DEFAULT_MAX_EPOCHS)
     if opts.batch_size is None:
@@ -292,6 +291,14 @@ def accumulation(update_segments: int, batch_size: int, world_size: int) -> int:
 def _given(opts: TrainOptions, name: str) -> bool:
     """Whether option ``name`` was set explicitly (every option that is not a preset default counts as given)."""
     return name not in RECIPE_OPTIONS or name in opts.given
+
+
+def with_dropout(cfg: EncoderConfig, p: float | None) -> EncoderConfig:
+    """``--dropout p``: the encoder's dropout, attention dropout and input dropout set to ``p`` (the activation
+    dropout keeps its own value, reference 0.0); None: ``cfg`` unchanged."""
+    if p is None:
+        return cfg
+    return replace(cfg, dropout=p, attention_dropout=p, dropout_input=p)
 
 
 def preset_of(cfg: EncoderConfig) -> str | None:
