@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from ecgfm_cli.contract import Contract, ContractMismatch, check_compatible
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.tables import TableFile, open_table, read_schema
+from ecgfm_cli.model.masking import TargetConfig, draw_targets
 
 
 @dataclass
@@ -215,7 +216,9 @@ def _build_index(files: list[Path], contract: Contract, n_leads: int, window: in
 class LoaderConfig:
     """What decides the batches. batch_size: segments per batch (even with ``cmsc``: pairs = half).
     world_size x workers consumers; shuffle_buffer: items shuffled together (bounds memory: roughly
-    ``shuffle_buffer`` items' signals per consumer are held at once)."""
+    ``shuffle_buffer`` items' signals per consumer are held at once). targets: with it, every batch also carries
+    its W2V time mask and negatives (:func:`~ecgfm_cli.model.masking.draw_targets`), drawn in the loader's
+    thread so the training step never waits for them."""
 
     batch_size: int
     seed: int = 1
@@ -227,6 +230,7 @@ class LoaderConfig:
     workers: int = 1
     shuffle_buffer: int = 1024
     min_units_per_consumer: int = 4
+    targets: TargetConfig | None = None
 
     @property
     def consumers(self) -> int:
@@ -451,7 +455,9 @@ def iter_consumer(index: SegmentIndex, cfg: LoaderConfig, consumer: int, start_e
     Each batch is a dict: ``x`` float32 numpy ``(B, n_leads, window)`` with RLM applied (with CMSC, rows
     ``2i, 2i+1`` are the two segments of pair ``i``), ``record`` int64 ``(B,)`` record ids, ``keep`` bool
     ``(B, n_leads)`` the lead mask, ``epoch``, ``batch`` (this consumer's index in the epoch), ``worker``
-    (the consumer's index within its rank), ``rows`` (global rows read).
+    (the consumer's index within its rank), ``rows`` (global rows read); with ``cfg.targets`` also ``mask``
+    bool ``(B, T)`` and ``negatives_idx`` int64 ``(B, T', N)``, seeded by (seed, epoch, consumer, batch) like
+    the lead mask, so they too are the same whatever the workers' timing and across a resume.
     """
     reader = BatchReader(index)
     epoch = start_epoch
@@ -474,8 +480,11 @@ def iter_consumer(index: SegmentIndex, cfg: LoaderConfig, consumer: int, start_e
             rows = rows_per_batch[b]
             keep = lead_keep(cfg, epoch, consumer, b, len(rows), index.n_leads)
             x = reader.gather(rows, last, b - first, keep if cfg.rlm else None, alloc)
-            yield {"x": x, "record": index.record[rows], "keep": keep, "epoch": epoch, "batch": b,
-                   "worker": consumer % cfg.workers, "rows": rows}
+            batch = {"x": x, "record": index.record[rows], "keep": keep, "epoch": epoch, "batch": b,
+                     "worker": consumer % cfg.workers, "rows": rows}
+            if cfg.targets is not None:
+                batch.update(draw_targets(seeded_rng(cfg.seed, epoch, 6, consumer, b), len(rows), cfg.targets))
+            yield batch
         epoch += 1
         first = 0
 
@@ -588,12 +597,18 @@ class _Closing:
             t.close()
 
 
-def _to_torch(batch: dict) -> dict:
+_TENSORS = ("x", "record", "keep", "mask", "negatives_idx")
+
+
+def _to_torch(batch: dict, pin_memory: bool = False) -> dict:
+    """A batch of :func:`iter_consumer` as the training step takes it: its arrays as tensors (pinned for a
+    non-blocking copy to a GPU with ``pin_memory``), its position ints as they are."""
     import torch
 
-    return {"x": torch.from_numpy(batch["x"]), "record": torch.from_numpy(batch["record"]),
-            "keep": torch.from_numpy(batch["keep"]), "epoch": batch["epoch"], "batch": batch["batch"],
-            "worker": batch["worker"]}
+    out = {k: torch.from_numpy(batch[k]) for k in _TENSORS if k in batch}
+    if pin_memory:
+        out = {k: v.pin_memory() for k, v in out.items()}
+    return {**out, "epoch": batch["epoch"], "batch": batch["batch"], "worker": batch["worker"]}
 
 
 def make_loader(index: SegmentIndex, cfg: LoaderConfig, rank: int, start_epoch: int = 0, start_batch: int = 0,
@@ -611,7 +626,7 @@ def make_loader(index: SegmentIndex, cfg: LoaderConfig, rank: int, start_epoch: 
         threads: list[Prefetch] = []
 
         def wrap(it: Iterator) -> Prefetch:
-            threads.append(Prefetch(map(_to_torch, it)))
+            threads.append(Prefetch(_to_torch(b, pin_memory) for b in it))
             return threads[-1]
 
         return _Closing(iter_rank(index, cfg, rank, start_epoch, start_batch, max_epochs, wrap), threads)

@@ -45,6 +45,9 @@ class TrainOptions:
     worker_processes). warmup_fraction: linear warm-up over this fraction of the schedule's horizon (the run's
     length in updates, or in seconds with only ``max_time``); ``warmup_updates`` counts updates instead.
     given: the :data:`RECIPE_OPTIONS` set explicitly; :func:`prepare` gives the others the preset's values.
+    loader_targets (no command-line option): the W2V time masks and negatives are drawn by the loader threads
+    (``model.masking.draw_targets``) rather than by the model in each forward; a run whose checkpoints do not
+    record it (saved by ecgfm 0.1.0, whose model drew them) resumes with False, as it began.
     """
 
     segments: str
@@ -78,6 +81,7 @@ class TrainOptions:
     worker_processes: bool = False
     shuffle_buffer: int = 1024
     dropout: float | None = None
+    loader_targets: bool = True
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     given: tuple[str, ...] = ()
 

@@ -39,6 +39,7 @@ from ecgfm_cli.contract import Contract
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, pid_alive, replace_dir
 from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, PretrainConfig, preset
+from ecgfm_cli.model.masking import TargetConfig
 from ecgfm_cli.model.pretraining import PretrainStats, Wav2Vec2Pretrainer
 from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
 from ecgfm_cli.train.distributed import DistContext
@@ -187,7 +188,7 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
         kept = {k: tuple(v) if isinstance(v, list) else v for k, v in (source.get("resume_keeps") or {}).items()}
         ignored += [f"{k}={getattr(opts, k)} (run: {v})" for k, v in kept.items()
                     if getattr(opts, k) != v and _given(opts, k)]
-        opts = replace(opts, **kept)
+        opts = replace(opts, **kept, loader_targets=bool(source.get("loader_targets", False)))
         if ignored:
             info("pretrain: --resume continues with the run's own settings; given but not used: " + ", ".join(ignored))
     elif opts.init:
@@ -241,7 +242,7 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
     if pcfg.w2v and frames <= pcfg.mask_length + 1:
         raise EcgfmError(f"segments of {index.contract.window} samples give {frames} encoder frames: too few for "
                          f"--mask-length {pcfg.mask_length}")
-    lcfg = loader_config(opts, pcfg, world_size)
+    lcfg = loader_config(opts, pcfg, world_size, frames)
     n = batches_per_epoch(index, lcfg)
     if n == 0:
         items = index.stats.pairs if pcfg.cmsc else index.stats.segments
@@ -334,10 +335,15 @@ def make_schedule(opts: TrainOptions, batches_per_epoch: int) -> Schedule:
                     warmup_fraction=opts.warmup_fraction)
 
 
-def loader_config(opts: TrainOptions, pcfg: PretrainConfig, world_size: int) -> LoaderConfig:
+def loader_config(opts: TrainOptions, pcfg: PretrainConfig, world_size: int, frames: int) -> LoaderConfig:
+    """The loader's configuration; ``frames``: encoder frames per segment, for the W2V targets it draws."""
+    targets = None
+    if pcfg.w2v and opts.loader_targets:
+        targets = TargetConfig(frames=frames, mask_prob=pcfg.mask_prob, mask_length=pcfg.mask_length,
+                               min_masks=pcfg.min_masks, num_negatives=pcfg.num_negatives)
     return LoaderConfig(batch_size=opts.batch_size, seed=opts.seed, cmsc=pcfg.cmsc, rlm=pcfg.rlm,
                         rlm_prob=pcfg.rlm_prob, rlm_apply_prob=pcfg.rlm_apply_prob, world_size=world_size,
-                        workers=max(opts.workers, 1), shuffle_buffer=opts.shuffle_buffer)
+                        workers=max(opts.workers, 1), shuffle_buffer=opts.shuffle_buffer, targets=targets)
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -395,7 +401,9 @@ def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.opt
     "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``, ``clock``: see ``train_step``.
     """
     def loss_fn(net: nn.Module, b: dict, i: int) -> tuple[torch.Tensor, PretrainStats]:
-        given = fixed[i] if fixed else {k: b[k] for k in ("mask", "negatives_idx") if k in b}
+        given = dict(fixed[i]) if fixed else {k: b[k] for k in ("mask", "negatives_idx") if k in b}
+        if "negatives_idx" in given:  # the mask stays on the host: the forward locates its frames there
+            given["negatives_idx"] = given["negatives_idx"].to(ctx.device, non_blocking=True)
         out = net(b["x"].to(ctx.device, non_blocking=True), b["record"].to(ctx.device, non_blocking=True), **given)
         return out.loss, out.stats
 
@@ -447,7 +455,7 @@ def save_run_checkpoint(run: Path, model: Wav2Vec2Pretrainer, optimizer: torch.o
     config = make_config("pretraining", model.encoder_cfg, heads=heads, contract=prep.contract, source={
         "command": "ecgfm pretrain", "update": update, "epoch": position[0], "pretrain": asdict(pcfg),
         "init": opts.init, "segments": str(opts.segments),
-        "resume_keeps": {k: getattr(opts, k) for k in RESUME_KEEPS},
+        "resume_keeps": {k: getattr(opts, k) for k in RESUME_KEEPS}, "loader_targets": opts.loader_targets,
         "limits": {k: getattr(opts, k) for k in ("max_updates", "max_epochs", "max_time")},
         "batch_size": opts.batch_size,
     })
@@ -529,7 +537,7 @@ def train_worker(opts: TrainOptions, prep: Prepared) -> None:
 def _train(opts: TrainOptions, prep: Prepared, ctx: DistContext) -> None:
     run, schedule = Path(opts.output), prep.schedule
     index: SegmentIndex = open_segments(opts.segments, None, "pretrain")
-    lcfg = loader_config(opts, prep.pretrain, ctx.world_size)
+    lcfg = loader_config(opts, prep.pretrain, ctx.world_size, prep.encoder_config.num_frames(prep.contract.window))
     model = build_model(prep, opts.seed)
     start = _restore(model, opts, prep, ctx, lcfg)
     update, position = start.update, start.position
