@@ -744,8 +744,9 @@ def evaluate_subgroups(d: LevelData, groups: dict[str, np.ndarray], labels: list
     """Per subgroup column and group: the level's metrics on the group's evaluated rows (thresholds and
     temperatures still fitted on the whole valid split), with CIs and Ns; a group with fewer than
     ``cfg.min_subgroup`` patients is reported as too small, never merged. The groups' macros are taken over one
-    label set, the labels reliable (``cfg.min_positives``) in every evaluated group (``macro_labels``). Per label,
-    the largest AUROC gap between groups large enough, and the label with the largest gap."""
+    label set, the labels reliable (``cfg.min_positives``) in every evaluated group (``macro_labels``). Per label
+    (and for the macro), the largest AUROC gap between groups large enough, with its interval and p-value
+    (:func:`_gap_interval`), and the label with the largest gap."""
     from dataclasses import replace
 
     sub_cfg = replace(cfg, at_specificity=(), at_sensitivity=(), dca_thresholds=())
@@ -795,10 +796,13 @@ def evaluate_subgroups(d: LevelData, groups: dict[str, np.ndarray], labels: list
                 if v is not None:
                     vals[val] = v
             if len(vals) >= 2:
-                hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)
-                gaps["macro" if lab == "__macro__" else lab] = {
-                    "metric": "auroc", "gap": vals[hi] - vals[lo], "highest": hi, "lowest": lo,
-                    "highest_value": vals[hi], "lowest_value": vals[lo], "n_groups": len(vals)}
+                order = sorted(vals, key=vals.get)  # stable: two distinct groups even when the AUROCs tie
+                lo, hi = order[0], order[-1]
+                gap = {"metric": "auroc", "gap": vals[hi] - vals[lo], "highest": hi, "lowest": lo,
+                       "highest_value": vals[hi], "lowest_value": vals[lo], "n_groups": len(vals)}
+                gap.update(_gap_interval(d, ev & (g == hi), ev & (g == lo), res["groups"][hi], res["groups"][lo],
+                                         labels, lab, len(vals), cfg.ci_level))
+                gaps["macro" if lab == "__macro__" else lab] = gap
         res["auroc_gaps"] = gaps
         per_label = {k: v for k, v in gaps.items() if k != "macro"}
         if per_label:
@@ -806,6 +810,36 @@ def evaluate_subgroups(d: LevelData, groups: dict[str, np.ndarray], labels: list
             res["largest_gap"] = {"label": worst, **per_label[worst]}
         out[name] = res
     return out
+
+
+def _gap_interval(d: LevelData, in_hi: np.ndarray, in_lo: np.ndarray, res_hi: dict[str, Any], res_lo: dict[str, Any],
+                  labels: list[str], lab: str, n_groups: int, level: float) -> dict[str, Any]:
+    """Interval and p-value of the AUROC gap of label ``lab`` (``"__macro__"``: the groups' macro AUROCs) between
+    the rows ``in_hi`` and ``in_lo`` (N,) of two groups, whose evaluated results are ``res_hi``, ``res_lo``.
+
+    The variance is the sum of the two groups' variances (DeLong, or Obuchowski's clustered one where a patient
+    has several rows), or, when patients are in both groups, the clustered variance of the difference
+    (:func:`ecgfm_cli.stats.auc_gap`); a macro over several labels has the clustered variance of their mean (they
+    share rows). ``p`` is nominal for this pair; the pair is the most different of ``n_groups`` groups, so
+    ``p_bonferroni`` multiplies it by the n_groups (n_groups - 1) / 2 pairs that could have been picked (capped at
+    1). ``excludes_zero``: the interval lies on one side of 0."""
+    from ecgfm_cli.stats import auc_gap, auc_influence, mean_influence
+
+    def influence(rows: np.ndarray, res: dict[str, Any]) -> Any:
+        labs = res["macro"]["auroc"]["labels"] if lab == "__macro__" else [lab]
+        parts = []
+        for name in labs:
+            jj = labels.index(name)
+            m = rows & np.isfinite(d.y[:, jj]) & np.isfinite(d.s[:, jj])
+            parts.append(auc_influence(d.y[m, jj], d.s[m, jj], d.keys[m]))
+        return mean_influence(parts)
+
+    r = auc_gap(influence(in_hi, res_hi), influence(in_lo, res_lo), level)
+    n_pairs = n_groups * (n_groups - 1) // 2
+    return {"ci": r["ci"], "se": r["se"], "p": r["p"],
+            "p_bonferroni": None if r["p"] is None else min(1.0, r["p"] * n_pairs),
+            "excludes_zero": r["ci"] is not None and (r["ci"][0] > 0 or r["ci"][1] < 0),
+            "variance": r["method"], "n_clusters": r["n_clusters"], "shared_clusters": r["shared_clusters"]}
 
 
 # --------------------------------------------------------------------------------------------- paired comparison
@@ -862,8 +896,9 @@ def compare_level(y: np.ndarray, sa: np.ndarray, sb: np.ndarray, split: np.ndarr
                   labels: list[str], kinds: dict[str, str], cfg: EvalConfig) -> dict[str, Any]:
     """Paired model - baseline differences of AUROC and AUPRC on one level's rows: point, patient-level
     bootstrap CI (the same resamples for both models, stratified as in :func:`evaluate_level`) and p-values
-    (DeLong for AUROC, treating rows as independent; the bootstrap for both). Macro: mean difference over the
-    binary labels reliable (``cfg.min_positives``) and defined for both."""
+    (the bootstrap for both; for AUROC also DeLong's, with Obuchowski's clustered variance when a patient has
+    several rows: ``delong_method``, ``n_clusters``). Macro: mean difference over the binary labels reliable
+    (``cfg.min_positives``) and defined for both."""
     from ecgfm_cli.stats import bootstrap_p, delong_paired
 
     ev = split == cfg.eval_split if split is not None else np.ones(len(y), dtype=bool)
@@ -888,8 +923,10 @@ def compare_level(y: np.ndarray, sa: np.ndarray, sb: np.ndarray, split: np.ndarr
         e["reliable"] = min(pos_pat, neg_pat) >= cfg.min_positives
         ra, rb = M.RankedScores(yt, sa[m, j]), M.RankedScores(yt, sb[m, j])
         (aa, pa_), (ab, pb_) = ra.auroc_ap(), rb.auroc_ap()
-        dl = delong_paired(yt, sa[m, j], sb[m, j])
-        e["auroc"] = {"model": aa, "baseline": ab, "diff": aa - ab, "p_delong": dl["p"], "se_delong": dl["se"]}
+        # clustered by patient (Obuchowski) when a patient has several of these rows, else plain DeLong
+        dl = delong_paired(yt, sa[m, j], sb[m, j], keys[m], cfg.ci_level)
+        e["auroc"] = {"model": aa, "baseline": ab, "diff": aa - ab, "p_delong": dl["p"], "se_delong": dl["se"],
+                      "ci_delong": dl["ci"], "delong_method": dl["method"], "n_clusters": dl["n_clusters"]}
         e["auprc"] = {"model": pa_, "baseline": pb_, "diff": pa_ - pb_}
         cache.append((lab, m[ev], ra, rb))
     comp = [lab for lab, e in out["labels"].items() if e["status"] == "compared"]
@@ -1020,7 +1057,8 @@ def report_settings(cfg: EvalConfig, label_map: str | None, subgroups: list[str]
             "at_sensitivity": list(cfg.at_sensitivity), "subgroups": subgroups or None,
             "age_bands": list(cfg.age_bands), "min_subgroup": cfg.min_subgroup,
             "bootstrap_strata": "patients by the rarest label they are positive for",
-            "ci_method": "bias-corrected percentile (BC)"}
+            "ci_method": "bias-corrected percentile (BC)",
+            "auroc_variance": "DeLong; Obuchowski (1997) clustered by patient where a patient has several rows"}
 
 
 def report_text(report: dict[str, Any], suffix: str) -> str:
@@ -1201,7 +1239,34 @@ def markdown_comparison(comp_level: dict[str, Any], ci: str) -> list[str]:
     single = [lab for lab, e in comp_level["labels"].items() if e["status"] != "compared"]
     if single:
         out.append(f"\nNot compared (a single class in the common evaluated rows): {', '.join(single)}")
+    note = delong_note(comp_level)
+    if note:
+        out.append("\n" + note)
     return out
+
+
+def delong_note(comp_level: dict[str, Any]) -> str | None:
+    """Which variance the DeLong p-values of a paired comparison used, and over how many patients (clusters)."""
+    used: dict[str, list[int]] = {}
+    for e in comp_level["labels"].values():
+        a = e.get("auroc") or {}
+        if e.get("status") == "compared" and a.get("delong_method"):
+            used.setdefault(a["delong_method"], []).append(int(a["n_clusters"]))
+    if not used:
+        return None
+
+    def span(v: list[int]) -> str:
+        return str(min(v)) if min(v) == max(v) else f"{min(v)}-{max(v)}"
+
+    parts = []
+    if "obuchowski" in used:
+        v = used["obuchowski"]
+        parts.append(f"clustered by patient (Obuchowski 1997; {span(v)} patients, some with several rows) for "
+                     f"{plural(len(v), 'label')}")
+    if "delong" in used:
+        v = used["delong"]
+        parts.append(f"plain DeLong (one row per patient; {span(v)} rows) for {plural(len(v), 'label')}")
+    return "DeLong p: " + "; ".join(parts) + "."
 
 
 def markdown_subgroups(report: dict[str, Any], lev: dict[str, Any]) -> list[str]:
@@ -1221,12 +1286,50 @@ def markdown_subgroups(report: dict[str, Any], lev: dict[str, Any]) -> list[str]
         labs = sg.get("macro_labels") or []
         out.append(f"\nMacros over the {plural(len(labs), 'label')} reliable in every evaluated group"
                    + (f": {', '.join(labs)}" if labs else " (none: no macro)"))
-        gaps = sorted(((k, v) for k, v in sg["auroc_gaps"].items() if k != "macro"), key=lambda kv: -kv[1]["gap"])
-        if gaps:
-            out.append("\nLargest AUROC gaps between groups: " + "; ".join(
-                f"{k} {v['gap']:.3f} ({v['lowest']} {v['lowest_value']:.3f} vs {v['highest']} "
-                f"{v['highest_value']:.3f})" for k, v in gaps[:5]))
+        table = gaps_table(sg)
+        if table:
+            out.append("\nLargest AUROC gaps between groups (highest − lowest group):\n")
+            header = gap_header(report["settings"].get("ci_level", 0.95))
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "---|" * len(header))
+            out += ["| " + " | ".join(r) + " |" for r in table[0]]
+            out.append("\n" + table[1])
     return out
+
+
+def gap_header(ci_level: float) -> list[str]:
+    """Columns of :func:`gaps_table`."""
+    return ["label", f"AUROC gap [{int(round(ci_level * 100))}% CI]", "p", "lowest group", "highest group"]
+
+
+def gaps_table(sg: dict[str, Any]) -> tuple[list[list[str]], str] | None:
+    """A subgroup column's AUROC gaps (highest - lowest group) as table rows (:func:`gap_header`): the macro's,
+    then the five largest labels', each with its interval (``*``: it excludes 0) and p-value; and a note on how
+    they were computed. None without gaps."""
+    ranked = sorted(((k, v) for k, v in sg["auroc_gaps"].items() if k != "macro"), key=lambda kv: -kv[1]["gap"])
+    shown = ([("macro", sg["auroc_gaps"]["macro"])] if "macro" in sg["auroc_gaps"] else []) + ranked[:5]
+    if not shown:
+        return None
+    rows = []
+    for k, v in shown:
+        ci = f" [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" if v.get("ci") else ""
+        rows.append([f"**{k}**" if k == "macro" else k, f"{v['gap']:.3f}{ci}{' *' if v.get('excludes_zero') else ''}",
+                     _fmt_p(v.get("p")), f"{v['lowest']} {v['lowest_value']:.3f}",
+                     f"{v['highest']} {v['highest_value']:.3f}"])
+    with_ci = [(k, v) for k, v in shown if v.get("ci")]
+    if not with_ci:
+        return rows, "No interval: a group's AUROC variance is undefined (a single class, or a perfect AUROC)."
+    how = ["DeLong"] if any(v["variance"] == "delong" for _, v in with_ci) else []
+    why = [w for w, is_macro in (("patients with several rows", False), ("a macro's labels share rows", True))
+           if any(v["variance"] == "obuchowski" and (k == "macro") == is_macro for k, v in with_ci)]
+    if why:
+        how.append(f"Obuchowski's clustered variance ({'; '.join(why)})")
+    note = f"Intervals and p from the two groups' AUROC variances ({' / '.join(how)}); * the interval excludes 0."
+    n_groups = max(v["n_groups"] for _, v in shown)
+    if n_groups > 2:
+        note += (f" p is for the pair shown, the most different of {n_groups} groups (Bonferroni over "
+                 f"{n_groups * (n_groups - 1) // 2} pairs: `p_bonferroni` in the JSON).")
+    return rows, note
 
 
 def report_markdown(report: dict[str, Any]) -> str:

@@ -21,6 +21,9 @@ from ecgfm_cli.evaluate import (
     _fmt_p,
     _unreliable,
     ci_label,
+    delong_note,
+    gap_header,
+    gaps_table,
     macro_left_out,
     threshold_line,
 )
@@ -109,6 +112,8 @@ def _analysis_blocks(rep: dict[str, Any]) -> list[Block]:
               if st["bootstrap"] else "No bootstrap (--bootstrap 0): no intervals."),
              f"Labels with fewer than {st.get('min_positives')} positive or negative patients are marked unreliable "
              f"and left out of the macro averages.",
+             "DeLong p-values (model − baseline) and the intervals of the subgroup AUROC gaps: DeLong's variance, "
+             "or Obuchowski's (1997) clustered variance where a patient has several rows (records or segments).",
              f"Operating thresholds chosen on the valid split by {st['threshold_method']} (0.5 where there is none).",
              "Aggregation of segments to records: " + (st["aggregate"] or "none") + ".",
              "Temperature scaling on valid: " + ("yes" if st["calibrate"] else "no") + "."]
@@ -158,7 +163,7 @@ def _level_blocks(rep: dict[str, Any], level: str, lev: dict[str, Any]) -> list[
         out.append(("h", 3, "Model − baseline (paired)"))
         out.append(("p", f"On the {c['common_rows']} rows ({c['common_records']} records) both predictions hold, of "
                          f"{c['model_rows']} model / {c['baseline_rows']} baseline rows; {comp['n_rows']} evaluated. "
-                         "DeLong's p treats rows as independent; the bootstrap p and interval resample patients."))
+                         + (delong_note(comp) or "") + " The bootstrap p and interval resample patients."))
         rows = []
         mac = comp["macro"]
         if mac["auroc"].get("diff") is not None:
@@ -248,11 +253,11 @@ def _level_blocks(rep: dict[str, Any], level: str, lev: dict[str, Any]) -> list[
         ml = sg.get("macro_labels") or []
         out.append(("p", f"Macros over the {len(ml)} labels reliable in every evaluated group"
                          + (f": {', '.join(ml)}." if ml else " (none: no macro).")))
-        gaps = sorted(((k, v) for k, v in sg["auroc_gaps"].items() if k != "macro"), key=lambda kv: -kv[1]["gap"])
-        if gaps:
-            out.append(("p", "Largest AUROC gaps (groups large enough, labels reliable in both): " + "; ".join(
-                f"{k} {v['gap']:.3f} ({v['lowest']} {v['lowest_value']:.3f} vs {v['highest']} "
-                f"{v['highest_value']:.3f})" for k, v in gaps[:5])))
+        table = gaps_table(sg)
+        if table:
+            out.append(("p", "Largest AUROC gaps between groups (highest − lowest group; groups large enough, labels "
+                             "reliable in both):"))
+            out += [_table(gap_header(st.get("ci_level", 0.95)), table[0]), ("p", table[1])]
     return out
 
 
