@@ -1153,6 +1153,12 @@ def threshold_line(lev: dict[str, Any]) -> str | None:
     return f"Threshold 0.5 (not chosen on a valid split) for {n} label(s): {'; '.join(reasons)}."
 
 
+def _cell(text: object) -> str:
+    """A Markdown table cell's text: a ``|`` in a label or group name (``PAC|SVPB``) escaped, so the row keeps its
+    columns."""
+    return str(text).replace("|", "\\|")
+
+
 def markdown_metrics(report: dict[str, Any], level: str, lev: dict[str, Any], base: dict[str, Any] | None
                      ) -> list[str]:
     """The metrics tables of one level: binary labels (macro row first), then continuous targets."""
@@ -1175,9 +1181,9 @@ def markdown_metrics(report: dict[str, Any], level: str, lev: dict[str, Any], ba
             out.append(macro_row("*baseline (macro)*", base["macro"]))
         for lab, e in binary.items():
             if e["status"] != "evaluated":
-                out.append(f"| {lab} | skipped: {e.get('reason', '')} | | | | | | | |")
+                out.append(f"| {_cell(lab)} | skipped: {e.get('reason', '')} | | | | | | | |")
                 continue
-            out.append(f"| {lab} | {_fmt_ci(e['auroc'])}{_unreliable(e)} | {_fmt_ci(e['auprc'])} | "
+            out.append(f"| {_cell(lab)} | {_fmt_ci(e['auroc'])}{_unreliable(e)} | {_fmt_ci(e['auprc'])} | "
                        f"{_fmt(e['sensitivity']['value'])} | {_fmt(e['specificity']['value'])} | "
                        f"{_fmt(e['ppv']['value'])} | {_fmt(e['f1']['value'])} | "
                        f"{_fmt(e['prevalence'])} | {e['n']} ({e['n_pos']}) |")
@@ -1192,9 +1198,9 @@ def markdown_metrics(report: dict[str, Any], level: str, lev: dict[str, Any], ba
         out.append("|---|---|---|---|---|---|")
         for lab, e in cont.items():
             if e["status"] != "evaluated":
-                out.append(f"| {lab} | skipped: {e.get('reason', '')} | | | | |")
+                out.append(f"| {_cell(lab)} | skipped: {e.get('reason', '')} | | | | |")
                 continue
-            out.append(f"| {lab} | {_fmt_ci(e['mae'])} | {_fmt_ci(e['rmse'])} | {_fmt_ci(e['r2'])} | "
+            out.append(f"| {_cell(lab)} | {_fmt_ci(e['mae'])} | {_fmt_ci(e['rmse'])} | {_fmt_ci(e['r2'])} | "
                        f"{_fmt_ci(e['pearson_r'])} | {e['n']} |")
     return out
 
@@ -1214,7 +1220,7 @@ def markdown_operating_points(report: dict[str, Any], lev: dict[str, Any]) -> li
     for lab, e in binary.items():
         if e["auroc"]["value"] is None:
             continue
-        out.append(f"| {lab}{_unreliable(e)} | " + " | ".join(_fmt_ci(e.get(k)) for k, _ in keys) + " |")
+        out.append(f"| {_cell(lab)}{_unreliable(e)} | " + " | ".join(_fmt_ci(e.get(k)) for k, _ in keys) + " |")
     return out
 
 
@@ -1232,7 +1238,7 @@ def markdown_comparison(comp_level: dict[str, Any], ci: str) -> list[str]:
         if e["status"] != "compared":
             continue
         flag = "" if e["reliable"] else f" ⚠ unreliable ({e['n_pos_patients']} pos. patients)"
-        out.append(f"| {lab} | {_fmt_diff(e['auroc'])}{flag} | {_fmt_p(e['auroc']['p_delong'])} | "
+        out.append(f"| {_cell(lab)} | {_fmt_diff(e['auroc'])}{flag} | {_fmt_p(e['auroc']['p_delong'])} | "
                    f"{_fmt_p(e['auroc'].get('p_bootstrap'))} | {_fmt_diff(e['auprc'])} | "
                    f"{_fmt_p(e['auprc'].get('p_bootstrap'))} | {_fmt(e['auroc']['model'])} / "
                    f"{_fmt(e['auroc']['baseline'])} | {e['n']} ({e['n_pos']}) |")
@@ -1275,13 +1281,13 @@ def markdown_subgroups(report: dict[str, Any], lev: dict[str, Any]) -> list[str]
     out: list[str] = []
     for name, sg in (lev.get("subgroups") or {}).items():
         out.append(f"\n**{name}**\n")
-        out.append(f"| {name} | patients | rows | macro AUROC{ci} | macro AUPRC{ci} |")
+        out.append(f"| {_cell(name)} | patients | rows | macro AUROC{ci} | macro AUPRC{ci} |")
         out.append("|---|---|---|---|---|")
         for val, g in sg["groups"].items():
             if g["status"] != "evaluated":
-                out.append(f"| {val} | {g['n_patients']} | {g['n_rows']} | too small: {g['reason']} | |")
+                out.append(f"| {_cell(val)} | {g['n_patients']} | {g['n_rows']} | too small: {g['reason']} | |")
                 continue
-            out.append(f"| {val} | {g['n_patients']} | {g['n_rows']} | {_fmt_ci(g['macro']['auroc'])} | "
+            out.append(f"| {_cell(val)} | {g['n_patients']} | {g['n_rows']} | {_fmt_ci(g['macro']['auroc'])} | "
                        f"{_fmt_ci(g['macro']['auprc'])} |")
         labs = sg.get("macro_labels") or []
         out.append(f"\nMacros over the {plural(len(labs), 'label')} reliable in every evaluated group"
@@ -1292,7 +1298,7 @@ def markdown_subgroups(report: dict[str, Any], lev: dict[str, Any]) -> list[str]
             header = gap_header(report["settings"].get("ci_level", 0.95))
             out.append("| " + " | ".join(header) + " |")
             out.append("|" + "---|" * len(header))
-            out += ["| " + " | ".join(r) + " |" for r in table[0]]
+            out += ["| " + " | ".join(map(_cell, r)) + " |" for r in table[0]]
             out.append("\n" + table[1])
     return out
 

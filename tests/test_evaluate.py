@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -352,3 +353,34 @@ def test_cli_plots_without_matplotlib(tmp_path, monkeypatch, capsys):
     code, err = run_main(capsys, "evaluate", tmp_path / "p.parquet", "--labels", tmp_path / "l.csv",
                          "--plots", tmp_path / "plots")
     assert code == 2 and "pip install ecgfm-cli[plots]" in err
+
+
+def test_markdown_tables_escape_a_pipe_in_label_and_group_names(tmp_path):
+    """A label named ``PAC|SVPB`` (CinC's merged class) and a group ``a|b`` keep every printed table's rows at
+    their header's column count: the pipe is escaped."""
+    preds, lt = _synthetic()
+    preds.labels[:] = ["PAC|SVPB", "PVC", "const"]
+    _write_preds(tmp_path / "p.parquet", preds)
+    table = pq.read_table(tmp_path / "p.parquet")
+    site = ["a|b" if int(p[3:]) % 2 else "c" for p in preds.patient_ids]
+    pq.write_table(table.append_column("site", pa.array(site)), tmp_path / "p.parquet")
+    base = Predictions(preds.record_ids, np.random.default_rng(5).random(preds.scores.shape), preds.labels,
+                       preds.patient_ids, preds.segment_index, preds.split)
+    _write_preds(tmp_path / "b.parquet", base)
+    lines = ["record_id,patient_id,PAC|SVPB,PVC,const"] + [
+        f"{r},{p},{int(a)},{int(b)},{int(c)}" for r, p, (a, b, c) in
+        zip(lt.record_ids, lt.patient_ids, lt.values, strict=True)]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(_app(), ["evaluate", str(tmp_path / "p.parquet"), "--labels", str(tmp_path / "labels.csv"),
+                                      "--bootstrap", "0", "--baseline", str(tmp_path / "b.parquet"),
+                                      "--subgroups", "site"])
+    assert res.exit_code == 0, res.output
+    assert "PAC\\|SVPB" in res.stdout and "a\\|b" in res.stdout
+    columns = None
+    for line in res.stdout.splitlines():
+        if not line.startswith("|"):
+            columns = None
+            continue
+        n = len(re.findall(r"(?<!\\)\|", line))
+        columns = n if columns is None else columns
+        assert n == columns, line
