@@ -34,6 +34,10 @@ RESERVED_COLUMNS = ("record_id", "patient_id", "study_id", "split", "codes", "se
 PACKAGED_LABEL_MAPS = {"challenge2021": "challenge2021_scored.csv"}
 #: The newest ``ecgfm.schema_version`` this module knows.
 SCHEMA_VERSION = 1
+#: Artifacts whose rows carry a signal or an embedding: :func:`read_table` refuses them (from the footer, before
+#: reading) unless the caller names the kind. Read whole as a labels table, a segments file cost its size in memory
+#: and then failed on its repeated record_id, or with one segment per record made labels of its carried columns.
+BULK_KINDS = ("records", "segments", "embeddings")
 
 
 class LabelError(EcgfmError, ValueError):
@@ -48,7 +52,8 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
     present, else every ``*.parquet``, in sorted order), an Arrow IPC file (``.arrow``/``.feather``; a file is
     read as what its first bytes say, :mod:`ecgfm_cli.io.tables`), ``-`` (Arrow IPC stream on stdin) or a ``.csv``
     (gzip allowed; id columns read as strings).
-    Refuses an ``ecgfm.schema_version`` newer than this module knows.
+    Refuses an ``ecgfm.schema_version`` newer than this module knows, and an artifact of a :data:`BULK_KINDS` kind
+    that is not in ``kinds`` (a segments file given as a labels table), naming the labels table beside it if any.
     """
     import pyarrow as pa
 
@@ -73,6 +78,7 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
             files = sorted(f for f in p.glob("*.parquet") if ".tmp-" not in f.name)
         if not files:
             raise LabelError(f"{p}: directory holds no .parquet files")
+        _refuse_bulk(p, files[0], kinds)
         try:
             tables = [read_columns(f) for f in files]
         except TableFileError as e:
@@ -95,12 +101,29 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
             raise LabelError(f"{p}: not a readable CSV table ({e})") from e
     else:
         try:
+            _refuse_bulk(p, p, kinds)
             table = read_columns(p)
         except TableFileError as e:
             hint = "; a table is .parquet, .arrow, .csv or a directory of .parquet files" if e.kind == "foreign" else ""
             raise LabelError(f"{e}{hint}") from e
     check_schema_version(table_metadata(table), str(p))
     return table
+
+
+def _refuse_bulk(path: Path, file: Path, kinds: tuple[str, ...]) -> None:
+    """:class:`LabelError` when ``file`` (``path`` itself, or the first file of directory ``path``) is an artifact of
+    a :data:`BULK_KINDS` kind not in ``kinds``; reads only its footer. ``TableFileError`` when it cannot be read."""
+    from ecgfm_cli.io.tables import read_schema
+
+    kind = (read_schema(file).metadata or {}).get(b"ecgfm.kind", b"").decode()
+    if kind not in BULK_KINDS or kind in kinds:
+        return
+    want = kinds[0] if kinds else "labels"
+    beside = path.with_name(path.stem + ".labels.parquet")  # what segment/ingest write beside a single file
+    hint = f": give its labels table, {beside}" if want == "labels" and path.is_file() and beside.is_file() else ""
+    rows = {"records": "record, with its signal", "segments": "segment, with its signal",
+            "embeddings": "segment, with its embedding"}[kind]
+    raise LabelError(f"{path}: holds {kind} (one row per {rows}), not a {want} table{hint}")
 
 
 def table_metadata(table: Any) -> dict[str, str]:

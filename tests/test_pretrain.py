@@ -56,7 +56,8 @@ def test_resume_continues_exactly(segments: Path, tmp_path: Path) -> None:
                                                "--save-every", "3", "--resume", "--cmsc-weight", "3", "--lr", "1e-3")],
                         catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert "given but not used: cmsc_weight=3.0 (run: 1.0), seed=1 (run: 7)" in res.output
+    assert "given but not used: cmsc_weight=3.0 (run: 1.0), lr=0.001 (run: 5e-05)" in res.output
+    assert "seed=" not in res.output  # not given: no "given but not used" for the run's --seed 7
     assert "lr=0.001 (run: 5e-05)" in res.output
     a, b = read_log(full), read_log(cut)
     assert [e["update"] for e in a] == [e["update"] for e in b] == [1, 2, 3, 4, 5, 6]

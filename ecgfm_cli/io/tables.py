@@ -3,16 +3,17 @@
 :func:`open_table` opens either (told apart by their first bytes, not by the name), memory-mapped, and gives a
 :class:`TableFile`: schema and metadata, row count, the sizes of its *groups* (Parquet row groups, Arrow IPC
 record batches), and reads of chosen columns of the whole file, of one group (or its first rows), of a row
-range, or batch by batch. Groups outside a row range are not read. A file that cannot be used fails with one
-:class:`TableFileError` naming it, one message per kind: ``unreadable`` (the OS refuses it), ``truncated`` (it
-begins as one of the formats but is empty, cut short or damaged), ``foreign`` (neither format) or ``stream`` (an
-Arrow IPC stream saved to a file: it is read from stdin). Streams on stdin are read by
-:mod:`ecgfm_cli.io.artifacts`.
+range, or batch by batch. Groups outside a row range are not read. Two more Arrow layouts are read the same way:
+an Arrow IPC *stream* saved to a file (what ``-o - > FILE`` leaves; its batches are found by one pass over the
+mapped file, zero-copy) and a Feather v1 file (the format before Arrow IPC files; pyarrow reads it whole). A file
+that cannot be used fails with one :class:`TableFileError` naming it, one message per kind: ``unreadable`` (the OS
+refuses it), ``truncated`` (it begins as one of the formats but is empty, cut short or damaged) or ``foreign``
+(none of them). Streams on stdin are read by :mod:`ecgfm_cli.io.artifacts`.
 """
 
 from __future__ import annotations
 
-import shlex
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,14 +26,16 @@ from ecgfm_cli.errors import EcgfmError
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_MAGIC = b"ARROW1"
 _STREAM_MAGIC = b"\xff\xff\xff\xff"  # an IPC stream's first message starts with the continuation marker
-_NAMES = {"parquet": "Parquet", "arrow": "an Arrow IPC file"}
+_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # its end-of-stream marker: continuation, zero length
+_FEATHER1_MAGIC = b"FEA1"  # Feather v1 (Arrow IPC files are Feather v2)
+_NAMES = {"parquet": "Parquet", "arrow": "an Arrow IPC file", "stream": "an Arrow IPC stream",
+          "feather1": "a Feather v1 file"}
 #: Rows per batch when a caller does not say (Parquet's own default).
 DEFAULT_BATCH_ROWS = 65536
 
 
 class TableFileError(EcgfmError):
-    """A Parquet/Arrow file that cannot be read; ``kind``: ``unreadable``, ``truncated``, ``foreign`` or
-    ``stream``."""
+    """A Parquet/Arrow file that cannot be read; ``kind``: ``unreadable``, ``truncated`` or ``foreign``."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -40,7 +43,8 @@ class TableFileError(EcgfmError):
 
 
 def _format_of(path: Path) -> str:
-    """``parquet`` or ``arrow`` from the file's first bytes; :class:`TableFileError` for anything else."""
+    """``parquet``, ``arrow``, ``stream`` or ``feather1`` from the file's first bytes; :class:`TableFileError` for
+    anything else."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -54,9 +58,9 @@ def _format_of(path: Path) -> str:
         raise TableFileError(f"{path}: cannot read as Parquet or Arrow IPC: the file is empty (an interrupted write "
                              "or copy?)", "truncated")
     if head.startswith(_STREAM_MAGIC):
-        raise TableFileError(f"{path}: cannot read as Parquet or Arrow IPC: it holds an Arrow IPC stream (what "
-                             "`-o -` writes); feed it on stdin instead "
-                             f"(`ecgfm COMMAND - < {shlex.quote(str(path))}`)", "stream")
+        return "stream"
+    if head.startswith(_FEATHER1_MAGIC):
+        return "feather1"
     raise TableFileError(f"{path}: cannot read as Parquet or Arrow IPC: it is neither (it starts with {head!r})",
                          "foreign")
 
@@ -65,7 +69,8 @@ def _damaged(path: Path, fmt: str, e: Exception) -> TableFileError:
     """The error for a file of format ``fmt`` (by its first bytes) that pyarrow failed to open or read."""
     if isinstance(e, OSError) and e.errno is not None:  # the OS refused it (pyarrow's own errors carry none)
         return TableFileError(f"{path}: cannot read: {e.strerror or e}", "unreadable")
-    ends = (_PARQUET_MAGIC, b"PARE") if fmt == "parquet" else (_ARROW_MAGIC,)  # PARE: an encrypted footer
+    ends = {"parquet": (_PARQUET_MAGIC, b"PARE"),  # PARE: an encrypted footer
+            "arrow": (_ARROW_MAGIC,), "stream": (_STREAM_END,), "feather1": (_FEATHER1_MAGIC,)}[fmt]
     try:
         with open(path, "rb") as fh:
             fh.seek(max(path.stat().st_size - len(ends[0]), 0))
@@ -76,9 +81,62 @@ def _damaged(path: Path, fmt: str, e: Exception) -> TableFileError:
     return TableFileError(f"{path}: cannot read as {_NAMES[fmt]}: {how}", "truncated")
 
 
+class _Batches:
+    """The record batches of an Arrow IPC stream or a Feather v1 file, with the random access of pyarrow's
+    ``RecordBatchFileReader`` (``schema``, ``num_record_batches``, ``get_batch``, ``read_all``). A stream's
+    batches are found on first use, by one pass over the memory-mapped file (zero-copy unless compressed); its
+    schema alone needs no pass. pyarrow ends a stream quietly at an EOF that falls between two messages, so a
+    stream is only taken whole when the file ends with the end-of-stream marker."""
+
+    def __init__(self, path: Path, fmt: str, source: pa.MemoryMappedFile):
+        self._path = path
+        self._stream: ipc.RecordBatchStreamReader | None = None
+        self._batches: list[pa.RecordBatch] | None = None
+        if fmt == "stream":
+            end = len(_STREAM_END)
+            if source.size() < end or source.read_at(end, source.size() - end) != _STREAM_END:
+                raise TableFileError(f"{path}: cannot read as {_NAMES[fmt]}: the file is cut short (no end-of-stream "
+                                     "marker: an interrupted write or copy?)", "truncated")
+            self._stream = ipc.open_stream(source)
+            self.schema = self._stream.schema
+            return
+        import pyarrow.feather as feather
+
+        with warnings.catch_warnings():  # pyarrow >= 25 deprecates Feather v1 but reads it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                table = feather.read_table(source)
+            except pa.ArrowNotImplementedError as e:
+                raise TableFileError(
+                    f"{path}: cannot read a Feather v1 file with this pyarrow ({pa.__version__}: {e}): rewrite it as "
+                    "Arrow IPC or Parquet where a pyarrow that reads it is installed: python -c 'import "
+                    "pyarrow.feather as f; f.write_feather(f.read_table(\"IN.feather\"), \"OUT.arrow\")'",
+                    "foreign") from e
+        self.schema, self._batches = table.schema, table.to_batches()
+
+    def _all(self) -> list[pa.RecordBatch]:
+        if self._batches is None:
+            try:
+                self._batches = list(self._stream)
+            except (OSError, pa.ArrowException) as e:
+                raise _damaged(self._path, "stream", e) from e
+        return self._batches
+
+    @property
+    def num_record_batches(self) -> int:
+        return len(self._all())
+
+    def get_batch(self, i: int) -> pa.RecordBatch:
+        return self._all()[i]
+
+    def read_all(self) -> pa.Table:
+        return pa.Table.from_batches(self._all(), schema=self.schema)
+
+
 class TableFile:
-    """An open Parquet or Arrow IPC file (memory-mapped). ``format``: ``parquet`` or ``arrow``; ``threads``: let
-    pyarrow decode Parquet columns on its thread pool (off in loader threads that run in parallel already).
+    """An open Parquet or Arrow IPC file (memory-mapped). ``format``: ``parquet``, ``arrow``, or one of the other
+    Arrow layouts read as ``arrow`` is (``stream``, ``feather1``); ``threads``: let pyarrow decode Parquet columns
+    on its thread pool (off in loader threads that run in parallel already).
 
     Rows are numbered from 0 within the file; a *group* is a Parquet row group or an Arrow IPC record batch.
     Every read returns Arrow data (for Arrow IPC, zero-copy views of the mapped file); a read that fails on a
@@ -90,7 +148,7 @@ class TableFile:
         self.format = _format_of(self.path)
         self.threads = threads
         self._pf: pq.ParquetFile | None = None
-        self._ipc: ipc.RecordBatchFileReader | None = None
+        self._ipc: ipc.RecordBatchFileReader | _Batches | None = None
         self._map: pa.MemoryMappedFile | None = None
         self._sizes: list[int] | None = None
         try:
@@ -99,11 +157,15 @@ class TableFile:
                 self.schema = self._pf.schema_arrow
             else:
                 self._map = pa.memory_map(str(self.path))
-                self._ipc = ipc.open_file(self._map)
+                self._ipc = ipc.open_file(self._map) if self.format == "arrow" else _Batches(
+                    self.path, self.format, self._map)
                 self.schema = self._ipc.schema
         except (OSError, pa.ArrowException) as e:
             self.close()
             raise _damaged(self.path, self.format, e) from e
+        except TableFileError:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------------------------------ layout
     @property

@@ -44,7 +44,9 @@ class TrainOptions:
     resumes. workers: data partitions per rank, each read by a background thread (or a DataLoader process with
     worker_processes). warmup_fraction: linear warm-up over this fraction of the schedule's horizon (the run's
     length in updates, or in seconds with only ``max_time``); ``warmup_updates`` counts updates instead.
-    given: the :data:`RECIPE_OPTIONS` set explicitly; :func:`prepare` gives the others the preset's values.
+    given: the options set explicitly (field names, ``pretrain.<name>`` for PretrainConfig fields; the command
+    fills it from click's parameter source): :func:`prepare` gives the :data:`RECIPE_OPTIONS` not in it the
+    preset's values, and on ``--resume`` the cadence options not in it the run's.
     loader_targets (no command-line option): the W2V time masks and negatives are drawn by the loader threads
     (``model.masking.draw_targets``) rather than by the model in each forward; a run whose checkpoints do not
     record it (saved by ecgfm 0.1.0, whose model drew them) resumes with False, as it began.

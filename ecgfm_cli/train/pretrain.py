@@ -59,10 +59,13 @@ from ecgfm_cli.train.runs import append_jsonl, read_jsonl, seed_everything
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)$")
-#: Options a resumed run takes from its checkpoint, not the command line: they fix the data order and the
-#: optimisation. Stopping (--max-*), cadence (--save-every, --log-every), devices and the loader layout may change.
+#: Options of a run that resume with it (saved in each checkpoint's ``source.resume_keeps``). Those that fix the
+#: data order and the optimisation are the run's whatever the command line says (given again: named, not used);
+#: the cadence (:data:`RESUME_CADENCE`) is the run's unless given again. Stopping (--max-*: the run's when none is
+#: given), --batch-size (likewise), devices and the loader layout are the command line's.
+RESUME_CADENCE = ("log_every", "save_every", "keep_last")
 RESUME_KEEPS = ("seed", "shuffle_buffer", "lr", "lr_schedule", "warmup_updates", "warmup_fraction", "weight_decay",
-                "adam_betas", "adam_eps", "clip_norm", "update_freq", "dropout")
+                "adam_betas", "adam_eps", "clip_norm", "update_freq", "dropout", *RESUME_CADENCE)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
     state, init checkpoint, segments (kind, contract vs the model's), enough data for one batch per rank.
 
     Returns the options to train with: ``opts``, except that ``--resume`` keeps the run's objective and its
-    :data:`RESUME_KEEPS` options (data order, optimisation), so that the run continues as it would have."""
+    :data:`RESUME_KEEPS` options (data order, optimisation; the cadence unless ``opts.given`` names it), so that
+    the run continues as it would have."""
     run = Path(opts.output)
     check_writable_dir(run, f"the run directory {run}")
     resume_from = None
@@ -186,8 +190,20 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
                         if getattr(saved, k) != v and _given(opts, f"pretrain.{k}")]
             pcfg = saved
         kept = {k: tuple(v) if isinstance(v, list) else v for k, v in (source.get("resume_keeps") or {}).items()}
+        cadence = {k: kept.pop(k) for k in RESUME_CADENCE if k in kept}  # older runs saved none: the command's
         ignored += [f"{k}={getattr(opts, k)} (run: {v})" for k, v in kept.items()
                     if getattr(opts, k) != v and _given(opts, k)]
+        follows = {k: v for k, v in cadence.items() if getattr(opts, k) != v and not _given(opts, k)}
+        wins = [f"--{k.replace('_', '-')} {getattr(opts, k)} (run: {v})" for k, v in cadence.items()
+                if getattr(opts, k) != v and _given(opts, k)]
+        kept.update(follows)
+        said = []
+        if follows:
+            said.append("keeps the run's " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in follows.items()))
+        if wins:
+            said.append("takes the given " + ", ".join(wins))
+        if said:
+            info("pretrain: --resume " + "; ".join(said))
         opts = replace(opts, **kept, loader_targets=bool(source.get("loader_targets", False)))
         if ignored:
             info("pretrain: --resume continues with the run's own settings; given but not used: " + ", ".join(ignored))
@@ -290,8 +306,9 @@ def accumulation(update_segments: int, batch_size: int, world_size: int) -> int:
 
 
 def _given(opts: TrainOptions, name: str) -> bool:
-    """Whether option ``name`` was set explicitly (every option that is not a preset default counts as given)."""
-    return name not in RECIPE_OPTIONS or name in opts.given
+    """Whether option ``name`` (a ``TrainOptions`` field, or ``pretrain.<PretrainConfig field>``) was set
+    explicitly: named in ``opts.given`` (the command fills it from click's parameter source)."""
+    return name in opts.given
 
 
 def with_dropout(cfg: EncoderConfig, p: float | None) -> EncoderConfig:
