@@ -15,9 +15,11 @@
 #   3. `ecgfm embed` on cuda in float32 and, through `--gpus 1`, in bfloat16, against the CPU embeddings;
 #   4. embedding throughput of the base model on the GPU, ecgfm vs transformers (bench_embed.py);
 #   5. issue 14's switches, one at a time against the compiled batch-256 run of 1.: each encoder fusion switched
-#      from its default (group_norm=0, qkv=1), each attention backend (cudnn, flash, mem_efficient), the masks and
-#      negatives drawn on the host as the loader would (--loader-targets), and CUDA graphs + fused q/k/v + loader
-#      targets together; a table of the ratios at the end.
+#      from its default (group_norm=0, qkv=1, pad_tokens=1: 156 tokens padded to 160 with a key-padding mask,
+#      compile_heads=1: quantizer + contrastive logits compiled), each attention backend (cudnn, flash,
+#      mem_efficient), padding under cuDNN attention (whether the mask keeps torch off its fastest kernel), the masks
+#      and negatives drawn on the host as the loader would (--loader-targets), and CUDA graphs + fused q/k/v +
+#      loader targets together; a table of the ratios at the end.
 # SECTIONS (comma-separated, default all): mfu (1.), pretrain (2.), embed (3. and 4.), fusions (5.; its ratios
 # need mfu's batch-256 run). Results land in OUT_DIR (JSON, logs); a summary goes to stdout. Python: $PYTHON or
 # python3, with ecgfm_cli importable (installed, or PYTHONPATH=.). `--dry-run OUT_DIR` runs the MFU command lines
@@ -80,6 +82,12 @@ if want fusions; then  # issue 14: one switch at a time against "MFU base compil
         --json "$OUT/mfu14_group_norm_off.json"
     mfu "MFU b256 compiled, fused q/k/v projection" 150 --gpus 1 --batch 256 --compile --fusions qkv=1 \
         --json "$OUT/mfu14_qkv_on.json"
+    mfu "MFU b256 compiled, tokens padded to a multiple of 8" 150 --gpus 1 --batch 256 --compile \
+        --fusions pad_tokens=1 --json "$OUT/mfu14_pad_tokens_on.json"
+    mfu "MFU b256 compiled, tokens padded, sdpa cudnn" 150 --gpus 1 --batch 256 --compile --sdpa cudnn \
+        --fusions pad_tokens=1 --json "$OUT/mfu14_pad_tokens_cudnn.json"
+    mfu "MFU b256 compiled, quantizer and contrastive logits compiled" 180 --gpus 1 --batch 256 --compile \
+        --fusions compile_heads=1 --json "$OUT/mfu14_compile_heads_on.json"
     for backend in cudnn flash mem_efficient; do
         mfu "MFU b256 compiled, sdpa $backend" 120 --gpus 1 --batch 256 --compile --sdpa "$backend" \
             --json "$OUT/mfu14_sdpa_$backend.json"

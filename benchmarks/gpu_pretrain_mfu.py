@@ -11,8 +11,10 @@ H100 SXM's dense bf16 989 TFLOP/s. Usage (needs CUDA; exits with a message other
     python benchmarks/gpu_pretrain_mfu.py [--gpus 8] [--batch 128] [--steps 20] [--preset base] [--compile]
                                           [--peak-tflops 989] [--json out.json]
 
-Issue 14's switches, each measured on and off: ``--fusions group_norm=0,qkv=1`` (the encoder's
-``Fusions``), ``--sdpa`` (the attention backend), ``--compile-mode reduce-overhead`` (CUDA graphs),
+Issue 14's switches, each measured on and off: ``--fusions group_norm=0,qkv=1,pad_tokens=1,compile_heads=1``
+(the encoder's ``Fusions``; ``pad_multiple=N`` sets the multiple ``pad_tokens`` pads to, 8 by default; MFU
+counts the unpadded model's FLOPs, so padding shows as what it buys, not as more work), ``--sdpa`` (the
+attention backend), ``--compile-mode reduce-overhead`` (CUDA graphs),
 ``--loader-targets`` (time masks and negatives drawn on the host by ``model.masking.draw_targets``, as loader
 threads would, and handed to the step, instead of drawn inside it). ``--device cpu`` is a dry run of the same
 code on the CPU (no MFU: it checks that a command line of ``gpu_check.sh`` runs before a GPU is spent on it).
@@ -195,7 +197,8 @@ def main() -> None:
     ap.add_argument("--sync-each-update", action="store_true",
                     help="read each update's metrics before queuing the next (the loop before the deferred read)")
     ap.add_argument("--profile", action="store_true", help="also print the GPU time per kernel of 3 more steps")
-    ap.add_argument("--fusions", default="", help="encoder fusion switches, e.g. group_norm=0,qkv=1 (default: "
+    ap.add_argument("--fusions", default="", help="encoder fusion switches, e.g. group_norm=0,qkv=1,pad_tokens=1,"
+                                                 "pad_multiple=8,compile_heads=1 (default: "
                                                  "ecgfm_cli.model.encoder.Fusions' defaults)")
     ap.add_argument("--loader-targets", action="store_true",
                     help="hand the step host-drawn masks and negatives (as the loader would) instead of drawing "

@@ -4,6 +4,7 @@ of the torch ones the forward draws."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -288,3 +289,169 @@ def test_code_perplexity_by_counting_equals_the_one_hot_mean():
     torch.testing.assert_close(stats["code_perplexity"], _perplexity(hard.mean(0)))
     assert stats["codes"].shape == (3, 40, 2)
 
+
+
+# ------------------------------------------------------------------------- padded tokens (Fusions.pad_tokens)
+
+
+def _dropout_free(seed: int = 0) -> tuple[Wav2Vec2Pretrainer, torch.Tensor, dict]:
+    """A tiny pretrainer without dropout (padding changes the shape the dropout masks are drawn over)."""
+    torch.manual_seed(seed)
+    enc = preset("tiny").with_dropouts(0.0)
+    model = Wav2Vec2Pretrainer(enc, PretrainConfig(dropout_features=0.0)).train()
+    x = torch.randn(4, 12, 2500, generator=torch.Generator().manual_seed(seed))
+    targets = {k: torch.from_numpy(v) for k, v in draw_targets(
+        np.random.default_rng(seed), 4, TargetConfig(frames=enc.num_frames(2500))).items()}
+    return model, x, targets
+
+
+@pytest.mark.parametrize("backend", ["default", "math"])
+@pytest.mark.parametrize("multiple", [8, 64])
+def test_padded_tokens_give_the_same_loss_and_gradients(backend, multiple):
+    """156 tokens padded to 160 (or 192) with a key-padding mask: the same loss, transformer output and
+    gradients as unpadded, with torch's default attention kernel and with the math one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, x, targets = _dropout_free()
+    outs = {}
+    kernel = sdpa_kernel(SDPBackend.MATH) if backend == "math" else contextlib.nullcontext()
+    with kernel:
+        for pad in (False, True):
+            with use_fusions(pad_tokens=pad, pad_multiple=multiple):
+                outs[pad] = _loss_and_grads(model, x, targets)
+                x_out = model.encoder.contextualize(torch.randn(2, 156, 64, generator=torch.Generator().manual_seed(1)))
+            outs[pad] = (*outs[pad], x_out.detach())
+    _assert_same(outs[False][:2], outs[True][:2], rtol=1e-4, atol=1e-6)
+    assert outs[True][2].shape == (2, 156, 64)
+    torch.testing.assert_close(outs[True][2], outs[False][2], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_reaches_the_transformer_only_and_is_ignored():
+    """The positional conv sees the 156 real frames only (padding cannot leak into them through its 16-tap
+    kernel); the layers see 160 with the padding masked; whatever the padded tokens hold, the real tokens'
+    outputs are the unpadded ones; a caller's own padding mask is kept beside the extra padding."""
+    from ecgfm_cli.model.encoder import EcgEncoder
+
+    torch.manual_seed(0)
+    enc = EcgEncoder(preset("tiny").with_dropouts(0.0)).eval()
+    seen = {}
+    hooks = [enc.conv_pos.register_forward_pre_hook(lambda m, a: seen.__setitem__("pos", a[0].shape[1])),
+             enc.encoder.layers[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("layer", a[0].shape[1]))]
+    h = torch.randn(3, 156, 64)
+    own = torch.zeros(3, 156, dtype=torch.bool)
+    own[1, 150:] = True
+    with use_fusions(pad_tokens=True):
+        padded, padded_own = enc.contextualize(h), enc.contextualize(h, own)
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"pos": 156, "layer": 160}
+    torch.testing.assert_close(padded, enc.contextualize(h), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded_own, enc.contextualize(h, own), rtol=1e-5, atol=1e-6)
+    # the transformer itself with garbage in the padded tokens: masked keys, per-token everything else
+    z = torch.randn(3, 156, 64)
+    garbage = torch.cat([z, 1e3 * torch.randn(3, 4, 64)], dim=1)
+    mask = torch.zeros(3, 160, dtype=torch.bool)
+    mask[:, 156:] = True
+    torch.testing.assert_close(enc.encoder(garbage, mask)[0][:, :156], enc.encoder(z)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_inference_encoder_is_not_padded():
+    """``prepare_for_inference``'s attention takes no mask: with pad_tokens on, the prepared encoder runs
+    unpadded (no error), the same embeddings."""
+    from ecgfm_cli.model.encoder import EcgEncoder
+    from ecgfm_cli.model.inference import prepare_for_inference
+
+    torch.manual_seed(0)
+    enc = EcgEncoder(preset("tiny")).eval()
+    x = torch.randn(2, 12, 2500)
+    with torch.no_grad():
+        ref = enc.embed(x)
+    prepare_for_inference(enc)
+    with use_fusions(pad_tokens=True), torch.no_grad():
+        torch.testing.assert_close(enc.embed(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fusion_settings_with_integer_parameters():
+    assert parse_fusions("pad_tokens=1,pad_multiple=16") == {"pad_tokens": True, "pad_multiple": 16}
+    with use_fusions(pad_multiple=16) as f:
+        assert f.pad_multiple == 16 and isinstance(f.pad_multiple, int)
+    assert FUSIONS.pad_multiple == 8
+    for text in ("pad_multiple=0", "pad_multiple=x", "pad_multiple"):
+        with pytest.raises(ValueError, match="pad_multiple=N, a positive integer"):
+            parse_fusions(text)
+    with pytest.raises(ValueError, match="positive integer"), use_fusions(pad_multiple=0):
+        pass
+
+
+# ------------------------------------------------------ the heads: tensor temperature, Fusions.compile_heads
+
+
+def _heads_inputs(model: Wav2Vec2Pretrainer, x: torch.Tensor, seed: int) -> tuple:
+    """``model.heads``' inputs for a batch: conv features, transformer output, one draw of masked positions
+    (T' differs by seed), negatives and Gumbel noise."""
+    tcfg = TargetConfig(frames=model.encoder_cfg.num_frames(x.shape[-1]), num_negatives=model.cfg.num_negatives)
+    targets = draw_targets(np.random.default_rng(seed), x.shape[0], tcfg)
+    normed, h = model.encoder.project(model.encoder.conv_features(x))
+    mask = torch.from_numpy(targets["mask"])
+    positions = mask.nonzero()[:, 1].view(x.shape[0], -1)
+    noise = model.quantizer.noise(positions.numel(), "cpu", torch.Generator().manual_seed(seed))
+    return normed, model.encoder.contextualize(h), positions, torch.from_numpy(targets["negatives_idx"]), noise
+
+
+def test_temperature_is_an_input_so_the_heads_compile_once():
+    """The per-update Gumbel temperature reaches the heads as a 0-d tensor, so torch.compile's guards do not
+    change with it: one compiled frame for 3 updates with 3 temperatures and 3 masked counts T' (dynamo with
+    its eager backend: the guards are the backend's business, not inductor's)."""
+    from torch._dynamo.utils import counters
+
+    model, x, _ = _model_and_batch()
+    heads = torch.compile(model.heads, dynamic=True, backend="eager")
+    counters.clear()
+    seen = set()
+    for update, seed in ((0, 1), (100_000, 2), (400_000, 3)):
+        model.set_num_updates(update)
+        features, x_out, positions, idx, noise = _heads_inputs(model, x, seed)
+        tau = model.quantizer.temperature_tensor("cpu")
+        logits, contrastive, stats = heads(features, x_out, positions, idx, tau, noise)
+        eager = model.heads(features, x_out, positions, idx, tau, noise)
+        torch.testing.assert_close(logits, eager[0])
+        assert float(stats["temperature"]) == pytest.approx(model.quantizer.temperature)
+        seen.add((positions.shape[1], round(float(tau), 4)))
+    assert len(seen) == 3
+    assert counters["frames"]["ok"] == 1 and not counters["graph_break"], dict(counters["frames"])
+
+
+def test_temperature_tensor_keeps_the_state_dict_and_follows_the_schedule():
+    model, x, targets = _model_and_batch()
+    keys = set(model.state_dict())
+    model.set_num_updates(200_000)
+    out = model(x, torch.arange(4) // 2, **targets, generator=torch.Generator().manual_seed(0))
+    assert set(model.state_dict()) == keys and not list(model.buffers())
+    assert torch.isfinite(out.loss)
+    tau = model.quantizer.temperature_tensor("cpu")
+    assert tau.dtype == torch.float32 and tau.shape == () and float(tau) == pytest.approx(2.0 * 0.999995**200_000)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
+def test_compiled_heads_give_the_same_loss_and_gradients_and_compile_once():
+    """``Fusions.compile_heads`` (inductor) against eager, with dropout and Gumbel noise on (the noise drawn
+    outside the compiled code): the same loss, logits and gradients, for 3 updates with different
+    temperatures and masked counts, from one compilation."""
+    from torch._dynamo.utils import counters
+
+    model, x, _ = _model_and_batch()
+    counters.clear()
+    for update, seed in ((0, 1), (100_000, 2), (400_000, 3)):
+        model.set_num_updates(update)
+        targets = {k: torch.from_numpy(v) for k, v in draw_targets(
+            np.random.default_rng(seed), 4, TargetConfig(frames=156)).items()}
+        with use_fusions(compile_heads=False):
+            eager = _loss_and_grads(model, x, targets)
+        try:
+            with use_fusions(compile_heads=True):
+                compiled = _loss_and_grads(model, x, targets)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # a compiler that inductor cannot use
+            pytest.skip(f"torch.compile unavailable here: {e}")
+        _assert_same(eager, compiled, rtol=1e-3, atol=1e-5)
+    assert counters["frames"]["ok"] == 1 and not counters["graph_break"], dict(counters["frames"])

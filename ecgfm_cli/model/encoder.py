@@ -42,10 +42,25 @@ class Fusions:
     ``small`` update ~4 % faster (docs/performance.md).
     ``qkv``: one ``(3D x D)`` q/k/v projection from the concatenated weights (state-dict keys unchanged)
     instead of three: no gain on CPU (the attention backward's copies eat it), off until measured on a GPU.
+    ``pad_tokens``: the transformer runs on the token sequence zero-padded at the end to a multiple of
+    ``pad_multiple`` (ECG-FM's 156 -> 160), the padding masked out as attention keys and cut off its output
+    (:meth:`EcgEncoder.contextualize`): matmul row counts that tensor cores tile without a ragged edge. The
+    positional conv runs before the padding, on the real frames only. Same outputs and gradients to float32
+    rounding; with dropout on, the masks are drawn over the padded shape (other draws, the same distribution).
+    The key-padding mask may rule out some GPU attention kernels, so it is off until measured on a GPU. An
+    encoder prepared for inference (its attention takes no mask) is not padded.
+    ``compile_heads``: the pretraining heads (Gumbel quantizer, target and prediction projections, contrastive
+    logits and InfoNCE) run as one ``torch.compile``-d function, compiled once per model (see
+    :meth:`~ecgfm_cli.model.pretraining.Wav2Vec2Pretrainer.heads`). A switch here rather than part of
+    ``--compile``: the switches are measured one at a time on a GPU before a default changes, and this one
+    has not been (on CPU it is no faster, docs/performance.md).
     """
 
     group_norm: bool = True
     qkv: bool = False
+    pad_tokens: bool = False
+    pad_multiple: int = 8
+    compile_heads: bool = False
 
 
 #: The process-wide switches (read at every forward; under ``torch.compile`` they are guarded, so a change
@@ -53,16 +68,24 @@ class Fusions:
 FUSIONS = Fusions()
 
 
+def _field_types() -> dict[str, type]:
+    """Each :class:`Fusions` field's type (``bool`` switches, ``int`` parameters), from its default."""
+    return {f.name: type(f.default) for f in dataclasses.fields(Fusions)}
+
+
 @contextlib.contextmanager
-def use_fusions(**flags: bool) -> Iterator[Fusions]:
-    """Set :data:`FUSIONS` fields (``group_norm=False``, ...) for the duration of a ``with`` block."""
-    unknown = set(flags) - {f.name for f in dataclasses.fields(Fusions)}
+def use_fusions(**flags: bool | int) -> Iterator[Fusions]:
+    """Set :data:`FUSIONS` fields (``group_norm=False``, ``pad_multiple=16``, ...) for a ``with`` block."""
+    types = _field_types()
+    unknown = set(flags) - set(types)
     if unknown:
-        raise ValueError(f"unknown fusion(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(f.name for f in dataclasses.fields(Fusions))}")
+        raise ValueError(f"unknown fusion(s) {', '.join(sorted(unknown))}; known: {', '.join(types)}")
+    bad = [f"{k}={v}" for k, v in flags.items() if types[k] is int and int(v) < 1]
+    if bad:
+        raise ValueError(f"fusion setting {', '.join(bad)}: expected a positive integer")
     old = dataclasses.replace(FUSIONS)
     for name, value in flags.items():
-        setattr(FUSIONS, name, bool(value))
+        setattr(FUSIONS, name, types[name](value))
     try:
         yield FUSIONS
     finally:
@@ -70,15 +93,27 @@ def use_fusions(**flags: bool) -> Iterator[Fusions]:
             setattr(FUSIONS, f.name, getattr(old, f.name))
 
 
-def parse_fusions(text: str) -> dict[str, bool]:
-    """``"group_norm=0,qkv=1"`` -> ``{"group_norm": False, "qkv": True}`` (the benchmarks' ``--fusions``)."""
-    out: dict[str, bool] = {}
+def parse_fusions(text: str) -> dict[str, bool | int]:
+    """``"group_norm=0,qkv=1,pad_multiple=16"`` -> ``{"group_norm": False, "qkv": True, "pad_multiple": 16}``
+    (the benchmarks' ``--fusions``): ``0``/``1`` for a switch, a positive integer for an integer parameter."""
+    types = _field_types()
+    out: dict[str, bool | int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
+        if types.get(name) is int:
+            if not (sep and value.isdigit() and int(value) > 0):
+                raise ValueError(f"fusion setting {item!r}: expected {name}=N, a positive integer")
+            out[name] = int(value)
+            continue
         if not sep or value not in ("0", "1"):
             raise ValueError(f"fusion setting {item!r}: expected NAME=0 or NAME=1")
         out[name] = value == "1"
     return out
+
+
+def padded_length(frames: int, multiple: int) -> int:
+    """``frames`` rounded up to a multiple of ``multiple`` (156, 8 -> 160)."""
+    return -(-frames // multiple) * multiple
 
 
 class GradMultiply(torch.autograd.Function):
@@ -379,7 +414,9 @@ class EcgEncoder(nn.Module):
         """(B, T, D) -> (B, T, D): add the conv positional embedding, then run the transformer.
 
         ``padding_mask`` (B, T) bool, True = padded token: those tokens are zeroed after the positional
-        embedding and ignored as attention keys (fairseq behaviour).
+        embedding and ignored as attention keys (fairseq behaviour). With :data:`FUSIONS` ``.pad_tokens`` the
+        transformer runs on ``T`` rounded up to a multiple of ``pad_multiple`` (the positional conv on ``T``),
+        and the output is cut back to ``(B, T, D)``.
         """
         return self._contextualize(x, padding_mask, need_weights=False)[0]
 
@@ -389,7 +426,19 @@ class EcgEncoder(nn.Module):
         x = x + self.conv_pos(x)
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
-        return self.encoder(x, padding_mask, need_weights)
+        b, t, _ = x.shape
+        pad = padded_length(t, FUSIONS.pad_multiple) - t if FUSIONS.pad_tokens and self._maskable() else 0
+        if not pad:
+            return self.encoder(x, padding_mask, need_weights)
+        # Fusions.pad_tokens: zero tokens at the end, masked as keys. Every other op is per token, so the
+        # real tokens' outputs (and gradients: nothing flows from the cut-off rows) are the unpadded ones.
+        keep = padding_mask if padding_mask is not None else torch.zeros(b, t, dtype=torch.bool, device=x.device)
+        out, maps = self.encoder(F.pad(x, (0, 0, 0, pad)), F.pad(keep, (0, pad), value=True), need_weights)
+        return out[:, :t], [m[:, :t, :t] for m in maps]
+
+    def _maskable(self) -> bool:
+        """Whether the layers' attention takes a key-padding mask (not after ``prepare_for_inference``)."""
+        return all(isinstance(layer.self_attn, SelfAttention) for layer in self.encoder.layers)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_channels, L) -> (B, T, D)."""

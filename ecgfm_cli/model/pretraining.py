@@ -15,6 +15,7 @@ divides the summed loss by that global count (:func:`ecgfm_cli.train.loop.train_
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ecgfm_cli.model.config import EncoderConfig, PretrainConfig
-from ecgfm_cli.model.encoder import EcgEncoder
+from ecgfm_cli.model.encoder import FUSIONS, EcgEncoder
 from ecgfm_cli.model.masking import compute_span_mask
 from ecgfm_cli.model.quantizer import GumbelVectorQuantizer
 from ecgfm_cli.model.stats import BATCH, Stats, per, weight
@@ -183,6 +184,7 @@ class Wav2Vec2Pretrainer(nn.Module):
         self.project_q = nn.Linear(cfg.final_dim, cfg.final_dim)
         self.final_proj = nn.Linear(embed_dim, cfg.final_dim)
         self.dropout_features = nn.Dropout(cfg.dropout_features)
+        self._compiled_heads = None  # Fusions.compile_heads: torch.compile(self.heads), built on first use
 
     def set_num_updates(self, num_updates: int, progress: float | None = None) -> None:
         """Set the optimizer-step counter (and, for a ``"run"`` temperature schedule, the run's progress in
@@ -221,8 +223,9 @@ class Wav2Vec2Pretrainer(nn.Module):
         normed, h = self.encoder.project(features)
         zero = features_pen.new_zeros(())
         if cfg.w2v:
-            x_out, logits, mask, negatives_idx, qstats = self._masked(normed, h, mask, negatives_idx, generator)
-            contrastive, ppl, code_ppl = contrastive_loss(logits), qstats["prob_perplexity"], qstats["code_perplexity"]
+            x_out, logits, contrastive, mask, negatives_idx, qstats = self._masked(normed, h, mask, negatives_idx,
+                                                                                   generator)
+            ppl, code_ppl = qstats["prob_perplexity"], qstats["code_perplexity"]
             diversity = (self.quantizer.total_vars - ppl) / self.quantizer.total_vars
             sample_size = count = torch.full((), float(logits.shape[0] * logits.shape[1]), device=x.device)
             penalties = cfg.diversity_weight * diversity + cfg.features_pen_weight * features_pen
@@ -243,10 +246,11 @@ class Wav2Vec2Pretrainer(nn.Module):
         return PretrainOutput(loss, stats, x_out, logits, mask if cfg.w2v else None, negatives_idx if cfg.w2v else None)
 
     def _masked(self, normed: Tensor, h: Tensor, mask: Tensor | None, negatives_idx: Tensor | None,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+                generator: torch.Generator | None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """The W2V half of :meth:`forward`: mask ``h (B, T, D)``, contextualise it, quantize the masked frames of
         ``normed (B, T, C)`` and score the predictions against them. Returns ``x_out (B, T, D)``, ``logits
-        (B, T', 1+N)``, the mask and negatives used, and the quantizer's statistics."""
+        (B, T', 1+N)``, the summed InfoNCE, the mask and negatives used, and the quantizer's statistics."""
         cfg = self.cfg
         bsz, tsz, _ = normed.shape
         if mask is None:  # drawn on CPU, so checking it and locating its frames never waits for the GPU
@@ -261,13 +265,57 @@ class Wav2Vec2Pretrainer(nn.Module):
         mask = mask.to(device=h.device, dtype=torch.bool, non_blocking=True)
         x_out = self.encoder.contextualize(torch.where(mask.unsqueeze(-1), self.mask_emb.to(h.dtype), h))
 
-        q, qstats = self.quantizer(_take_frames(self.dropout_features(normed), positions), generator=generator)
-        y = self.project_q(q)
+        # the random draws in the order of the eager heads: dropout, Gumbel noise, then the negatives
+        dropped = self.dropout_features(normed)
+        tau = self.quantizer.temperature_tensor(h.device)
+        if FUSIONS.compile_heads:
+            gumbels = self.quantizer.noise(positions.numel(), h.device, generator) if self.quantizer.training else None
+            if negatives_idx is None:
+                negatives_idx = sample_negative_indices(bsz, n_per_row, cfg.num_negatives, generator=generator,
+                                                        device=h.device)
+            logits, contrastive, qstats = self.compiled_heads()(dropped, x_out, positions, negatives_idx, tau,
+                                                                gumbels)
+            return x_out, logits, contrastive, mask, negatives_idx, qstats
+        y, qstats = self.targets(dropped, positions, tau, generator=generator)
         if negatives_idx is None:
             negatives_idx = sample_negative_indices(bsz, n_per_row, cfg.num_negatives, generator=generator,
                                                     device=h.device)
-        logits = contrastive_logits(self.final_proj(_take_frames(x_out, positions)), y, negatives_idx, cfg.logit_temp)
-        return x_out, logits, mask, negatives_idx, qstats
+        logits, contrastive = self.score(x_out, positions, y, negatives_idx)
+        return x_out, logits, contrastive, mask, negatives_idx, qstats
+
+    def targets(self, features: Tensor, positions: Tensor, tau: Tensor, gumbels: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The contrastive targets: the quantized, projected masked frames ``y (B, T', F)`` of ``features (B, T,
+        C)`` (the normalised conv features after ``dropout_features``) at ``positions (B, T')``, at Gumbel
+        temperature ``tau`` (0-d), with the quantizer's statistics (see :meth:`GumbelVectorQuantizer.quantize`
+        for ``gumbels`` and ``generator``)."""
+        q, qstats = self.quantizer.quantize(_take_frames(features, positions), tau, gumbels, generator)
+        return self.project_q(q), qstats
+
+    def score(self, x_out: Tensor, positions: Tensor, y: Tensor, negatives_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The predictions of the masked frames (``final_proj`` of ``x_out (B, T, D)`` at ``positions (B, T')``)
+        against the targets ``y (B, T', F)`` and their negatives ``(B, T', N)``: ``logits (B, T', 1+N)`` float32
+        and the summed InfoNCE (0-d)."""
+        logits = contrastive_logits(self.final_proj(_take_frames(x_out, positions)), y, negatives_idx,
+                                    self.cfg.logit_temp)
+        return logits, contrastive_loss(logits)
+
+    def heads(self, features: Tensor, x_out: Tensor, positions: Tensor, negatives_idx: Tensor, tau: Tensor,
+              gumbels: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """:meth:`targets` and :meth:`score` in one function, every random draw given (``gumbels`` from
+        :meth:`GumbelVectorQuantizer.noise` in training, None in eval): ``(logits, summed InfoNCE, quantizer
+        statistics)``. What :data:`~ecgfm_cli.model.encoder.FUSIONS` ``.compile_heads`` compiles."""
+        y, qstats = self.targets(features, positions, tau, gumbels)
+        logits, contrastive = self.score(x_out, positions, y, negatives_idx)
+        return logits, contrastive, qstats
+
+    def compiled_heads(self) -> Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]:
+        """``torch.compile(self.heads, dynamic=True)``, built once per model: the batch size and the masked
+        count T' change between updates and the temperature is a tensor input, so one compiled graph serves
+        every update (tested). Default mode (the per-update shapes would re-record CUDA graphs)."""
+        if self._compiled_heads is None:
+            self._compiled_heads = torch.compile(self.heads, dynamic=True)
+        return self._compiled_heads
 
 
 def infonce_correct(logits: Tensor | None, zero: Tensor) -> Tensor:

@@ -22,22 +22,34 @@ def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tens
     (probability 2^-24 per draw in float32) gives ``-inf``, a code that cannot win that frame, the limit of the
     tail. ``generator``: a CPU generator also serves a GPU ``like`` (drawn on the CPU, then copied).
     """
-    if generator is not None and generator.device != like.device:
-        u = torch.rand(like.shape, dtype=like.dtype, generator=generator).to(like.device)
+    return gumbel_draw(like.shape, like.dtype, like.device, generator)
+
+
+def gumbel_draw(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
+                generator: torch.Generator | None = None) -> Tensor:
+    """:func:`gumbel_noise` of a given shape, dtype and device (no tensor to imitate)."""
+    if generator is not None and generator.device != torch.device(device):
+        u = torch.rand(shape, dtype=dtype, generator=generator).to(device)
     else:
-        u = torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+        u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
     return u.log_().neg_().log_().neg_()
 
 
-def gumbel_softmax_hard(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+def straight_through(logits: Tensor, gumbels: Tensor, tau: Tensor | float) -> Tensor:
+    """The straight-through hard sample of ``logits`` perturbed by given ``gumbels`` (same shape) at
+    temperature ``tau`` (a 0-d tensor under ``torch.compile``: a float would be baked into the graph): forward
+    one-hot (the argmax over the last dim), backward the soft sample's gradient."""
+    soft = ((logits + gumbels) / tau).softmax(dim=-1)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft
+
+
+def gumbel_softmax_hard(logits: Tensor, tau: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
     """Straight-through Gumbel-softmax over the last dim: forward is one-hot, backward is the soft sample's grad.
 
     Same estimator as ``F.gumbel_softmax(hard=True)``, with an optional generator for reproducible noise.
     """
-    gumbels = gumbel_noise(logits, generator)
-    soft = ((logits + gumbels) / tau).softmax(dim=-1)
-    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
-    return hard - soft.detach() + soft
+    return straight_through(logits, gumbel_noise(logits, generator), tau)
 
 
 class GumbelVectorQuantizer(nn.Module):
@@ -100,10 +112,29 @@ class GumbelVectorQuantizer(nn.Module):
         if progress is not None:
             self.progress = float(progress)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Quantize ``x (B, T, dim)``.
+    def temperature_tensor(self, device: torch.device | str) -> Tensor:
+        """:attr:`temperature` as a 0-d float32 tensor on ``device``, made fresh each forward (one fill, no copy
+        from the host). Compiled code takes it as an input, so a new temperature each update does not recompile
+        it, as a Python float or the ``num_updates`` attribute read inside would. Not a registered buffer: the
+        state dict keeps fairseq's keys, and DDP does not broadcast it every forward."""
+        return torch.full((), self.temperature, dtype=torch.float32, device=device)
 
-        Training: straight-through hard Gumbel-softmax at the current temperature; eval: argmax one-hot.
+    def noise(self, frames: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+        """The Gumbel noise :meth:`quantize` needs for ``frames`` (= B * T) frames in training: float32
+        ``(frames, groups, num_vars)`` on ``device``, the draws :meth:`forward` would make."""
+        return gumbel_draw((frames, self.groups, self.num_vars), torch.float32, device, generator)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Quantize ``x (B, T, dim)`` at the current temperature, the noise drawn here (see :meth:`quantize`)."""
+        return self.quantize(x, self.temperature_tensor(x.device), generator=generator)
+
+    def quantize(self, x: Tensor, tau: Tensor, gumbels: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Quantize ``x (B, T, dim)`` at temperature ``tau`` (0-d tensor).
+
+        Training: straight-through hard Gumbel-softmax, perturbed by ``gumbels`` (``(B*T, groups, num_vars)``
+        float32, :meth:`noise`; compiled code takes them drawn) or else by noise drawn from ``generator``;
+        eval: argmax one-hot. No host sync and no data-dependent shape, so it compiles to one graph.
 
         Returns:
             ``quantized (B, T, vq_dim)`` and stats: ``prob_perplexity`` (perplexity of the batch-averaged softmax,
@@ -114,14 +145,18 @@ class GumbelVectorQuantizer(nn.Module):
         logits = self.weight_proj(x).view(bsz * tsz, self.groups, self.num_vars)
         with torch.no_grad():
             codes = logits.argmax(dim=-1)  # (B*T, G)
-            # the codes' frequencies by counting: the batch mean of their one-hot, without building it
-            offsets = torch.arange(self.groups, device=codes.device) * self.num_vars
-            counts = torch.bincount((codes + offsets).view(-1), minlength=self.total_vars)
+            # the codes' frequencies by counting: the batch mean of their one-hot, without building it (a
+            # scatter-add of ones, not bincount, whose output size depends on the data and breaks a graph)
+            flat = (codes + torch.arange(self.groups, device=codes.device) * self.num_vars).view(-1)
+            counts = torch.zeros(self.total_vars, dtype=torch.long, device=codes.device)
+            counts = counts.scatter_add_(0, flat, torch.ones_like(flat))
             code_ppl = _perplexity(counts.view(self.groups, self.num_vars).float() / codes.shape[0])
         prob_ppl = _perplexity(logits.float().softmax(dim=-1).mean(dim=0))
 
-        if self.training:
-            onehot = gumbel_softmax_hard(logits.float(), self.temperature, generator).type_as(logits)
+        if self.training and gumbels is not None:
+            onehot = straight_through(logits.float(), gumbels, tau).type_as(logits)
+        elif self.training:
+            onehot = gumbel_softmax_hard(logits.float(), tau, generator).type_as(logits)
         else:
             onehot = torch.zeros_like(logits).scatter_(-1, codes.unsqueeze(-1), 1.0)
         # (B*T, G, V) x (G, V, d) -> (B*T, G, d); a contraction instead of fairseq's broadcast-multiply-sum,
@@ -131,7 +166,7 @@ class GumbelVectorQuantizer(nn.Module):
         stats = {
             "prob_perplexity": prob_ppl,
             "code_perplexity": code_ppl,
-            "temperature": torch.full((), self.temperature, device=x.device),
+            "temperature": tau.detach().clone(),
             "codes": codes.view(bsz, tsz, self.groups),
         }
         return q, stats
