@@ -332,6 +332,10 @@ def test_a_lost_peer_is_one_line_and_the_timeout_is_settable(monkeypatch) -> Non
 
     with pytest.raises(EcgfmError, match="rank 3 of 8 lost"):
         distributed._guarded(dies, ())
+    # gloo's timeout raised inside a backward names neither gloo nor the process group
+    stalled = distributed.peer_failure(RuntimeError("Application timeout caused pair closure"))
+    assert stalled is not None and stalled.startswith("rank 3 of 8 lost the other processes of the job "
+                                                      "(Application timeout caused pair closure)")
     assert distributed.peer_failure(RuntimeError("shape mismatch")) is None  # a bug keeps its traceback
     with pytest.raises(RuntimeError, match="shape mismatch"):
         distributed._guarded(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")), ())

@@ -57,7 +57,9 @@ def peer_failure(error: BaseException) -> str | None:
     """One line for an error of the process group (a peer's connection closed, a collective timed out), or None
     when ``error`` is something else. Says which rank saw it and how to continue."""
     text = str(error)
-    if not (isinstance(error, dist.DistError) or re.search(r"gloo|NCCL|ProcessGroup|c10d", text)):
+    # gloo's timeout inside a backward surfaces as "Application timeout caused pair closure", no name in it
+    if not (isinstance(error, dist.DistError)
+            or re.search(r"gloo|NCCL|ProcessGroup|c10d|pair closure|Application timeout", text)):
         return None
     why = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     why = re.sub(r"^\[[^\]]*\]\s*", "", why)  # the C++ source location
