@@ -184,6 +184,12 @@ def test_done_marker_must_match_the_parts(sample_data, tmp_path):
     (rec / marker["parts"][0]).rename(rec / "records-s00000of00001-p00007.parquet")
     res = run_cli("segment", rec, "-o", tmp_path / "seg")
     assert res.returncode == 2 and b"lacks records-s00000of00001-p00000.parquet" in res.stderr
+    # a hand-edited marker whose parts are not a list of names: one line, not a TypeError traceback
+    (rec / "records-s00000of00001-p00007.parquet").rename(rec / marker["parts"][0])
+    (rec / "_done-s00000of00001.json").write_text(json.dumps({**marker, "parts": 3}))
+    res = run_cli("segment", rec, "-o", tmp_path / "seg")
+    assert res.returncode == 2 and b"damaged done marker (_done-s00000of00001.json" in res.stderr
+    assert b"Traceback" not in res.stderr
 
 
 def test_a_shard_holding_no_file_is_complete(sample_data, tmp_path):

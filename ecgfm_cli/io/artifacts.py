@@ -764,7 +764,10 @@ def _marker_fault(done: dict | None, entry: dict) -> str | None:
         return f"has an unreadable done marker ({entry['done'].name})"
     if "parts" not in done:  # markers of embed's shards list no parts
         return None
-    listed = set(done["parts"] or ())
+    parts = done["parts"] or []
+    if not isinstance(parts, list) or not all(isinstance(f, str) for f in parts):
+        return f"has a damaged done marker ({entry['done'].name}: its parts are not a list of file names)"
+    listed = set(parts)
     missing = sorted(listed - entry["parts"])
     if missing:
         more = f" and {len(missing) - 1} more part(s)" if len(missing) > 1 else ""
