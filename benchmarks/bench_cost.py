@@ -147,6 +147,13 @@ def run_pipe(n: int, heads: list[Path], tmp: Path, args: argparse.Namespace) -> 
     return res
 
 
+def brief(res: dict) -> dict:
+    """The line printed per size: the counts of ``res`` as they are, and of each step's measurements the cost per
+    unit (CPU ms, bytes), peak RSS (MiB) and wall time (s)."""
+    keep = ("cpu_ms_per", "bytes_per", "peak_rss_mib", "wall_s")
+    return {k: {x: v[x] for x in keep} if isinstance(v, dict) else v for k, v in res.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2000,20000", help="corpus sizes (records) for the full chain")
@@ -167,12 +174,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ecgfm-cost-", dir=args.tmp) as tmp:
         for k, n in enumerate(int(s) for s in args.sizes.split(",") if s):
             out["full"][n] = r = run_size(n, heads, Path(tmp), args, first=k == 0)
-            print(json.dumps({n: {k: (v if not isinstance(v, dict) else {x: v[x] for x in (
-                "cpu_ms_per", "bytes_per", "peak_rss_mib", "wall_s")}) for k, v in r.items()}}), flush=True)
+            print(json.dumps({n: brief(r)}), flush=True)
         for n in [int(s) for s in args.pipe_sizes.split(",") if s]:
             out["pipe"][n] = r = run_pipe(n, heads, Path(tmp), args)
-            print(json.dumps({f"pipe {n}": {k: (v if not isinstance(v, dict) else {x: v[x] for x in (
-                "cpu_ms_per", "bytes_per", "peak_rss_mib", "wall_s")}) for k, v in r.items()}}), flush=True)
+            print(json.dumps({f"pipe {n}": brief(r)}), flush=True)
     out["load_avg_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_main as ecgfm
+from conftest import segment_sample
 from hf_reference import fairseq_cfg_model, random_fairseq_state, to_finetuned_layout
-from typer.testing import CliRunner
 
-from ecgfm_cli.cli import app
 from ecgfm_cli.commands.convert import MIMIC_IV_ECG_LABELS, challenge2021_labels, resolve_labels
 from ecgfm_cli.model.checkpoint import load_checkpoint
 from ecgfm_cli.model.config import preset
@@ -28,11 +27,7 @@ def _trainer_dict(cfg_model: dict, state: dict) -> dict:
 @pytest.fixture(scope="module")
 def files(sample_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("convert")
-    runner = CliRunner()
-    for args in (["ingest", sample_data / "challenge2021", "-o", root / "rec"],
-                 ["segment", root / "rec", "-o", root / "seg.parquet"]):
-        res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        assert res.exit_code == 0, res.output
+    segment_sample(sample_data / "challenge2021", root, segments="seg.parquet")
     state = random_fairseq_state(TINY, seed=4)
     torch.save(_trainer_dict(fairseq_cfg_model(TINY), state), root / "pretrained.pt")
     ft = to_finetuned_layout(random_fairseq_state(TINY, seed=4, weight_norm="parametrizations"), n_labels=17)

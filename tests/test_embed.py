@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import invoke, segment_sample
 from conftest import run_main as ecgfm
 
 from ecgfm_cli.contract import Contract
@@ -27,21 +28,11 @@ from ecgfm_cli.model.inference import Dense, attention, inference_copy
 TINY = preset("tiny")
 
 
-def _run(*args) -> None:
-    from typer.testing import CliRunner
-
-    from ecgfm_cli.cli import app
-
-    res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-
-
 @pytest.fixture(scope="module")
 def data(sample_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("embed")
-    _run("ingest", sample_data / "challenge2021", "-o", root / "rec")
-    _run("segment", root / "rec", "-o", root / "seg.parquet")
-    _run("segment", root / "rec", "-o", root / "seg250.parquet", "--sample-rate", "250")
+    segment_sample(sample_data / "challenge2021", root, segments="seg.parquet")
+    invoke("segment", root / "records", "-o", root / "seg250.parquet", "--sample-rate", "250")
     torch.manual_seed(0)
     enc = EcgEncoder(TINY)
     save_checkpoint(root / "ckpt", enc.state_dict(), make_config("encoder", TINY))
@@ -290,7 +281,7 @@ def test_contract_mismatch_names_the_field(data, capsys):
 
 
 def test_wrong_length_or_leads(data, capsys, tmp_path):
-    _run("segment", data["root"] / "rec", "-o", tmp_path / "s4.parquet", "--seconds", "4")
+    invoke("segment", data["root"] / "records", "-o", tmp_path / "s4.parquet", "--seconds", "4")
     code, err = ecgfm(capsys, "embed", tmp_path / "s4.parquet", "--model", data["ckpt"], "-o", tmp_path / "x.npz")
     assert code == 2 and "window: segments have 2000, model expects 2500" in err
     # without contract metadata, the shape check alone refuses
@@ -342,7 +333,7 @@ def test_empty_input(data, capsys, tmp_path):
 def test_output_directory_of_another_artifact_is_refused(data, capsys, tmp_path):
     """Embeddings written into a segments directory would clear its done-marker and mix two artifacts."""
     segs = tmp_path / "segs"
-    _run("segment", data["root"] / "rec", "-o", segs)
+    invoke("segment", data["root"] / "records", "-o", segs)
     before = sorted(p.name for p in segs.iterdir())
     code, err = ecgfm(capsys, "embed", segs, "--model", data["ckpt"], "-o", segs)
     assert code == 2 and "already holds segments" in err

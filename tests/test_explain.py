@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_main as ecgfm
+from conftest import segment_sample
 
 from ecgfm_cli.contract import STANDARD_LEADS
 from ecgfm_cli.explain import (
@@ -227,18 +228,13 @@ def test_smooth_and_normalise():
 @pytest.fixture(scope="module")
 def data(sample_data, tmp_path_factory) -> dict[str, Path]:
     import torch
-    from typer.testing import CliRunner
 
-    from ecgfm_cli.cli import app
     from ecgfm_cli.model.checkpoint import make_config, save_checkpoint
     from ecgfm_cli.model.config import preset
     from ecgfm_cli.model.encoder import EcgClassifier
 
     root = tmp_path_factory.mktemp("explain")
-    for args in (["ingest", sample_data / "challenge2021", "-o", root / "rec"],
-                 ["segment", root / "rec", "-o", root / "seg.parquet"]):
-        res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-        assert res.exit_code == 0, res.output
+    segment_sample(sample_data / "challenge2021", root, segments="seg.parquet")
     cfg = replace(preset("tiny"), feature_grad_mult=0.0)  # as finetune saves it: conv stack frozen
     torch.manual_seed(0)
     model = EcgClassifier(cfg, 2)
@@ -249,7 +245,7 @@ def data(sample_data, tmp_path_factory) -> dict[str, Path]:
     import pyarrow.parquet as pq
 
     rid = pq.read_table(root / "seg.parquet", columns=["record_id"]).column("record_id")[0].as_py()
-    return {"rec": root / "rec", "seg": root / "seg.parquet", "clf": root / "clf", "enc": root / "enc", "rid": rid}
+    return {"rec": root / "records", "seg": root / "seg.parquet", "clf": root / "clf", "enc": root / "enc", "rid": rid}
 
 
 def test_explain_cli_record_segment_and_saliency(data, tmp_path, capsys):

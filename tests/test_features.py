@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_main as ecgfm
+from conftest import segment_sample
 
 from ecgfm_cli.features import (
     FEATURES,
@@ -129,16 +130,7 @@ def test_missing_neurokit_says_how_to_install(monkeypatch):
 
 @pytest.fixture(scope="module")
 def segments(sample_data, tmp_path_factory) -> Path:
-    from typer.testing import CliRunner
-
-    from ecgfm_cli.cli import app
-
-    root = tmp_path_factory.mktemp("features")
-    for args in (["ingest", sample_data / "challenge2021", "-o", root / "rec"],
-                 ["segment", root / "rec", "-o", root / "seg.parquet"]):
-        res = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-    return root / "seg.parquet"
+    return segment_sample(sample_data / "challenge2021", tmp_path_factory.mktemp("features"), segments="seg.parquet")
 
 
 def test_embed_features_cli_writes_an_embeddings_artifact_probe_reads(segments, tmp_path, capsys):

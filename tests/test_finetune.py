@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import invoke
 from typer.testing import CliRunner
 
 from ecgfm_cli.cli import app
@@ -30,24 +31,17 @@ MAP = "code,label\n164889003,AF\n426783006,NSR\n59118001,RBBB\n713427006,RBBB\n"
 FAST = ("--batch-size", "8", "--lr", "1e-3", "--patience", "0")
 
 
-def invoke(*args) -> None:
-    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-
-
 @pytest.fixture(scope="module")
-def data(sample_data: Path, tmp_path_factory) -> dict[str, Path]:
-    """Segments of the 22 Challenge 2021 records (46 segments; labels-*.parquet beside them), a 3-label map,
-    and a tiny random 'pretrained' encoder checkpoint."""
+def data(challenge_segments: Path, tmp_path_factory) -> dict[str, Path]:
+    """Segments of the 22 Challenge 2021 records (the session's: 46 segments, labels-*.parquet beside them), a
+    3-label map, and a tiny random 'pretrained' encoder checkpoint."""
     root = tmp_path_factory.mktemp("finetune")
-    invoke("ingest", sample_data / "challenge2021", "-o", root / "records")
-    invoke("segment", root / "records", "-o", root / "segments")
     (root / "map.csv").write_text(MAP)
     torch.manual_seed(3)
     enc = EcgEncoder(preset("tiny"))
     save_checkpoint(root / "init", enc.state_dict(), make_config("encoder", preset("tiny"), contract=Contract()))
-    return {"root": root, "segments": root / "segments", "records": root / "records", "map": root / "map.csv",
-            "init": root / "init"}
+    return {"root": root, "segments": challenge_segments, "records": challenge_segments.parent / "records",
+            "map": root / "map.csv", "init": root / "init"}
 
 
 def _segments(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from ecgfm_cli.cli import app
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.train.finetune import FinetuneOptions, prepare
 
 
 @pytest.fixture(scope="module")
-def segments(sample_data: Path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ft_labels")
-    runner = CliRunner()
-    for args in (["ingest", str(sample_data / "challenge2021"), "-o", str(root / "records")],
-                 ["segment", str(root / "records"), "-o", str(root / "segments")]):
-        res = runner.invoke(app, args, catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-    return root / "segments"
+def segments(challenge_segments: Path) -> Path:
+    """The 22 Challenge 2021 sample records' segments (the session's: read only)."""
+    return challenge_segments
 
 
 def _labels(segments: Path, path: Path, coding: tuple[int, int]) -> Path:

@@ -20,13 +20,11 @@ def dead_pid() -> int:
     return p.pid
 
 
-def test_a_killed_runs_partial_checkpoint_is_removed_on_resume(sample_data: Path, tmp_path: Path) -> None:
+def test_a_killed_runs_partial_checkpoint_is_removed_on_resume(challenge_segments: Path, tmp_path: Path) -> None:
     """`kill -9` while a checkpoint is written leaves `.checkpoint-N.partial-PID` (a full model copy, tens of MB
     for base); the resumed run deletes it. A live process's partial directory is left alone."""
-    invoke("ingest", sample_data / "challenge2021", "-o", tmp_path / "rec")
-    invoke("segment", tmp_path / "rec", "-o", tmp_path / "seg")
     run = tmp_path / "run"
-    invoke("pretrain", tmp_path / "seg", "-o", run, *TINY, "--max-updates", "2", "--save-every", "2")
+    invoke("pretrain", challenge_segments, "-o", run, *TINY, "--max-updates", "2", "--save-every", "2")
     dead = run / f".checkpoint-4.partial-{dead_pid()}"
     (dead / "sub").mkdir(parents=True)
     (dead / "sub" / "model.safetensors").write_bytes(b"\0" * 1024)
@@ -34,7 +32,7 @@ def test_a_killed_runs_partial_checkpoint_is_removed_on_resume(sample_data: Path
     beyond.mkdir()
     live = run / f".checkpoint-6.partial-{1}"  # pid 1 is always alive
     live.mkdir()
-    out = invoke("pretrain", tmp_path / "seg", "-o", run, *TINY, "--max-updates", "3", "--save-every", "3",
+    out = invoke("pretrain", challenge_segments, "-o", run, *TINY, "--max-updates", "3", "--save-every", "3",
                  "--resume")
     assert not dead.exists() and not beyond.exists()
     assert live.exists()

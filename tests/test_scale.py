@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import make_segments, segment_sample
 from conftest import run_main as ecgfm
 
 from ecgfm_cli.io.artifacts import open_artifact
@@ -22,19 +23,9 @@ EMBED = ("--random-init", "--preset", "tiny", "--seed", "2")
 @pytest.fixture(scope="module")
 def segs(sample_data: Path, tmp_path_factory) -> Path:
     """A segments directory written by 3 ``ingest --shard`` + ``segment --shard`` jobs (3 files)."""
-    from typer.testing import CliRunner
-
-    from ecgfm_cli.cli import app
-
-    root = tmp_path_factory.mktemp("scale")
-    runner = CliRunner()
-    for cmd in (["ingest", str(sample_data / "challenge2021"), "-o", str(root / "rec")],
-                ["segment", str(root / "rec"), "-o", str(root / "seg")]):
-        for i in range(3):
-            res = runner.invoke(app, [*cmd, "--shard", f"{i}/3"])
-            assert res.exit_code == 0, res.output
-    assert len(list((root / "seg").glob("segments-*.parquet"))) == 3
-    return root / "seg"
+    seg = segment_sample(sample_data / "challenge2021", tmp_path_factory.mktemp("scale"), shards=3)
+    assert len(list(seg.glob("segments-*.parquet"))) == 3
+    return seg
 
 
 def _table(path: Path) -> pa.Table:
@@ -101,33 +92,6 @@ def test_embed_shards_refuse_what_would_not_form_one_artifact(segs: Path, tmp_pa
 # ------------------------------------------------------------------------ pretraining data over many files
 
 
-def _many_files(path: Path, records: int, files: int, window: int = 16) -> Path:
-    """A segments directory of ``files`` shards written as ``segment --shard`` writes them; record r has 2 + r % 3
-    segments and lead 0 of its segment s holds ``1000 * r + 10 * s + 1`` at sample 0."""
-    from ecgfm_cli.contract import Contract
-    from ecgfm_cli.io.artifacts import ArtifactWriter, Output, write_done_marker
-    from ecgfm_cli.io.schema import segments_schema
-
-    contract = Contract(window=window, stride=window)
-    schema = segments_schema(12, window).with_metadata({b"ecgfm.contract": contract.to_json().encode()})
-    for i in range(files):
-        rows = [(r, s) for r in range(i, records, files) for s in range(2 + r % 3)]
-        sig = np.zeros((len(rows), 12, window), np.float32)
-        sig[:, 0, 0] = [1000 * r + 10 * s + 1 for r, s in rows]
-        n = len(rows)
-        cols = {"record_id": pa.array([f"rec{r:05d}" for r, _ in rows]),
-                "segment_index": pa.array([s for _, s in rows], pa.int32()),
-                "start_sample": pa.array([s * window for _, s in rows], pa.int64()),
-                "signal": pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), 12 * window),
-                "lead_present": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * 12, bool)), 12),
-                "sample_rate_orig": pa.array([500.0] * n), "padded": pa.array([False] * n)}
-        w = ArtifactWriter(Output("dir", path), "segments", schema, shard=(i, files), row_group_rows=4)
-        w.write(pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema))
-        w.close()
-        write_done_marker(path, (i, files), {"kind": "segments", "segments": n, "parts": [f.name for f in w.files]})
-    return path
-
-
 def test_each_rank_reads_only_its_files(tmp_path: Path, monkeypatch) -> None:
     """16 files, 2 ranks x 2 loader workers: every rank opens only its own files (none opens every file), the
     ranks' files are disjoint and together every file, each pair comes out once and intact, and a file keeps its
@@ -136,7 +100,8 @@ def test_each_rank_reads_only_its_files(tmp_path: Path, monkeypatch) -> None:
 
     from ecgfm_cli.train import data
 
-    index = data.open_segments(_many_files(tmp_path / "seg", records=96, files=16))
+    index = data.open_segments(make_segments(tmp_path / "seg", [2 + r % 3 for r in range(96)], window=16,
+                                             rows_per_group=4, files=16))
     cfg = data.LoaderConfig(batch_size=4, world_size=2, workers=2, rlm=False, shuffle_buffer=8)
     opened: list[str] = []
 

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import make_segments
 
 from ecgfm_cli.contract import Contract
 from ecgfm_cli.errors import EcgfmError
-from ecgfm_cli.io.artifacts import ArtifactWriter, Output, write_done_marker
-from ecgfm_cli.io.schema import segments_schema
 from ecgfm_cli.train.data import (
     LoaderConfig,
     assign_units,
@@ -21,39 +20,6 @@ from ecgfm_cli.train.data import (
     make_loader,
     open_segments,
 )
-
-
-def make_segments(path: Path, counts: list[int], window: int = 2500, n_leads: int = 12, rows_per_group: int = 128,
-                  contract: Contract | None = None, seed: int = 0, write_rows: int | None = None,
-                  dtype: str = "float32") -> Path:
-    """Write a segments artifact: record r has ``counts[r]`` segments. Lead l of segment s of record r holds
-    ``1000 * r + 10 * s + l + 1`` at sample 0 (the rest is noise), so tests can see what they got."""
-    contract = contract or Contract(window=window, stride=window)
-    schema = segments_schema(n_leads, window, dtype).with_metadata(
-        {b"ecgfm.contract": contract.to_json().encode()})
-    w = ArtifactWriter(Output("dir", path), "segments", schema, row_group_rows=rows_per_group)
-    rng = np.random.default_rng(seed)
-    rows = [(r, s) for r, n in enumerate(counts) for s in range(n)]
-    step = write_rows or len(rows) or 1
-    for i in range(0, len(rows), step):
-        chunk = rows[i:i + step]
-        n = len(chunk)
-        sig = rng.standard_normal((n, n_leads, window), dtype=np.float32)
-        for k, (r, s) in enumerate(chunk):
-            sig[k, :, 0] = 1000 * r + 10 * s + np.arange(n_leads) + 1
-        cols = {
-            "record_id": pa.array([f"rec{r:05d}" for r, _ in chunk]),
-            "segment_index": pa.array([s for _, s in chunk], pa.int32()),
-            "start_sample": pa.array([s * window for _, s in chunk], pa.int64()),
-            "signal": pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1).astype(dtype)), n_leads * window),
-            "lead_present": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * n_leads, bool)), n_leads),
-            "sample_rate_orig": pa.array([500.0] * n),
-            "padded": pa.array([False] * n),
-        }
-        w.write(pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema))
-    w.close()
-    write_done_marker(path, (0, 1), {"kind": "segments", "segments": len(rows), "parts": [f.name for f in w.files]})
-    return path
 
 
 def decode(x: np.ndarray) -> list[tuple[int, int]]:

@@ -8,15 +8,18 @@ prepare_data
 mkdir -p "$OUT/emb" "$OUT/probe" "$OUT/eval"
 for enc in recipe random; do
     if [ "$enc" = recipe ]; then src=(--model "$CKPT"); else src=(--random-init --preset small --seed 0); fi
-    emb=$OUT/emb/seg-$enc.parquet
+    emb=$OUT/emb/seg-$enc.parquet pred=$OUT/probe/seg-$enc.parquet log=$OUT/probe/seg-$enc.log
     embed_once "$emb" "${src[@]}"
-    if [ -n "${FORCE:-}" ] || [ ! "$OUT/eval/seg-$enc-min.json" -nt "$emb" ]; then
-        "$ECGFM" probe "$emb" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 \
-            -o "$OUT/probe/seg-$enc.parquet" 2> "$OUT/probe/seg-$enc.log"
+    # each step only when its input is newer than its output (FORCE=1: all again), as probe_embeddings does
+    if [ -n "${FORCE:-}" ] || [ ! "$pred" -nt "$emb" ]; then
+        : > "$log"
+        probe_to challenge "$emb" "$pred" "$log"
     fi
     for how in max mean min; do
-        "$ECGFM" evaluate "$OUT/probe/seg-$enc.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 \
-            --aggregate "$how" --bootstrap 0 -o "$OUT/eval/seg-$enc-$how.json" > /dev/null 2>&1
+        report=$OUT/eval/seg-$enc-$how.json
+        if [ -n "${FORCE:-}" ] || [ ! "$report" -nt "$pred" ]; then
+            evaluate_to challenge "$pred" "$report" "$log" --aggregate "$how"
+        fi
     done
 done
 for level in segment record; do

@@ -96,26 +96,58 @@ embed_once() {
     "$ECGFM" embed "$EVAL_SEG" "$@" --threads "$THREADS" -o "$out"
 }
 
-probe_encoder() {
-    # probe_encoder NAME [embed options...]: record-level (mean-pooled) embeddings of the evaluation cohort,
-    # 5-fold out-of-fold logistic probes for its Challenge-2021 labels, and their metrics in $OUT/eval/NAME.json.
-    # NAME is also the row name; the embed options say which encoder (--model CKPT, or --random-init --preset P).
-    local name=$1; shift
-    local emb=$OUT/emb/$name.parquet
-    mkdir -p "$OUT/emb" "$OUT/probe" "$OUT/eval"
-    embed_once "$emb" "$@" --pool record
-    if [ -z "${FORCE:-}" ] && [ "$OUT/eval/$name.json" -nt "$emb" ] && [ "$OUT/eval/$name.demo.json" -nt "$emb" ]
-    then return 0  # probed since its embeddings were made (FORCE=1 probes again)
+probe_to() {
+    # probe_to TARGET EMB PRED LOG [probe options...]: `ecgfm probe --folds 5` (out-of-fold logistic probes) of the
+    # embeddings EMB into PRED, its messages appended to LOG. TARGET: `challenge` (the evaluation cohort's
+    # Challenge-2021 labels) or `demo` (sex and age, $EVAL_DEMO).
+    local target=$1 emb=$2 pred=$3 log=$4; shift 4
+    target_labels "$target"
+    "$ECGFM" probe "$emb" "${TARGET_LABELS[@]}" --folds 5 "$@" -o "$pred" 2>> "$log"
+}
+
+evaluate_to() {
+    # evaluate_to TARGET PRED REPORT LOG [evaluate options...]: `ecgfm evaluate --bootstrap 0` of the predictions
+    # PRED for TARGET (as probe_to) into the report REPORT, its messages appended to LOG.
+    local target=$1 pred=$2 report=$3 log=$4; shift 4
+    target_labels "$target"
+    "$ECGFM" evaluate "$pred" "${TARGET_LABELS[@]}" "$@" --bootstrap 0 -o "$report" > /dev/null 2>> "$log"
+}
+
+target_labels() {  # target_labels challenge|demo: sets TARGET_LABELS to that target's `--labels` options
+    case $1 in
+        challenge) TARGET_LABELS=(--labels "$EVAL_LABELS" --label-map challenge2021) ;;
+        demo) [ -f "$EVAL_DEMO" ] || demographics
+              TARGET_LABELS=(--labels "$EVAL_DEMO") ;;
+        *) echo "target_labels: unknown target '$1' (challenge or demo)" >&2; exit 2 ;;
+    esac
+}
+
+probe_embeddings() {
+    # probe_embeddings EMB NAME [probe options...]: both targets' probes of the embeddings EMB and their metrics in
+    # $OUT/eval/NAME.json and NAME.demo.json (predictions in $OUT/probe/NAME.parquet and NAME.demo.parquet, messages
+    # in $OUT/probe/NAME.log); nothing is done while both reports are newer than EMB (FORCE=1 probes again). The
+    # options go to both probes (fold_noise.sh: --seed S, other folds).
+    local emb=$1 name=$2; shift 2
+    local pred=$OUT/probe/$name report=$OUT/eval/$name log=$OUT/probe/$name.log
+    if [ -z "${FORCE:-}" ] && [ "$report.json" -nt "$emb" ] && [ "$report.demo.json" -nt "$emb" ]
+    then return 0  # probed since its embeddings were made
     fi
-    "$ECGFM" probe "$emb" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 \
-        -o "$OUT/probe/$name.parquet" 2> "$OUT/probe/$name.log"
-    "$ECGFM" evaluate "$OUT/probe/$name.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 --bootstrap 0 \
-        -o "$OUT/eval/$name.json" > /dev/null 2>> "$OUT/probe/$name.log"
-    [ -f "$EVAL_DEMO" ] || demographics
-    "$ECGFM" probe "$emb" --labels "$EVAL_DEMO" --folds 5 -o "$OUT/probe/$name.demo.parquet" \
-        2>> "$OUT/probe/$name.log"
-    "$ECGFM" evaluate "$OUT/probe/$name.demo.parquet" --labels "$EVAL_DEMO" --bootstrap 0 \
-        -o "$OUT/eval/$name.demo.json" > /dev/null 2>> "$OUT/probe/$name.log"
+    mkdir -p "$OUT/probe" "$OUT/eval"
+    : > "$log"
+    probe_to challenge "$emb" "$pred.parquet" "$log" "$@"
+    evaluate_to challenge "$pred.parquet" "$report.json" "$log"
+    probe_to demo "$emb" "$pred.demo.parquet" "$log" "$@"
+    evaluate_to demo "$pred.demo.parquet" "$report.demo.json" "$log"
+}
+
+probe_encoder() {
+    # probe_encoder NAME [embed options...]: record-level (mean-pooled) embeddings of the evaluation cohort in
+    # $OUT/emb/NAME.parquet, then probe_embeddings of them. NAME is also the row name; the embed options say which
+    # encoder (--model CKPT, or --random-init --preset P).
+    local name=$1; shift
+    mkdir -p "$OUT/emb"
+    embed_once "$OUT/emb/$name.parquet" "$@" --pool record
+    probe_embeddings "$OUT/emb/$name.parquet" "$name"
 }
 
 table() {  # table NAME...: one Markdown row per evaluated encoder (AF, macro of the common labels, sex, age)

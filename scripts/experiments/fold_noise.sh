@@ -14,18 +14,8 @@ for name in "${names[@]}"; do
     [ -f "$emb" ] || { echo "fold_noise: $emb is missing: run the script that probes $name first" >&2; exit 2; }
     reports+=("$OUT/eval/$name.json")
     for s in $FOLD_SEEDS; do
-        r=$OUT/eval/$name-folds$s
-        reports+=("$r.json")
-        if [ -z "${FORCE:-}" ] && [ "$r.json" -nt "$emb" ] && [ "$r.demo.json" -nt "$emb" ]; then continue; fi
-        log=$OUT/probe/$name-folds$s.log
-        "$ECGFM" probe "$emb" --labels "$EVAL_LABELS" --label-map challenge2021 --folds 5 --seed "$s" \
-            -o "$OUT/probe/$name-folds$s.parquet" 2> "$log"
-        "$ECGFM" evaluate "$OUT/probe/$name-folds$s.parquet" --labels "$EVAL_LABELS" --label-map challenge2021 \
-            --bootstrap 0 -o "$r.json" > /dev/null 2>> "$log"
-        "$ECGFM" probe "$emb" --labels "$EVAL_DEMO" --folds 5 --seed "$s" \
-            -o "$OUT/probe/$name-folds$s.demo.parquet" 2>> "$log"
-        "$ECGFM" evaluate "$OUT/probe/$name-folds$s.demo.parquet" --labels "$EVAL_DEMO" --bootstrap 0 \
-            -o "$r.demo.json" > /dev/null 2>> "$log"
+        probe_embeddings "$emb" "$name-folds$s" --seed "$s"
+        reports+=("$OUT/eval/$name-folds$s.json")
     done
 done
 "$PY" "$ROOT/scripts/experiments/summarize.py" --spread "${reports[@]}"

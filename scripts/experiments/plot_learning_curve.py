@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from summarize import label_aurocs
+from summarize import label_aurocs, macro_auroc, macro_labels
 
 
 def checkpoints(eval_dir: Path, run: str) -> list[tuple[int, Path]]:
@@ -54,11 +54,10 @@ def main() -> None:
     randoms = [args.eval_dir / f"{name}.json" for name in args.random]
     reports = {p: label_aurocs(json.loads(p.read_text()), "record") for pts in series.values() for _, p in pts}
     reports.update({p: label_aurocs(json.loads(p.read_text()), "record") for p in randoms})
-    common = set.intersection(*(set(r) for r in reports.values()))
-    macro = sorted(k for k in common if min(r[k][1] for r in reports.values()) >= args.min_positives)
+    macro = macro_labels(reports.values(), args.min_positives)
 
-    def macro_of(p: Path) -> float:
-        return sum(reports[p][k][0] for k in macro) / len(macro)
+    def macro_of(p: Path) -> float | None:
+        return macro_auroc(reports[p], macro)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     panels = ((axes[0], macro_of, f"macro AUROC ({len(macro)} labels, >= {args.min_positives} positives)"),

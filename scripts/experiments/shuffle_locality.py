@@ -34,6 +34,19 @@ def codes(values: list) -> np.ndarray:
     return np.array([-1 if v in (None, "") else lookup.setdefault(v, len(lookup)) for v in values], dtype=np.int64)
 
 
+def same_batch_rate(plans: list[np.ndarray], keys: np.ndarray) -> float:
+    """P(two distinct items of one batch share a key), over every batch of ``plans`` (each ``(n_batches,
+    batch_items)`` item rows, as ``epoch_plan`` gives them; null keys never match)."""
+    hits = total = 0
+    for plan in plans:
+        for batch in plan:
+            k = keys[batch]
+            _, c = np.unique(k[k >= 0], return_counts=True)
+            hits += int((c * (c - 1)).sum())
+            total += len(batch) * (len(batch) - 1)
+    return hits / max(total, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("segments", type=Path)
@@ -50,19 +63,11 @@ def main() -> None:
     items = index.pair_first
     print(f"{len(items)} CMSC pairs, batch {args.batch_size} ({cfg.batch_items} pairs), {args.workers} worker(s), "
           f"shuffle buffer {args.shuffle_buffer}, {args.epochs} epoch(s)")
+    plans = [epoch_plan(index, cfg, e, c) for e in range(args.epochs) for c in range(cfg.consumers)]  # planned once
     print("| pairs from | in the loader's batches | global shuffle |")
     print("|---|---|---|")
     for name, key in (("the same source folder", source), ("the same patient", patient)):
-        hits = total = 0
-        for epoch in range(args.epochs):
-            for consumer in range(cfg.consumers):
-                for batch in epoch_plan(index, cfg, epoch, consumer):
-                    k = key[batch]
-                    k = k[k >= 0]
-                    _, c = np.unique(k, return_counts=True)
-                    hits += int((c * (c - 1)).sum())
-                    total += len(batch) * (len(batch) - 1)
-        print(f"| {name} | {hits / max(total, 1):.1%} | {same_rate(key[items]):.1%} |")
+        print(f"| {name} | {same_batch_rate(plans, key):.1%} | {same_rate(key[items]):.1%} |")
 
 
 if __name__ == "__main__":

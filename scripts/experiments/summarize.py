@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 _FOLD_SEED = re.compile(r"-folds\d+$")
@@ -28,6 +29,21 @@ def label_aurocs(report: dict, level: str) -> dict[str, tuple[float, int]]:
     return out
 
 
+def macro_labels(rows: Iterable[dict[str, tuple[float, int]]], min_positives: int) -> list[str]:
+    """The labels of the macro AUROC, the same for every row: those evaluated in each row (``label_aurocs``) with at
+    least ``min_positives`` positives in each, sorted."""
+    rows = list(rows)
+    if not rows:
+        return []
+    common = set.intersection(*(set(r) for r in rows))
+    return sorted(k for k in common if min(r[k][1] for r in rows) >= min_positives)
+
+
+def macro_auroc(row: dict[str, tuple[float, int]], macro: list[str]) -> float | None:
+    """The mean AUROC of ``row`` over the labels ``macro`` (None when there are none)."""
+    return sum(row[k][0] for k in macro) / len(macro) if macro else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reports", nargs="+", type=Path)
@@ -39,8 +55,7 @@ def main() -> None:
     rows = {p.stem: label_aurocs(json.loads(p.read_text()), args.level) for p in args.reports}
     demo = {p.stem: p.with_name(p.stem + ".demo.json") for p in args.reports}
     demo = {k: json.loads(v.read_text())["levels"]["record"]["labels"] for k, v in demo.items() if v.is_file()}
-    common = set.intersection(*(set(r) for r in rows.values()))
-    macro = sorted(k for k in common if min(rows[n][k][1] for n in rows) >= args.min_positives)
+    macro = macro_labels(rows.values(), args.min_positives)
     extra = " sex AUROC | age R^2 |" if demo else ""
     print(f"| encoder | {args.focus} AUROC | macro AUROC ({len(macro)} labels with >= {args.min_positives} "
           f"positives) |{extra}")
@@ -49,7 +64,7 @@ def main() -> None:
     for name, r in rows.items():
         d = demo.get(name, {})
         values[name] = [r[args.focus][0] if args.focus in r else None,
-                        sum(r[k][0] for k in macro) / len(macro) if macro else None,
+                        macro_auroc(r, macro),
                         ((d.get("male") or {}).get("auroc") or {}).get("value"),
                         ((d.get("age") or {}).get("r2") or {}).get("value")]
     groups: dict[str, list[list[float | None]]] = {}
