@@ -20,8 +20,10 @@
 #      mem_efficient), padding under cuDNN attention (whether the mask keeps torch off its fastest kernel), the masks
 #      and negatives drawn on the host as the loader would (--loader-targets), and CUDA graphs + fused q/k/v +
 #      loader targets together; a table of the ratios at the end.
-# SECTIONS (comma-separated, default all): mfu (1.), pretrain (2.), embed (3. and 4.), fusions (5.; its ratios
-# need mfu's batch-256 run). Results land in OUT_DIR (JSON, logs); a summary goes to stdout. Python: $PYTHON or
+# SECTIONS (comma-separated, default all): mfu (1.), pretrain (2.), embed (3. and 4.), fusions (5.; it runs its
+# reference, the compiled batch-256 run, itself when mfu is not asked for). One device call is at most 600 s and a
+# session's device time 15 minutes: give the first call `fusions` alone (12 runs, issue 14's open figures), the next
+# `mfu,pretrain,embed`. Results land in OUT_DIR (JSON, logs); a summary goes to stdout. Python: $PYTHON or
 # python3, with ecgfm_cli importable (installed, or PYTHONPATH=.). `--dry-run OUT_DIR` runs the MFU command lines
 # of mfu and fusions on the CPU (tiny preset, batch 4, one step, not compiled) to check them before a GPU is
 # spent on them.
@@ -65,11 +67,13 @@ if [ "$DRY" -eq 0 ]; then
     $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 fi
 
+if want mfu || want fusions; then  # the reference of section fusions' ratios
+    mfu "MFU base compiled batch 256" 150 --gpus 1 --batch 256 --compile --profile \
+        --json "$OUT/mfu_compiled_b256.json"
+fi
 if want mfu; then
     mfu "MFU base eager batch 128" 90 --gpus 1 --batch 128 --json "$OUT/mfu_eager_b128.json"
     mfu "MFU base compiled batch 128" 150 --gpus 1 --batch 128 --compile --json "$OUT/mfu_compiled_b128.json"
-    mfu "MFU base compiled batch 256" 150 --gpus 1 --batch 256 --compile --profile \
-        --json "$OUT/mfu_compiled_b256.json"
     mfu "MFU base compiled batch 256, sync each update (the old loop)" 150 --gpus 1 --batch 256 --compile \
         --sync-each-update --json "$OUT/mfu_compiled_b256_sync.json"
     mfu "MFU base compiled (CUDA graphs) batch 256" 180 --gpus 1 --batch 256 --compile \
@@ -77,7 +81,7 @@ if want mfu; then
     mfu "MFU base compiled batch 512" 150 --gpus 1 --batch 512 --compile --json "$OUT/mfu_compiled_b512.json"
 fi
 
-if want fusions; then  # issue 14: one switch at a time against "MFU base compiled batch 256" (section mfu)
+if want fusions; then  # issue 14: one switch at a time against "MFU base compiled batch 256"
     mfu "MFU b256 compiled, group_norm fusion off" 120 --gpus 1 --batch 256 --compile --fusions group_norm=0 \
         --json "$OUT/mfu14_group_norm_off.json"
     mfu "MFU b256 compiled, fused q/k/v projection" 150 --gpus 1 --batch 256 --compile --fusions qkv=1 \
