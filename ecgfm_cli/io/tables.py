@@ -134,29 +134,37 @@ class _Batches:
 
 
 class TableFile:
-    """An open Parquet or Arrow IPC file (memory-mapped). ``format``: ``parquet``, ``arrow``, or one of the other
-    Arrow layouts read as ``arrow`` is (``stream``, ``feather1``); ``threads``: let pyarrow decode Parquet columns
-    on its thread pool (off in loader threads that run in parallel already).
+    """An open Parquet or Arrow IPC file (memory-mapped unless ``memory_map`` is False). ``format``: ``parquet``,
+    ``arrow``, or one of the other Arrow layouts read as ``arrow`` is (``stream``, ``feather1``); ``threads``: let
+    pyarrow decode Parquet columns on its thread pool (off in loader threads that run in parallel already).
+    ``memory_map`` False: ordinary reads instead of a mapping, for long-lived readers such as the training loader:
+    the pages a mapping has read count in the process's resident memory until it is closed, so a reader of every
+    group grows to the file's size (per open handle). A Parquet file is then read through a 1 MiB buffer, not
+    pre-buffered (that would keep each group's raw bytes until the next read), and an Arrow IPC file's groups are
+    read into memory (also to count its rows: :attr:`group_rows` then reads every group); a saved stream or Feather
+    v1 file is mapped all the same.
 
     Rows are numbered from 0 within the file; a *group* is a Parquet row group or an Arrow IPC record batch.
     Every read returns Arrow data (for Arrow IPC, zero-copy views of the mapped file); a read that fails on a
     damaged file raises :class:`TableFileError`. Use as a context manager, or :meth:`close`.
     """
 
-    def __init__(self, path: str | Path, threads: bool = True):
+    def __init__(self, path: str | Path, threads: bool = True, memory_map: bool = True):
         self.path = Path(path)
         self.format = _format_of(self.path)
         self.threads = threads
         self._pf: pq.ParquetFile | None = None
         self._ipc: ipc.RecordBatchFileReader | _Batches | None = None
-        self._map: pa.MemoryMappedFile | None = None
+        self._map: pa.MemoryMappedFile | pa.OSFile | None = None
         self._sizes: list[int] | None = None
         try:
             if self.format == "parquet":
-                self._pf = pq.ParquetFile(str(self.path), memory_map=True, pre_buffer=True)
+                self._pf = pq.ParquetFile(str(self.path), memory_map=memory_map, pre_buffer=memory_map,
+                                          buffer_size=0 if memory_map else 1 << 20)
                 self.schema = self._pf.schema_arrow
             else:
-                self._map = pa.memory_map(str(self.path))
+                mapped = memory_map or self.format != "arrow"
+                self._map = pa.memory_map(str(self.path)) if mapped else pa.OSFile(str(self.path))
                 self._ipc = ipc.open_file(self._map) if self.format == "arrow" else _Batches(
                     self.path, self.format, self._map)
                 self.schema = self._ipc.schema
@@ -282,10 +290,10 @@ class TableFile:
         return f"TableFile({str(self.path)!r}, format={self.format!r})"
 
 
-def open_table(path: str | Path, threads: bool = True) -> TableFile:
+def open_table(path: str | Path, threads: bool = True, memory_map: bool = True) -> TableFile:
     """Open a Parquet or Arrow IPC file for reading (:class:`TableFile`); :class:`TableFileError` naming it if it
     cannot be."""
-    return TableFile(path, threads=threads)
+    return TableFile(path, threads=threads, memory_map=memory_map)
 
 
 def read_schema(path: str | Path) -> pa.Schema:

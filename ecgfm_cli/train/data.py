@@ -361,7 +361,9 @@ class BatchReader:
 
     Told when each row group is last needed (``gather(keep_until=...)``), it reads only the needed prefix
     of a row group it will not need again (e.g. row 0 of the next row group for a pair that straddles a
-    boundary) and drops a row group as soon as its last use has passed.
+    boundary) and drops a row group as soon as its last use has passed. Files are read, not memory-mapped: a
+    mapping's pages stay resident once read, which grew a loader to the corpus's size (once per worker) over
+    an epoch, whatever it held.
     """
 
     def __init__(self, index: SegmentIndex):
@@ -372,7 +374,7 @@ class BatchReader:
     def _handle(self, fi: int) -> TableFile:
         h = self._files.get(fi)
         if h is None:
-            h = self._files[fi] = open_table(self.index.files[fi], threads=False)
+            h = self._files[fi] = open_table(self.index.files[fi], threads=False, memory_map=False)
         return h
 
     def _read_rg(self, rg: int, upto: int) -> np.ndarray:
