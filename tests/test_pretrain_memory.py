@@ -87,3 +87,25 @@ def test_loader_holds_only_the_row_groups_it_still_needs(tmp_path: Path, fmt: st
     assert reader._cache == {}
     assert pa.total_allocated_bytes() - base <= group_bytes // 4
 
+
+def test_loader_keeps_a_bounded_number_of_files_open(tmp_path: Path, monkeypatch) -> None:
+    """A corpus of more shards than ``BatchReader.MAX_OPEN`` is read whole with at most that many files open (one
+    descriptor per shard per loader thread ran out of descriptors at a few thousand shards), and the rows are the
+    rows: closing a file leaves what was read from it valid."""
+    monkeypatch.setattr(BatchReader, "MAX_OPEN", 3)
+    seg = make_segments(tmp_path / "seg", [2] * 40, window=WINDOW, rows_per_group=ROWS_PER_GROUP, files=8)
+    index = open_segments(seg, None, "pretrain")
+    assert len(index.files) == 8
+    reader = BatchReader(index)
+    rows = np.arange(index.record.shape[0])
+    kept = []
+    most_open = 0
+    for step, chunk in enumerate(np.array_split(rows[::-1], 10)):  # every file, revisited out of order
+        kept.append((chunk, reader.gather(chunk, {}, step)))
+        most_open = max(most_open, len(reader._files))
+    assert most_open == 3
+    monkeypatch.setattr(BatchReader, "MAX_OPEN", 100)
+    every_file_open = BatchReader(index)
+    for step, (chunk, x) in enumerate(kept):
+        np.testing.assert_array_equal(x, every_file_open.gather(chunk, {}, step))
+    assert len(every_file_open._files) == 8

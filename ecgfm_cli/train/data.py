@@ -363,18 +363,25 @@ class BatchReader:
     of a row group it will not need again (e.g. row 0 of the next row group for a pair that straddles a
     boundary) and drops a row group as soon as its last use has passed. Files are read, not memory-mapped: a
     mapping's pages stay resident once read, which grew a loader to the corpus's size (once per worker) over
-    an epoch, whatever it held.
+    an epoch, whatever it held. At most :attr:`MAX_OPEN` files are open at once (the least recently read is
+    closed; the rows read from it stay valid): a corpus of thousands of shards would otherwise exhaust the
+    process's file descriptors (1,024 by default), one per shard per loader thread.
     """
+
+    MAX_OPEN = 32
 
     def __init__(self, index: SegmentIndex):
         self.index = index
-        self._files: dict[int, TableFile] = {}
+        self._files: dict[int, TableFile] = {}  # in order of last use
         self._cache: dict[int, np.ndarray] = {}
 
     def _handle(self, fi: int) -> TableFile:
-        h = self._files.get(fi)
+        h = self._files.pop(fi, None)
         if h is None:
-            h = self._files[fi] = open_table(self.index.files[fi], threads=False, memory_map=False)
+            h = open_table(self.index.files[fi], threads=False, memory_map=False)
+            if len(self._files) >= self.MAX_OPEN:
+                self._files.pop(next(iter(self._files))).close()
+        self._files[fi] = h
         return h
 
     def _read_rg(self, rg: int, upto: int) -> np.ndarray:
