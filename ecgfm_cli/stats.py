@@ -176,7 +176,8 @@ def auc_gap(a: AUCInfluence, b: AUCInfluence, level: float = 0.95) -> dict[str, 
     if shared:
         keys, z = _aligned([a, b])
         d = z[:, 0] - z[:, 1]
-        var = len(keys) / (len(keys) - 1) * float(d @ d)
+        # one patient in both groups and no other: no variance (not a division by zero)
+        var = len(keys) / (len(keys) - 1) * float(d @ d) if len(keys) > 1 else float("nan")
         method, n_cl = "obuchowski", len(keys)
     else:
         var = a.var + b.var

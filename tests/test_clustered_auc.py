@@ -192,3 +192,11 @@ def test_macro_influence_is_the_clustered_variance_of_the_mean():
     reps = (M.RankedScores(y, s[:, 0]).auroc_ap_many(W)[0] + M.RankedScores(y2, s[:, 1]).auroc_ap_many(W)[0]) / 2
     assert np.var(reps, ddof=1) / mac.var == pytest.approx(1, abs=4 * np.sqrt(2 / 1499) + 2 / len(ids))
     assert mean_influence(parts[:1]) is parts[0]
+
+
+def test_gap_of_two_groups_of_one_same_patient_has_no_interval():
+    # --min-subgroup 1, a patient's records in two groups and nobody else's: one cluster, no variance
+    y, s, c = np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.3, 0.6]), np.array(["p1"] * 4)
+    gap = auc_gap(auc_influence(y[:2], s[:2], c[:2]), auc_influence(y[2:], s[2:], c[2:]))
+    assert gap["shared_clusters"] == 1 and gap["n_clusters"] == 1
+    assert gap["diff"] == 0.0 and gap["se"] is None and gap["ci"] is None and gap["p"] is None
