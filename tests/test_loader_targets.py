@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import invoke
+from conftest import invoke, run_main
 
 from ecgfm_cli.model.masking import TargetConfig
 from ecgfm_cli.train.data import LoaderConfig, iter_consumer, make_loader, open_segments
@@ -61,6 +61,7 @@ def test_threads_and_processes_deliver_the_same_targets(sample_segments: Path) -
             assert bool((a["mask"] == b["mask"]).all()) and bool((a["negatives_idx"] == b["negatives_idx"]).all())
     finally:
         threads.close()
+        del procs  # the DataLoader's worker processes end with their iterator
 
 
 def test_pretrain_draws_no_targets_in_the_step(sample_segments: Path, tmp_path: Path, monkeypatch) -> None:
@@ -96,3 +97,31 @@ def test_resumed_run_keeps_where_its_targets_came_from(sample_segments: Path, tm
     del saved["source"]["loader_targets"]
     config.write_text(json.dumps(saved))
     assert prepare(again, 1)[0].loader_targets is False
+
+
+@pytest.mark.parametrize("options", [("--mask-prob", "0"), ("--mask-prob", "0.01", "--min-masks", "0"),
+                                     ("--mask-prob", "0.01", "--min-masks", "1", "--mask-length", "1")])
+def test_options_that_can_mask_fewer_than_two_frames_are_refused(sample_segments: Path, tmp_path: Path, capsys,
+                                                                  options: tuple[str, ...]) -> None:
+    """A batch with fewer than 2 masked frames has no negatives to draw: such options were a traceback from the
+    loader thread (or the model) at the first unlucky batch; now one line before the run starts."""
+    code, err = run_main(capsys, "pretrain", sample_segments, "-o", tmp_path / "run", *TINY, "--max-updates", "1",
+                         "--workers", "1", *options)
+    assert code == 2 and "fewer than the 2 masked frames" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_fewest_masked_is_a_lower_bound_the_draws_reach() -> None:
+    """``fewest_masked`` (what pretrain's pre-flight check uses) never exceeds a drawn mask's count, and is reached
+    when the spans can all overlap (one span)."""
+    from ecgfm_cli.model.masking import draw_span_masks, fewest_masked
+
+    rng = np.random.default_rng(0)
+    for frames, prob, length, min_masks in [(156, 0.65, 10, 2), (156, 0.01, 10, 0), (30, 0.1, 1, 1), (12, 0.9, 10, 2),
+                                            (156, 0.05, 3, 1)]:
+        bound = fewest_masked(frames, prob, length, min_masks)
+        drawn = min(int(draw_span_masks(rng, 8, frames, prob, length, min_masks).sum(1).min()) for _ in range(200))
+        assert bound <= drawn, (frames, prob, length, min_masks)
+    assert fewest_masked(156, 0.0) == 0
+    assert fewest_masked(156, 0.01, 10, 1) == 10  # one span of 10 frames

@@ -82,6 +82,15 @@ def _span_count(u: float, frames: int, mask_prob: float, mask_length: int, min_m
     return min(num, n_starts), n_starts
 
 
+def fewest_masked(frames: int, mask_prob: float = 0.65, mask_length: int = 10, min_masks: int = 2) -> int:
+    """The fewest frames of ``frames`` that a row of any batch gets masked: the span count at its smallest
+    draw (U = 0), and distinct span starts cover at least ``mask_length + spans - 1`` frames (0 without masking)."""
+    if mask_prob <= 0 or frames <= 0:
+        return 0
+    spans, _ = _span_count(0.0, frames, mask_prob, mask_length, min_masks)
+    return min(frames, mask_length + spans - 1) if spans > 0 else 0
+
+
 def _random_subset(rng: np.random.Generator, keys_shape: tuple[int, int], k: int,
                    allowed: np.ndarray | None = None) -> np.ndarray:
     """Per row, ``k`` distinct column indices drawn uniformly (among the ``allowed`` ones): the ``k`` smallest

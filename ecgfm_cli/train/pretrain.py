@@ -39,7 +39,7 @@ from ecgfm_cli.contract import Contract
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.artifacts import atomic_write_text, check_writable_dir, pid_alive, replace_dir
 from ecgfm_cli.model.config import PRESETS, RECIPES, EncoderConfig, PretrainConfig, preset
-from ecgfm_cli.model.masking import TargetConfig
+from ecgfm_cli.model.masking import TargetConfig, fewest_masked
 from ecgfm_cli.model.pretraining import PretrainStats, Wav2Vec2Pretrainer
 from ecgfm_cli.train.data import DataStats, LoaderConfig, SegmentIndex, batches_per_epoch, make_loader, open_segments
 from ecgfm_cli.train.distributed import DistContext
@@ -258,6 +258,12 @@ def prepare(opts: TrainOptions, world_size: int) -> tuple[TrainOptions, Prepared
     if pcfg.w2v and frames <= pcfg.mask_length + 1:
         raise EcgfmError(f"segments of {index.contract.window} samples give {frames} encoder frames: too few for "
                          f"--mask-length {pcfg.mask_length}")
+    if pcfg.w2v and fewest_masked(frames, pcfg.mask_prob, pcfg.mask_length, pcfg.min_masks) < 2:
+        raise EcgfmError(f"--mask-prob {pcfg.mask_prob} --min-masks {pcfg.min_masks} --mask-length "
+                         f"{pcfg.mask_length}: a segment's {frames} frames may get fewer than the 2 masked frames "
+                         "wav2vec 2.0 needs (its negatives are other masked frames); "
+                         + ("raise --mask-prob" if pcfg.mask_prob > 0 else "give a --mask-prob above 0")
+                         + (" or --min-masks" if pcfg.mask_prob > 0 else "") + ", or pretrain with --no-w2v")
     lcfg = loader_config(opts, pcfg, world_size, frames)
     n = batches_per_epoch(index, lcfg)
     if n == 0:
