@@ -35,8 +35,8 @@ PACKAGED_LABEL_MAPS = {"challenge2021": "challenge2021_scored.csv"}
 #: The newest ``ecgfm.schema_version`` this module knows.
 SCHEMA_VERSION = 1
 #: Artifacts whose rows carry a signal or an embedding: :func:`read_table` refuses them (from the footer, before
-#: reading) unless the caller names the kind. Read whole as a labels table, a segments file cost its size in memory
-#: and then failed on its repeated record_id, or with one segment per record made labels of its carried columns.
+#: reading) unless the caller names the kind. Read whole as a labels table, a segments file would cost its size in
+#: memory, then fail on its repeated record_id or, with one segment per record, make labels of its carried columns.
 BULK_KINDS = ("records", "segments", "embeddings")
 
 
@@ -78,7 +78,8 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
             files = sorted(f for f in p.glob("*.parquet") if ".tmp-" not in f.name)
         if not files:
             raise LabelError(f"{p}: directory holds no .parquet files")
-        _refuse_bulk(p, files[0], kinds)
+        for f in files:  # every footer: a labels file sorting first must not let the segments beside it through
+            _refuse_bulk(p, f, kinds)
         try:
             tables = [read_columns(f) for f in files]
         except TableFileError as e:
@@ -111,7 +112,7 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
 
 
 def _refuse_bulk(path: Path, file: Path, kinds: tuple[str, ...]) -> None:
-    """:class:`LabelError` when ``file`` (``path`` itself, or the first file of directory ``path``) is an artifact of
+    """:class:`LabelError` when ``file`` (``path`` itself, or a file of directory ``path``) is an artifact of
     a :data:`BULK_KINDS` kind not in ``kinds``; reads only its footer. ``TableFileError`` when it cannot be read."""
     from ecgfm_cli.io.tables import read_schema
 

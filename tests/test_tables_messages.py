@@ -134,3 +134,23 @@ def test_a_segments_file_given_as_labels_is_refused_from_its_footer(tmp_path: Pa
     with pytest.raises(LabelError, match="holds segments .*, not a predictions table$"):
         read_table(other, kinds=("predictions",))
     assert read_table(other, kinds=("segments",)).num_rows == 4  # asked for: read
+
+
+def test_a_directory_of_labels_and_segments_read_without_a_kind_is_refused(tmp_path: Path) -> None:
+    """A segments directory given where any table will do (evaluate's and ingest's user tables): its
+    ``labels-*.parquet`` sorts before the segments, so checking only the first file let the segments through and
+    they were concatenated to the labels, signal and all."""
+    import pyarrow.parquet as pq
+
+    from ecgfm_cli.labels import LabelError, read_table
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_segments(shards / "segments-s00000of00001-p00000.parquet", 4)
+    pq.write_table(pa.table({"record_id": [f"rec{i:03d}" for i in range(4)], "AF": [0, 1, 0, 1]}),
+                   shards / "labels-s00000of00001-p00000.parquet")
+    (shards / "_done-s00000of00001.json").write_text('{"kind": "segments", "parts": '
+                                                     '["segments-s00000of00001-p00000.parquet"]}')
+    with pytest.raises(LabelError, match="holds segments"):
+        read_table(shards)
+    assert read_table(shards, kinds=("labels",)).column_names == ["record_id", "AF"]
