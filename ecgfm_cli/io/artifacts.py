@@ -32,7 +32,7 @@ from ecgfm_cli import __version__
 from ecgfm_cli.console import info, plural
 from ecgfm_cli.errors import EcgfmError
 from ecgfm_cli.io.schema import REQUIRED_COLUMNS
-from ecgfm_cli.io.tables import open_table, read_schema
+from ecgfm_cli.io.tables import STREAM_END, open_table, read_schema
 
 try:
     import fcntl
@@ -604,10 +604,6 @@ def write_table(table: pa.Table, path: Path, kind: str, extra_meta: dict[str, st
 
 # ----------------------------------------------------------------------------------------------- reading
 
-#: The end-of-stream marker of the Arrow IPC stream format: a continuation word and a zero metadata length.
-_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
-
-
 class _WatchedInput:
     """A binary stream for pyarrow's stream reader that notes whether the stream ended with its end-of-stream
     marker. pyarrow takes an EOF that falls between two messages for the end of the stream, so a writer killed
@@ -628,7 +624,7 @@ class _WatchedInput:
     @property
     def ended_cleanly(self) -> bool:
         """True when the last bytes read were the end-of-stream marker and the reader stopped there."""
-        return not self._eof and self._tail == _EOS
+        return not self._eof and self._tail == STREAM_END
 
     def readable(self) -> bool:
         return True
@@ -764,7 +760,7 @@ def _marker_fault(done: dict | None, entry: dict) -> str | None:
         return f"has an unreadable done marker ({entry['done'].name})"
     if "parts" not in done:  # markers of embed's shards list no parts
         return None
-    parts = done["parts"] or []
+    parts = [] if done["parts"] is None else done["parts"]
     if not isinstance(parts, list) or not all(isinstance(f, str) for f in parts):
         return f"has a damaged done marker ({entry['done'].name}: its parts are not a list of file names)"
     listed = set(parts)

@@ -26,7 +26,8 @@ from ecgfm_cli.errors import EcgfmError
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_MAGIC = b"ARROW1"
 _STREAM_MAGIC = b"\xff\xff\xff\xff"  # an IPC stream's first message starts with the continuation marker
-_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # its end-of-stream marker: continuation, zero length
+#: The Arrow IPC stream's end-of-stream marker: a continuation word and a zero metadata length.
+STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _FEATHER1_MAGIC = b"FEA1"  # Feather v1 (Arrow IPC files are Feather v2)
 _NAMES = {"parquet": "Parquet", "arrow": "an Arrow IPC file", "stream": "an Arrow IPC stream",
           "feather1": "a Feather v1 file"}
@@ -70,7 +71,7 @@ def _damaged(path: Path, fmt: str, e: Exception) -> TableFileError:
     if isinstance(e, OSError) and e.errno is not None:  # the OS refused it (pyarrow's own errors carry none)
         return TableFileError(f"{path}: cannot read: {e.strerror or e}", "unreadable")
     ends = {"parquet": (_PARQUET_MAGIC, b"PARE"),  # PARE: an encrypted footer
-            "arrow": (_ARROW_MAGIC,), "stream": (_STREAM_END,), "feather1": (_FEATHER1_MAGIC,)}[fmt]
+            "arrow": (_ARROW_MAGIC,), "stream": (STREAM_END,), "feather1": (_FEATHER1_MAGIC,)}[fmt]
     try:
         with open(path, "rb") as fh:
             fh.seek(max(path.stat().st_size - len(ends[0]), 0))
@@ -93,8 +94,8 @@ class _Batches:
         self._stream: ipc.RecordBatchStreamReader | None = None
         self._batches: list[pa.RecordBatch] | None = None
         if fmt == "stream":
-            end = len(_STREAM_END)
-            if source.size() < end or source.read_at(end, source.size() - end) != _STREAM_END:
+            end = len(STREAM_END)
+            if source.size() < end or source.read_at(end, source.size() - end) != STREAM_END:
                 raise TableFileError(f"{path}: cannot read as {_NAMES[fmt]}: the file is cut short (no end-of-stream "
                                      "marker: an interrupted write or copy?)", "truncated")
             self._stream = ipc.open_stream(source)
@@ -297,7 +298,8 @@ def open_table(path: str | Path, threads: bool = True, memory_map: bool = True) 
 
 
 def read_schema(path: str | Path) -> pa.Schema:
-    """The schema (with metadata) of a Parquet or Arrow IPC file; reads only its footer."""
+    """The schema (with metadata) of a table file; reads only its footer (a saved stream: its first message; a
+    Feather v1 file is read whole, as pyarrow reads it)."""
     with open_table(path) as t:
         return t.schema
 

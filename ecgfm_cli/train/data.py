@@ -362,8 +362,8 @@ class BatchReader:
     Told when each row group is last needed (``gather(keep_until=...)``), it reads only the needed prefix
     of a row group it will not need again (e.g. row 0 of the next row group for a pair that straddles a
     boundary) and drops a row group as soon as its last use has passed. Files are read, not memory-mapped: a
-    mapping's pages stay resident once read, which grew a loader to the corpus's size (once per worker) over
-    an epoch, whatever it held. At most :attr:`MAX_OPEN` files are open at once (the least recently read is
+    mapping's pages stay resident once read, which would grow a loader to the corpus's size (once per worker)
+    over an epoch, whatever it held. At most :attr:`MAX_OPEN` files are open at once (the least recently read is
     closed; the rows read from it stay valid): a corpus of thousands of shards would otherwise exhaust the
     process's file descriptors (1,024 by default), one per shard per loader thread.
     """
@@ -622,8 +622,9 @@ def _to_torch(batch: dict, pin_memory: bool = False) -> dict:
 
 def make_loader(index: SegmentIndex, cfg: LoaderConfig, rank: int, start_epoch: int = 0, start_batch: int = 0,
                 max_epochs: int | None = None, processes: bool = False, pin_memory: bool = False) -> Iterator[dict]:
-    """The rank's batch iterator (torch tensors ``x``, ``record``, ``keep`` + ints ``epoch``, ``batch``,
-    ``worker``).
+    """The rank's batch iterator: the batches of :func:`iter_consumer` as torch tensors (``x``, ``record``,
+    ``keep``, and with ``cfg.targets`` ``mask``, ``negatives_idx``; pinned with ``pin_memory``) + ints ``epoch``,
+    ``batch``, ``worker``.
 
     Default: ``cfg.workers`` background threads, one per worker partition (Parquet decoding and the numpy
     gather release the GIL, so they run in parallel), merged round-robin. ``processes``: torch DataLoader
