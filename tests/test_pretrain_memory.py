@@ -19,8 +19,8 @@ WINDOW, ROWS_PER_GROUP = 250, 8
 
 
 def _segments(tmp_path: Path, fmt: str) -> Path:
-    """48 two-segment records in row groups of 8 (12 groups of 96 KB of signal), as Parquet shards or one Arrow
-    IPC file (a record batch per group)."""
+    """48 two-segment records in row groups of 8 (12 groups of 96 KB of signal), as Parquet shards, one Arrow
+    IPC file or one saved Arrow IPC stream (a record batch per group)."""
     seg = make_segments(tmp_path / "seg", [2] * 48, window=WINDOW, rows_per_group=ROWS_PER_GROUP)
     if fmt == "parquet":
         return seg
@@ -28,6 +28,10 @@ def _segments(tmp_path: Path, fmt: str) -> Path:
     with open_table(part) as t:
         table = t.read()
     path = tmp_path / "seg.arrow"
+    if fmt == "stream":  # what `ecgfm segment -o - > seg.arrow` leaves
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as stream:
+            stream.write_table(table, max_chunksize=ROWS_PER_GROUP)
+        return path
     w = ArtifactWriter(Output("arrow", path), "segments", table.schema, row_group_rows=ROWS_PER_GROUP)
     for lo in range(0, table.num_rows, ROWS_PER_GROUP):
         w.write(table.slice(lo, ROWS_PER_GROUP))
@@ -48,7 +52,7 @@ def _plan(index, cfg: LoaderConfig) -> list[np.ndarray]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings from /proc")
-@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "stream"])
 def test_loader_does_not_map_segment_files(tmp_path: Path, fmt: str) -> None:
     """A mapped file's pages stay in the process's resident memory once read: a loader that mapped its files grew
     to the corpus's size, once per worker, over an epoch (the loader alone: 2.8 GB RSS on a 2 GB corpus). The
@@ -67,7 +71,7 @@ def test_loader_does_not_map_segment_files(tmp_path: Path, fmt: str) -> None:
         np.testing.assert_array_equal(x, want[rows])
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "stream"])
 def test_loader_holds_only_the_row_groups_it_still_needs(tmp_path: Path, fmt: str) -> None:
     """While an epoch is read, the Arrow memory the reader holds is its cached row groups and nothing else (an
     unmapped Parquet file read with pre-buffering kept each group's raw bytes as well, until the next read), and

@@ -154,3 +154,21 @@ def test_a_directory_of_labels_and_segments_read_without_a_kind_is_refused(tmp_p
     with pytest.raises(LabelError, match="holds segments"):
         read_table(shards)
     assert read_table(shards, kinds=("labels",)).column_names == ["record_id", "AF"]
+
+
+def test_an_unmapped_stream_reads_each_batch_as_the_mapped_one(tmp_path: Path) -> None:
+    """``open_table(memory_map=False)`` (the training loader) finds a saved stream's batches by their offsets and
+    reads one when asked: the same batches as the mapped reader, dictionary-encoded columns included."""
+    from ecgfm_cli.io.tables import open_table
+
+    table = pa.table({"record_id": [f"r{i}" for i in range(10)], "x": list(range(10)),
+                      "site": pa.array(["a", "b"] * 5).dictionary_encode()})
+    for name, t in (("plain", table.drop(["site"])), ("dict", table)):
+        path = tmp_path / f"{name}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t, max_chunksize=3)
+        with open_table(path) as mapped, open_table(path, memory_map=False) as unmapped:
+            assert unmapped.format == "stream" and unmapped.num_groups == mapped.num_groups == 4
+            for g in (3, 0, 2):
+                assert unmapped.read_group(g).equals(mapped.read_group(g))
+            assert unmapped.read().equals(t)

@@ -85,19 +85,25 @@ def _damaged(path: Path, fmt: str, e: Exception) -> TableFileError:
 class _Batches:
     """The record batches of an Arrow IPC stream or a Feather v1 file, with the random access of pyarrow's
     ``RecordBatchFileReader`` (``schema``, ``num_record_batches``, ``get_batch``, ``read_all``). A stream's
-    batches are found on first use, by one pass over the memory-mapped file (zero-copy unless compressed); its
-    schema alone needs no pass. pyarrow ends a stream quietly at an EOF that falls between two messages, so a
-    stream is only taken whole when the file ends with the end-of-stream marker."""
+    batches are found on first use, by one pass over the file; its schema alone needs no pass. A memory-mapped
+    stream keeps its batches (zero-copy views unless compressed); an unmapped one (``source`` a ``pa.OSFile``)
+    keeps only their byte offsets and reads a batch when asked, so a long-lived reader holds no more than it
+    asked for (a stream with dictionary batches is then read whole). pyarrow ends a stream quietly at an EOF
+    that falls between two messages, so a stream is only taken whole when the file ends with the end-of-stream
+    marker. A Feather v1 file is read whole."""
 
-    def __init__(self, path: Path, fmt: str, source: pa.MemoryMappedFile):
+    def __init__(self, path: Path, fmt: str, source: pa.NativeFile):
         self._path = path
+        self._source = source
         self._stream: ipc.RecordBatchStreamReader | None = None
         self._batches: list[pa.RecordBatch] | None = None
+        self._offsets: list[int] | None = None
         if fmt == "stream":
             end = len(STREAM_END)
             if source.size() < end or source.read_at(end, source.size() - end) != STREAM_END:
                 raise TableFileError(f"{path}: cannot read as {_NAMES[fmt]}: the file is cut short (no end-of-stream "
                                      "marker: an interrupted write or copy?)", "truncated")
+            source.seek(0)  # an unmapped file: read_at leaves the position undefined
             self._stream = ipc.open_stream(source)
             self.schema = self._stream.schema
             return
@@ -115,23 +121,49 @@ class _Batches:
                     "foreign") from e
         self.schema, self._batches = table.schema, table.to_batches()
 
-    def _all(self) -> list[pa.RecordBatch]:
-        if self._batches is None:
-            try:
+    def _index(self) -> None:
+        """Find the batches (first use): all of them when mapped, else the offsets of their messages."""
+        if self._batches is not None or self._offsets is not None:
+            return
+        try:
+            if isinstance(self._source, pa.MemoryMappedFile):
                 self._batches = list(self._stream)
-            except (OSError, pa.ArrowException) as e:
-                raise _damaged(self._path, "stream", e) from e
-        return self._batches
+                return
+            offsets, src = [], self._source
+            src.seek(0)
+            while True:
+                at = src.tell()
+                try:
+                    kind = ipc.read_message(src).type
+                except EOFError:  # the end-of-stream marker
+                    break
+                if kind == "record batch":
+                    offsets.append(at)
+                elif kind != "schema":  # dictionary batches: the stream reader resolves them
+                    src.seek(0)
+                    self._batches = list(ipc.open_stream(src))
+                    return
+            self._offsets = offsets
+        except (OSError, pa.ArrowException) as e:
+            raise _damaged(self._path, "stream", e) from e
 
     @property
     def num_record_batches(self) -> int:
-        return len(self._all())
+        self._index()
+        return len(self._batches if self._batches is not None else self._offsets)
 
     def get_batch(self, i: int) -> pa.RecordBatch:
-        return self._all()[i]
+        self._index()
+        if self._batches is not None:
+            return self._batches[i]
+        try:
+            self._source.seek(self._offsets[i])
+            return ipc.read_record_batch(ipc.read_message(self._source), self.schema)
+        except (OSError, EOFError, pa.ArrowException) as e:
+            raise _damaged(self._path, "stream", e) from e
 
     def read_all(self) -> pa.Table:
-        return pa.Table.from_batches(self._all(), schema=self.schema)
+        return pa.Table.from_batches([self.get_batch(i) for i in range(self.num_record_batches)], schema=self.schema)
 
 
 class TableFile:
@@ -142,8 +174,8 @@ class TableFile:
     the pages a mapping has read count in the process's resident memory until it is closed, so a reader of every
     group grows to the file's size (per open handle). A Parquet file is then read through a 1 MiB buffer, not
     pre-buffered (that would keep each group's raw bytes until the next read), and an Arrow IPC file's groups are
-    read into memory (also to count its rows: :attr:`group_rows` then reads every group); a saved stream or Feather
-    v1 file is mapped all the same.
+    read into memory (also to count its rows: :attr:`group_rows` then reads every group), as are a saved stream's
+    (found by one pass, read when asked); a Feather v1 file is mapped all the same (it is read whole).
 
     Rows are numbered from 0 within the file; a *group* is a Parquet row group or an Arrow IPC record batch.
     Every read returns Arrow data (for Arrow IPC, zero-copy views of the mapped file); a read that fails on a
@@ -164,7 +196,7 @@ class TableFile:
                                           buffer_size=0 if memory_map else 1 << 20)
                 self.schema = self._pf.schema_arrow
             else:
-                mapped = memory_map or self.format != "arrow"
+                mapped = memory_map or self.format == "feather1"  # Feather v1 is read whole anyway
                 self._map = pa.memory_map(str(self.path)) if mapped else pa.OSFile(str(self.path))
                 self._ipc = ipc.open_file(self._map) if self.format == "arrow" else _Batches(
                     self.path, self.format, self._map)
