@@ -100,6 +100,13 @@ def _cluster_sums(y: np.ndarray, scores: np.ndarray, clusters: np.ndarray
     return auc, keys, z, m, n
 
 
+def _obuchowski(z: np.ndarray) -> np.ndarray:
+    """Obuchowski's covariance from per-cluster terms ``z`` (I, k): I / (I-1) z^T z, (k, k); NaN with one cluster."""
+    z = z.reshape(len(z), -1)
+    n_cl = len(z)
+    return n_cl / (n_cl - 1) * (z.T @ z) if n_cl > 1 else np.full((z.shape[1],) * 2, np.nan)
+
+
 def clustered_delong(y: np.ndarray, scores: np.ndarray, clusters: np.ndarray | None = None) -> DeLongResult:
     """AUROCs (k,) of ``scores`` (N,) or (N, k) against ``y`` (N,) 0/1 and their covariance (k, k), the rows
     grouped in ``clusters`` (N,) (patient keys; None: every row its own cluster).
@@ -125,9 +132,7 @@ def clustered_delong(y: np.ndarray, scores: np.ndarray, clusters: np.ndarray | N
     if counts.max(initial=1) <= 1:
         return delong(y, scores)
     auc, keys, z, m, n = _cluster_sums(y, scores, clusters)
-    n_cl = len(keys)
-    cov = n_cl / (n_cl - 1) * (z.T @ z) if n_cl > 1 else np.full((z.shape[1],) * 2, np.nan)
-    return DeLongResult(auc, cov, m, n, "obuchowski", n_cl)
+    return DeLongResult(auc, _obuchowski(z), m, n, "obuchowski", len(keys))
 
 
 def auc_influence(y: np.ndarray, s: np.ndarray, clusters: np.ndarray) -> AUCInfluence:
@@ -136,8 +141,11 @@ def auc_influence(y: np.ndarray, s: np.ndarray, clusters: np.ndarray) -> AUCInfl
     row, else Obuchowski's). Two AUROCs on other rows of the same clusters have covariance I / (I-1) sum z_a z_b
     over the I clusters of either."""
     auc, keys, z, _, _ = _cluster_sums(y, s, clusters)
-    r = clustered_delong(y, s, clusters)
-    return AUCInfluence(float(auc[0]), keys, z[:, 0], float(r.cov[0, 0]), r.method, len(np.asarray(y)))
+    if len(keys) == len(np.asarray(y)):  # one row per cluster: plain DeLong, as clustered_delong uses
+        var, method = float(delong(y, s).cov[0, 0]), "delong"
+    else:
+        var, method = float(_obuchowski(z)[0, 0]), "obuchowski"
+    return AUCInfluence(float(auc[0]), keys, z[:, 0], var, method, len(np.asarray(y)))
 
 
 def mean_influence(parts: list[AUCInfluence]) -> AUCInfluence:
@@ -149,9 +157,7 @@ def mean_influence(parts: list[AUCInfluence]) -> AUCInfluence:
         return parts[0]
     keys, z = _aligned(parts)
     zm = z.mean(axis=1)
-    n_cl = len(keys)
-    var = n_cl / (n_cl - 1) * float(zm @ zm) if n_cl > 1 else float("nan")
-    return AUCInfluence(float(np.mean([p.auc for p in parts])), keys, zm, var, "obuchowski",
+    return AUCInfluence(float(np.mean([p.auc for p in parts])), keys, zm, float(_obuchowski(zm)[0, 0]), "obuchowski",
                         max(p.n_rows for p in parts))
 
 
@@ -175,9 +181,7 @@ def auc_gap(a: AUCInfluence, b: AUCInfluence, level: float = 0.95) -> dict[str, 
     shared = int(len(np.intersect1d(a.keys, b.keys)))
     if shared:
         keys, z = _aligned([a, b])
-        d = z[:, 0] - z[:, 1]
-        # one patient in both groups and no other: no variance (not a division by zero)
-        var = len(keys) / (len(keys) - 1) * float(d @ d) if len(keys) > 1 else float("nan")
+        var = float(_obuchowski(z[:, 0] - z[:, 1])[0, 0])  # one patient in both and no other: NaN, no interval
         method, n_cl = "obuchowski", len(keys)
     else:
         var = a.var + b.var
