@@ -1326,11 +1326,11 @@ def gaps_table(sg: dict[str, Any]) -> tuple[list[list[str]], str] | None:
     if not with_ci:
         return rows, "No interval: a group's AUROC variance is undefined (a single class, or a perfect AUROC)."
     how = ["DeLong"] if any(v["variance"] == "delong" for _, v in with_ci) else []
-    why = [w for w, is_macro in (("patients with several rows", False), ("a macro's labels share rows", True))
+    why = [w for w, is_macro in (("a patient has several rows", False), ("a macro's labels share rows", True))
            if any(v["variance"] == "obuchowski" and (k == "macro") == is_macro for k, v in with_ci)]
     if why:
-        how.append(f"Obuchowski's clustered variance ({'; '.join(why)})")
-    note = f"Intervals and p from the two groups' AUROC variances ({' / '.join(how)}); * the interval excludes 0."
+        how.append(f"Obuchowski's clustered variance where {' and where '.join(why)}")
+    note = f"Intervals and p from the two groups' AUROC variances: {', or '.join(how)}; * the interval excludes 0."
     n_groups = max(v["n_groups"] for _, v in shown)
     if n_groups > 2:
         note += (f" p is for the pair shown, the most different of {n_groups} groups (Bonferroni over "

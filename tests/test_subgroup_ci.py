@@ -152,7 +152,7 @@ def test_cli_reports_gap_intervals(tmp_path):
     assert gap["variance"] == "obuchowski" and gap["excludes_zero"] and gap["n_clusters"] == 120
     assert (f"| AF | {gap['gap']:.3f} [{gap['ci'][0]:+.3f}, {gap['ci'][1]:+.3f}] * | <0.001 | M "
             f"{gap['lowest_value']:.3f} | F {gap['highest_value']:.3f} |") in res.output
-    assert "Obuchowski's clustered variance (patients with several rows" in res.output
+    assert "Obuchowski's clustered variance where a patient has several rows" in res.output
     assert "* the interval excludes 0" in res.output
     # the reviewer's report (report.py) holds the same table and note
     res = CliRunner().invoke(_app(), ["evaluate", str(tmp_path / "p.parquet"), "--labels",
