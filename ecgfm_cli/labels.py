@@ -78,9 +78,9 @@ def read_table(path: str | Path, kinds: tuple[str, ...] = ()) -> Any:
             files = sorted(f for f in p.glob("*.parquet") if ".tmp-" not in f.name)
         if not files:
             raise LabelError(f"{p}: directory holds no .parquet files")
-        for f in files:  # every footer: a labels file sorting first must not let the segments beside it through
-            _refuse_bulk(p, f, kinds)
         try:
+            for f in files:  # every footer: a labels file sorting first must not let the segments beside it through
+                _refuse_bulk(p, f, kinds)
             tables = [read_columns(f) for f in files]
         except TableFileError as e:
             raise LabelError(str(e)) from e

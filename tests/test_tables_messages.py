@@ -172,3 +172,15 @@ def test_an_unmapped_stream_reads_each_batch_as_the_mapped_one(tmp_path: Path) -
             for g in (3, 0, 2):
                 assert unmapped.read_group(g).equals(mapped.read_group(g))
             assert unmapped.read().equals(t)
+
+
+def test_a_damaged_labels_shard_in_a_directory_is_a_label_error(tmp_path: Path) -> None:
+    """A cut labels shard in a directory raises LabelError as a cut labels file does, so the commands that name
+    the labels table in their message (segment, probe) still can."""
+    from ecgfm_cli.labels import LabelError, read_table
+
+    d = tmp_path / "labels"
+    d.mkdir()
+    (d / "labels-0.parquet").write_bytes(b"PAR1" + b"\0" * 40)
+    with pytest.raises(LabelError, match="labels-0.parquet"):
+        read_table(d)
