@@ -296,7 +296,7 @@ def stratification_labels(labels: LabelTable, record_ids: np.ndarray) -> tuple[l
         names.append(lab)
         cols.append(v == 1 if n_pos <= n_neg else v == 0)
     S = np.column_stack(cols) if cols else np.zeros((len(rows), 0), dtype=bool)
-    return names, S.astype(bool)
+    return names, S
 
 
 def stratified_group_folds(S: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -308,7 +308,7 @@ def stratified_group_folds(S: np.ndarray, groups: np.ndarray, k: int, seed: int)
     order) goes to the fold that most lacks that label (desired share minus what it holds), ties broken by how
     many of the group's labels would get their first group there, then by the fold that most lacks items, then
     by the seeded random generator. Groups without any label go, largest first, to the fold that most lacks
-    items. Then a repair pass: a label carried by >= k groups but absent from a fold gets one of its groups
+    items. Then up to three repair passes: a label carried by >= k groups but absent from a fold gets one of its groups
     moved there from a fold holding two or more of them, swapped with a group of that fold (or with none), the
     pair closest in size among those that leave no such label absent from either fold where it was present.
     Deterministic for a given ``seed``."""
@@ -445,7 +445,7 @@ def inner_split(fold: np.ndarray, k: int, strata: np.ndarray, keys: np.ndarray, 
     n_inner = min(max(2, n_folds - 1), len(set(keys[tr])))
     if n_inner < 2:
         return split
-    inner = stratified_group_folds(strata[tr].astype(bool), keys[tr].astype(str), n_inner, seed + 1 + k)
+    inner = stratified_group_folds(strata[tr], keys[tr], n_inner, seed + 1 + k)
     split[tr[inner == 0]] = "valid"
     return split
 

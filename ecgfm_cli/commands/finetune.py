@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from ecgfm_cli.commands.options import (
+    DATA_PANEL,
     AllowPartial,
     Device,
     Gpus,
@@ -18,11 +19,11 @@ from ecgfm_cli.commands.options import (
     in_panel,
     train_dtype,
 )
+from ecgfm_cli.eval_options import csv_numbers
 from ecgfm_cli.train.options import FinetuneOptions
 
-_DATA = "Data and model"
+_DATA = DATA_PANEL
 _OPT = "Optimisation (defaults: see docs/commands/finetune.md for the reference values)"
-_DIST = "Devices and processes"
 
 
 def _names(text: str | None, option: str) -> tuple[str, ...] | None:
@@ -67,7 +68,7 @@ def finetune_command(
                                               "training and prediction.", rich_help_panel=_DATA)] = None,
     split_fractions: Annotated[str, typer.Option(help="train,valid,test fractions of the patient-grouped split "
                                                  "(when the labels have no split column).",
-                                                 rich_help_panel=_DATA)] = ",".join(map(str, _F.split_fractions)),
+                                                 rich_help_panel=_DATA)] = csv_numbers(_F.split_fractions),
     continuous: Annotated[list[str] | None, typer.Option(
         "--continuous", help="Fit this label as a continuous target (MSE); needed for a two-valued label not coded "
         "0/1, e.g. 1/2 (repeatable, or comma-separated).", rich_help_panel=_DATA)] = None,

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 import typer
 
 from ecgfm_cli.commands.options import (
+    DATA_PANEL,
+    DEVICES_PANEL,
     AllowPartial,
     Device,
     Gpus,
@@ -20,6 +22,7 @@ from ecgfm_cli.commands.options import (
     in_panel,
     train_dtype,
 )
+from ecgfm_cli.eval_options import csv_numbers
 from ecgfm_cli.model.config import PRESETS, RECIPES, REFERENCE_UPDATE_SEGMENTS, PretrainConfig
 from ecgfm_cli.train.options import (
     DEFAULT_MAX_EPOCHS,
@@ -29,10 +32,10 @@ from ecgfm_cli.train.options import (
     TrainOptions,
 )
 
-_DATA = "Data and model"
+_DATA = DATA_PANEL
 _RUN = "Run length, checkpoints, logs"
 _OPT = "Optimisation"
-_DIST = "Devices and processes"
+_DIST = DEVICES_PANEL
 _LOSS = "Objective (defaults: ECG-FM)"
 
 
@@ -131,7 +134,7 @@ def pretrain_command(
         f"Linear warm-up over this fraction of the run ({_preset(_T.warmup_fraction, _SMALL['warmup_fraction'])}).",
         _OPT, min=0, max=1, metavar="X")] = None,
     weight_decay: Annotated[float, _opt("AdamW weight decay.", _OPT, min=0, metavar="X")] = _T.weight_decay,
-    adam_betas: Annotated[str, _opt("Adam betas.", _OPT, metavar="B1,B2")] = ",".join(map(str, _T.adam_betas)),
+    adam_betas: Annotated[str, _opt("Adam betas.", _OPT, metavar="B1,B2")] = csv_numbers(_T.adam_betas),
     adam_eps: Annotated[float, _opt("Adam epsilon.", _OPT, metavar="X")] = _T.adam_eps,
     clip_norm: Annotated[float | None, _opt(
         f"Gradient-norm clip, 0 = off ({_preset(_T.clip_norm, _SMALL['clip_norm'])}).", _OPT, min=0,
