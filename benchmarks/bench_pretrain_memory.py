@@ -5,7 +5,7 @@ reports its peak RSS (the kernel's high-water mark: what ``/usr/bin/time -v`` ca
 size", from ``wait4``), with the peaks of its two parts sampled every 20 ms from ``/proc/PID/status``: anonymous
 memory (``RssAnon``: Python, torch, the activations, the loader's decoded row groups) and file-backed pages
 (``RssFile``: shared libraries and any memory-mapped data file). Next to them it prints the loader's bound on
-decoded signal, ``workers x min(shuffle_buffer, pairs per worker) x 2 x 12 x 2500 x 4`` bytes (plus a row group
+decoded signal, ``workers x min(shuffle_buffer, pairs per worker) x 2 x leads x window x 4`` bytes (plus a row group
 or two per worker at block edges). Every run is a little over one epoch long (``--updates``: by default 1.1 x the
 preset's updates per epoch), because an epoch is what the baseline below needs to show its cost.
 
@@ -53,9 +53,6 @@ from ecgfm_cli.cli import main
 main()
 """
 
-SEGMENT_BYTES = 12 * 2500 * 4
-
-
 def batch_size(preset: str) -> int:
     """The preset's default --batch-size."""
     from ecgfm_cli.model.config import RECIPES
@@ -102,12 +99,15 @@ def run(segments: Path, out: Path, preset: str, updates: int, extra: list[str], 
             "epoch": log[-1]["epoch"]}
 
 
-def loader_bound_mb(pairs: int, preset: str, extra: list[str]) -> float:
-    """The loader's decoded-signal bound (see the module docstring) for these options, MB."""
+def loader_bound_mb(pairs: int, segment_bytes: int, extra: list[str]) -> float:
+    """The loader's decoded-signal bound (see the module docstring) for these options, MB; ``segment_bytes``: one
+    float32 segment (leads x window x 4)."""
+    from ecgfm_cli.train.options import TrainOptions
+
     opts = dict(zip(extra[::2], extra[1::2], strict=True))
-    workers = int(opts.get("--workers", 2))
-    shuffle = int(opts.get("--shuffle-buffer", 1024))
-    return workers * min(shuffle, pairs // workers) * 2 * SEGMENT_BYTES / 2**20
+    workers = int(opts.get("--workers", TrainOptions.workers))
+    shuffle = int(opts.get("--shuffle-buffer", TrainOptions.shuffle_buffer))
+    return workers * min(shuffle, pairs // workers) * 2 * segment_bytes / 2**20
 
 
 def main() -> None:
@@ -149,7 +149,7 @@ def main() -> None:
                 continue
             r = run(segments, root / f"run-{preset}-{name}", preset, updates, extra, mapped)
             r.update(preset=preset, config=name, options=extra, mapped=mapped, updates=updates,
-                     loader_bound_mb=loader_bound_mb(pairs, preset, extra))
+                     loader_bound_mb=loader_bound_mb(pairs, index.n_leads * index.window * 4, extra))
             results.append(r)
             print(f"{preset:7} {name:11} {r['peak_rss_mb']:7.0f}MB {r['anon_mb']:5.0f}MB {r['file_mb']:5.0f}MB "
                   f"{r['loader_bound_mb']:10.0f}MB {r['seconds']:6.1f}  {r['epoch']:5.2f} {r['loss']:.4f}",

@@ -22,7 +22,7 @@
 #      loader targets together; a table of the ratios at the end.
 # SECTIONS (comma-separated, default all): mfu (1.), pretrain (2.), embed (3. and 4.), fusions (5.; it runs its
 # reference, the compiled batch-256 run, itself when mfu is not asked for). One device call is at most 600 s and a
-# session's device time 15 minutes: give the first call `fusions` alone (12 runs, issue 14's open figures), the next
+# session's device time 15 minutes: give the first call `fusions` alone (11 runs, issue 14's open figures), the next
 # `mfu,pretrain,embed`. Results land in OUT_DIR (JSON, logs); a summary goes to stdout. Python: $PYTHON or
 # python3, with ecgfm_cli importable (installed, or PYTHONPATH=.). `--dry-run OUT_DIR` runs the MFU command lines
 # of mfu and fusions on the CPU (tiny preset, batch 4, one step, not compiled) to check them before a GPU is

@@ -96,6 +96,7 @@ def _worker(args: argparse.Namespace, out: str) -> None:
     from ecgfm_cli.model.masking import TargetConfig, draw_targets
     from ecgfm_cli.model.pretraining import PretrainConfig, Wav2Vec2Pretrainer
     from ecgfm_cli.train.distributed import cleanup, setup
+    from ecgfm_cli.train.loop import data_parallel
     from ecgfm_cli.train.pretrain import train_update
 
     ctx = setup(args.device)
@@ -116,11 +117,7 @@ def _worker(args: argparse.Namespace, out: str) -> None:
         from ecgfm_cli.model.encoder import compile_layers
 
         compile_layers(model.encoder, mode=args.compile_mode)
-    net = model
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[ctx.device.index])
+    net = data_parallel(model, ctx)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
                             fused=cuda)
     model.train()
@@ -129,8 +126,7 @@ def _worker(args: argparse.Namespace, out: str) -> None:
              "record": torch.arange(args.batch, device=ctx.device) // 2}
     targets = None
     if args.loader_targets:  # a pool of host-side (pinned) targets, as loader threads would hand them over
-        tcfg = TargetConfig(frames=enc.num_frames(2500), mask_prob=pcfg.mask_prob, mask_length=pcfg.mask_length,
-                            min_masks=pcfg.min_masks, num_negatives=pcfg.num_negatives)
+        tcfg = TargetConfig.of(pcfg, enc.num_frames(2500))
         rng = np.random.default_rng(ctx.rank)
         targets = []
         for _ in range(4):

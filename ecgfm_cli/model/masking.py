@@ -12,7 +12,7 @@ without paying torch's start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -150,6 +150,13 @@ class TargetConfig:
     mask_length: int = 10
     min_masks: int = 2
     num_negatives: int = 100
+
+    @classmethod
+    def of(cls, pcfg: Any, frames: int) -> TargetConfig:
+        """The targets of objective ``pcfg`` (a ``PretrainConfig``; not imported, so that this module stays
+        free of torch) for segments of ``frames`` encoder frames."""
+        return cls(frames=frames, mask_prob=pcfg.mask_prob, mask_length=pcfg.mask_length, min_masks=pcfg.min_masks,
+                   num_negatives=pcfg.num_negatives)
 
 
 def draw_targets(rng: np.random.Generator, batch: int, cfg: TargetConfig) -> dict[str, np.ndarray]:

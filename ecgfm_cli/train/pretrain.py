@@ -362,8 +362,7 @@ def loader_config(opts: TrainOptions, pcfg: PretrainConfig, world_size: int, fra
     """The loader's configuration; ``frames``: encoder frames per segment, for the W2V targets it draws."""
     targets = None
     if pcfg.w2v and opts.loader_targets:
-        targets = TargetConfig(frames=frames, mask_prob=pcfg.mask_prob, mask_length=pcfg.mask_length,
-                               min_masks=pcfg.min_masks, num_negatives=pcfg.num_negatives)
+        targets = TargetConfig.of(pcfg, frames)
     return LoaderConfig(batch_size=opts.batch_size, seed=opts.seed, cmsc=pcfg.cmsc, rlm=pcfg.rlm,
                         rlm_prob=pcfg.rlm_prob, rlm_apply_prob=pcfg.rlm_apply_prob, world_size=world_size,
                         workers=max(opts.workers, 1), shuffle_buffer=opts.shuffle_buffer, targets=targets)
@@ -420,8 +419,9 @@ def train_update(model: Wav2Vec2Pretrainer, net: nn.Module, optimizer: torch.opt
     ``record (B,)``, optionally a precomputed ``mask`` and ``negatives_idx``), without waiting for it
     (:func:`~ecgfm_cli.train.loop.train_step`; ``Update.metrics()`` gives the log columns as plain floats).
 
-    ``net`` is ``model`` or its DDP wrapper. ``fixed`` (tests): per micro-batch ``{"mask": (B, T) bool,
-    "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``, ``clock``: see ``train_step``.
+    ``net`` is ``model`` or its DDP wrapper. ``fixed`` (tests, ``gpu_pretrain_mfu.py --loader-targets``): per
+    micro-batch ``{"mask": (B, T) bool, "negatives_idx": (B, T', N)}`` passed to the forward. ``stop``,
+    ``clock``: see ``train_step``.
     """
     def loss_fn(net: nn.Module, b: dict, i: int) -> tuple[torch.Tensor, PretrainStats]:
         given = dict(fixed[i]) if fixed else {k: b[k] for k in ("mask", "negatives_idx") if k in b}
